@@ -1,0 +1,85 @@
+"""`load_model`: one entry point for HF directories and GGUF files."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from bitnet_jax.config import ModelConfig
+from bitnet_jax.errors import CheckpointError
+from bitnet_jax.policy import Policy, get_policy
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: config, params pytree, tokenizer (None when the files hold none).
+
+    Attributes:
+      config: the static ModelConfig.
+      params: parameter pytree (model.py docstring); packed BitLinear leaves by default.
+      tokenizer: a bitnet_jax.tokenizer.Tokenizer or None.
+      policy: the precision policy the params were loaded for.
+      source: the path it came from.
+    """
+
+    config: ModelConfig
+    params: dict
+    tokenizer: Any = None
+    policy: Policy = dataclasses.field(default_factory=lambda: get_policy("cpu"))
+    source: str = ""
+
+
+def load_model(path: str | Path, policy: Policy | str | None = None, packed: bool = True,
+               tokenizer: bool = True) -> Model:
+    """Load a BitNet (or float Llama) model from a local HF directory or a GGUF file.
+
+    Args:
+      path: HF folder (config.json + *.safetensors) or a .gguf file.
+      policy: precision policy or preset name ("cpu", "gpu", "train"); default "cpu".
+      packed: keep BitLinear weights packed (inference, default) or latent float (fine-tuning).
+      tokenizer: attach the tokenizer found beside the weights / in the GGUF metadata.
+
+    Returns:
+      Model with .config, .params, .tokenizer.
+    """
+    path = Path(path).expanduser()
+    policy = get_policy(policy)
+    if not path.exists():
+        raise CheckpointError(f"model path {path} does not exist; pass an HF folder or a .gguf file.")
+    if path.is_file():
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF":
+            from bitnet_jax.gguf import load_gguf
+
+            return load_gguf(path, policy=policy, packed=packed, tokenizer=tokenizer)
+        if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+            raise CheckpointError(
+                f"{path} is a pickled checkpoint; bitnet_jax never unpickles: convert it to "
+                "safetensors in an HF folder first."
+            )
+        if path.name == "config.json" or path.suffix == ".safetensors":
+            path = path.parent
+        else:
+            raise CheckpointError(
+                f"{path} is neither a GGUF file nor an HF model folder; pass one of those."
+            )
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path} has no config.json; point to a Hugging Face model folder.")
+    from bitnet_jax.checkpoint import load_hf
+
+    cfg, params = load_hf(path, policy=policy, packed=packed)
+    tok = None
+    if tokenizer:
+        tok = _hf_tokenizer(path)
+    return Model(cfg, params, tok, policy, str(path))
+
+
+def _hf_tokenizer(path: Path):
+    names = ("tokenizer.json", "tokenizer.model", "vocab.json")
+    if not any((path / n).exists() for n in names):
+        return None
+    from bitnet_jax.tokenizer import load_tokenizer
+
+    return load_tokenizer(path)

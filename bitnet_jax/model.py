@@ -1,0 +1,164 @@
+"""BitNet b1.58 (and plain Llama) as pure functions over a parameter pytree.
+
+Dimension letters used in docstrings and einsums:
+  B batch · T query positions in this call · S key/value positions (cache length) · D hidden_size
+  F intermediate_size · N query heads · K key/value heads · G = N/K · H head_dim · V vocab
+  L layers · O, I a linear's output / input features
+
+The model is Llama with four differences (bitnet-spec §1.2, §1.4): every projection is a
+BitLinear (bitlinear.py), an RMSNorm before o_proj (attn_sub_norm) and before down_proj
+(ffn_sub_norm) when `cfg.use_sub_norms`, and relu² instead of SiLU gating for 2B4T.
+
+Params (HF names, per-layer leaves stacked on a leading L axis; W = a BitLinear leaf, latent
+float [L, O, I] or packed {"packed": uint8 [L, O/4, I], "scale": f32 [L]}):
+
+  embed_tokens [V, D]
+  layers:
+    input_layernorm [L, D]
+    self_attn: q_proj W[N·H, D], k_proj W[K·H, D], v_proj W[K·H, D], o_proj W[D, N·H],
+               attn_sub_norm [L, D] (sub-norm models only)
+    post_attention_layernorm [L, D]
+    mlp: gate_proj W[F, D], up_proj W[F, D], down_proj W[D, F], ffn_sub_norm [L, F] (ditto)
+  norm [D]
+  lm_head [V, D] (untied models only)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from bitnet_jax.attention import attention, attention_mask
+from bitnet_jax.bitlinear import bitlinear
+from bitnet_jax.config import ModelConfig
+from bitnet_jax.layers import activation, rms_norm, rope_frequencies
+from bitnet_jax.policy import Policy, get_policy
+
+
+def embed(params: dict, tokens: jax.Array, policy: Policy) -> jax.Array:
+    """Look up token embeddings: tokens [B, T] int32 -> [B, T, D] in the compute dtype."""
+    return jnp.take(params["embed_tokens"], tokens, axis=0).astype(policy.compute)
+
+
+def feed_forward(p: dict, x: jax.Array, cfg: ModelConfig, policy: Policy) -> jax.Array:
+    """Gated FFN: down(sub_norm(act(gate(x)) · up(x))).
+
+    Args:
+      p: this layer's `mlp` params (gate/up/down_proj, optional ffn_sub_norm [F]).
+      x: [B, T, D] normalised residual stream.
+
+    Returns:
+      [B, T, D].
+    """
+    gate = bitlinear(x, p["gate_proj"], policy, cfg.quantized)  # [B, T, F]
+    up = bitlinear(x, p["up_proj"], policy, cfg.quantized)
+    # relu² (2B4T) grows fast: compute the product in float32, never float16.
+    hidden = (activation(cfg.hidden_act, gate.astype(jnp.float32)) * up.astype(jnp.float32))
+    hidden = hidden.astype(policy.compute)
+    if cfg.use_sub_norms:
+        hidden = rms_norm(hidden, p["ffn_sub_norm"], cfg.rms_norm_eps)
+    return bitlinear(hidden, p["down_proj"], policy, cfg.quantized)
+
+
+def block(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+          cfg: ModelConfig, policy: Policy, kv=None) -> jax.Array:
+    """One pre-norm decoder layer: x + attn(norm(x)), then + ffn(norm(x)). x: [B, T, D]."""
+    a = rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps)
+    x = x + attention(p["self_attn"], a, cos, sin, mask, cfg, policy, kv)
+    m = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
+    return x + feed_forward(p["mlp"], m, cfg, policy)
+
+
+def apply(params: dict, tokens: jax.Array, cfg: ModelConfig, policy: Policy | str | None = None,
+          *, cache: dict | None = None, index=0, starts=None):
+    """Run the decoder stack and the final norm.
+
+    Args:
+      params: model params (module docstring).
+      tokens: [B, T] int32 token ids.
+      cfg: model config (static under jit).
+      policy: precision policy or preset name.
+      cache: optional KV cache {"k", "v"} [L, B, S, K, H]; this call's tokens are written at
+        slots index..index+T-1. Without a cache, attention is causal over the T tokens.
+      index: int32 scalar write cursor (cache only).
+      starts: [B] int32 first valid slot per row (left padding); default all 0.
+
+    Returns:
+      (h, cache): h [B, T, D] after the final RMSNorm, and the updated cache (or None).
+    """
+    policy = get_policy(policy)
+    b, t = tokens.shape
+    index = jnp.asarray(index, jnp.int32)
+    starts = jnp.zeros((b,), jnp.int32) if starts is None else jnp.asarray(starts, jnp.int32)
+    s = t if cache is None else cache["k"].shape[2]
+    positions = jnp.maximum(index + jnp.arange(t, dtype=jnp.int32)[None, :] - starts[:, None], 0)
+    cos, sin = rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
+    mask = attention_mask(starts, index, t, s)
+    x = embed(params, tokens, policy)
+
+    if cache is None:
+        def body(x, p):
+            return block(p, x, cos, sin, mask, cfg, policy), None
+
+        x, _ = jax.lax.scan(body, x, params["layers"])
+        return rms_norm(x, params["norm"], cfg.rms_norm_eps), None
+
+    def body_cached(carry, p):
+        x, ck, cv, layer = carry
+
+        def kv(k, v):
+            # Write only the T new entries into the stacked cache, then read this layer's slice.
+            nonlocal ck, cv
+            at = (layer, 0, index, 0, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+            keys = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
+            values = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
+            return keys.astype(policy.compute), values.astype(policy.compute)
+
+        x = block(p, x, cos, sin, mask, cfg, policy, kv)
+        return (x, ck, cv, layer + 1), None
+
+    init = (x, cache["k"], cache["v"], jnp.int32(0))
+    (x, ck, cv, _), _ = jax.lax.scan(body_cached, init, params["layers"])
+    return rms_norm(x, params["norm"], cfg.rms_norm_eps), {"k": ck, "v": cv}
+
+
+def unembed(params: dict, h: jax.Array, cfg: ModelConfig, policy: Policy | str | None = None):
+    """LM head: h [..., D] -> float32 logits [..., V] (tied embedding or lm_head)."""
+    policy = get_policy(policy)
+    w = params["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
+    if isinstance(w, dict):  # int8 row-scaled copy {"q8": int8 [V, D], "scale": f32 [V]}
+        from bitnet_jax.bitlinear import quantize_activations
+
+        lead = h.shape[:-1]
+        h2 = h.reshape(-1, h.shape[-1])
+        m = h2.shape[0]
+        h_q, step = quantize_activations(h2)
+        if m == 1:  # XLA:CPU int8 dots are 15-20x slower at one row (jax-notes §2.3)
+            h_q = jnp.concatenate([h_q, h_q], axis=0)
+        acc = jax.lax.dot_general(h_q, w["q8"], (((1,), (1,)), ((), ())),
+                                  preferred_element_type=jnp.int32)[:m]
+        logits = acc.astype(jnp.float32) * step * w["scale"][None, :]
+        return logits.reshape(*lead, -1).astype(policy.output)
+    dtype = w.dtype if w.dtype != jnp.float16 else policy.compute
+    logits = jnp.einsum("...d,vd->...v", h.astype(dtype), w.astype(dtype),
+                        preferred_element_type=jnp.float32)
+    return logits.astype(policy.output)
+
+
+def forward(params: dict, tokens: jax.Array, cfg: ModelConfig,
+            policy: Policy | str | None = None) -> jax.Array:
+    """Logits of a whole sequence, no cache, positions 0..T-1.
+
+    Args:
+      params: model params (latent or packed BitLinear leaves).
+      tokens: [B, T] int32.
+      cfg: model config.
+      policy: precision policy or preset name (default "cpu", float32).
+
+    Returns:
+      [B, T, V] float32 logits.
+    """
+    h, _ = apply(params, jnp.asarray(tokens, jnp.int32), cfg, policy)
+    return unembed(params, h, cfg, policy).astype(jnp.float32)

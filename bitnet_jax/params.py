@@ -1,0 +1,103 @@
+"""Parameter pytrees: shapes, random init, packing latent weights for inference.
+
+The layout is documented in model.py. Latent float leaves are the QAT master weights; `pack_params`
+turns every BitLinear leaf into the packed inference form {"packed", "scale"} (bitlinear.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bitnet_jax.bitlinear import is_packed, pack_weights
+from bitnet_jax.config import ModelConfig
+from bitnet_jax.policy import Policy, get_policy
+
+# (module, name) of every BitLinear projection inside params["layers"].
+BITLINEAR_PATHS = (
+    ("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
+    ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"),
+)
+
+
+def linear_shapes(cfg: ModelConfig) -> dict[tuple[str, str], tuple[int, int]]:
+    """(O, I) of each BitLinear projection."""
+    d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    n, k = cfg.num_attention_heads, cfg.num_key_value_heads
+    return {
+        ("self_attn", "q_proj"): (n * h, d), ("self_attn", "k_proj"): (k * h, d),
+        ("self_attn", "v_proj"): (k * h, d), ("self_attn", "o_proj"): (d, n * h),
+        ("mlp", "gate_proj"): (f, d), ("mlp", "up_proj"): (f, d), ("mlp", "down_proj"): (d, f),
+    }
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """Pytree of shapes of the latent (float) params."""
+    L, d, f, v = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    shapes = {
+        "embed_tokens": (v, d),
+        "layers": {
+            "input_layernorm": (L, d),
+            "post_attention_layernorm": (L, d),
+            "self_attn": {},
+            "mlp": {},
+        },
+        "norm": (d,),
+    }
+    for (mod, name), (o, i) in linear_shapes(cfg).items():
+        shapes["layers"][mod][name] = (L, o, i)
+    if cfg.use_sub_norms:
+        shapes["layers"]["self_attn"]["attn_sub_norm"] = (L, d)
+        shapes["layers"]["mlp"]["ffn_sub_norm"] = (L, f)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (v, d)
+    return shapes
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, policy: Policy | str | None = None,
+                std: float = 0.02) -> dict:
+    """Random latent params: normal(0, std) weights, unit norm gains, in policy.param dtype."""
+    policy = get_policy(policy)
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    rngs = jax.random.split(rng, len(leaves))
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+    out = []
+    for r, shape, path in zip(rngs, leaves, paths):
+        if "norm" in path:
+            out.append(jnp.ones(shape, policy.param))
+        else:
+            out.append((std * jax.random.normal(r, shape, jnp.float32)).astype(policy.param))
+    return jax.tree.unflatten(treedef, out)
+
+
+def pack_params(params: dict, cfg: ModelConfig) -> dict:
+    """Ternarise and pack every latent BitLinear leaf (already-packed leaves are kept)."""
+    if not cfg.quantized:
+        return params
+    out = dict(params)
+    layers = {k: (dict(v) if isinstance(v, dict) else v) for k, v in params["layers"].items()}
+    for mod, name in BITLINEAR_PATHS:
+        w = layers[mod][name]
+        if not is_packed(w):
+            layers[mod][name] = jax.jit(pack_weights)(w)
+    out["layers"] = layers
+    return out
+
+
+def count_params(params: dict) -> int:
+    """Number of logical weights (a packed leaf counts its O·I ternary weights)."""
+    total = 0
+    for leaf in jax.tree.leaves(params, is_leaf=is_packed):
+        if is_packed(leaf):
+            total += int(np.prod(leaf["packed"].shape)) * 4
+        else:
+            total += int(np.prod(leaf.shape))
+    return total
+
+
+def layer(params: dict, i: int) -> dict:
+    """The params of layer i (un-stacked view, for notebooks and tests)."""
+    return jax.tree.map(lambda a: a[i], params["layers"])

@@ -1,0 +1,82 @@
+"""Precision policies: which dtype parameters, activations and outputs use.
+
+A `Policy` mirrors jmp's three-dtype API. Norm statistics, softmax, quantisation scales and
+logits always run in float32 whatever the policy says (spec §1.1; MaxText `cast_logits_to_fp32`).
+float16 is refused: BitNet-2B4T's relu² overflows its range.
+
+`kernel` picks the ternary matmul implementation: "auto" (FFI on CPU when built, Pallas on
+GPU, XLA otherwise), "xla", "ffi" or "pallas". It is resolved at trace time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from bitnet_jax.errors import ConfigError
+
+_KERNELS = ("auto", "xla", "ffi", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Dtypes for one run. Frozen and hashable, so it can be a static jit argument.
+
+    Attributes:
+      param_dtype: dtype float parameters (embeddings, norms, latent weights) are stored in.
+      compute_dtype: dtype of activations between layers and of the KV cache.
+      output_dtype: dtype of the logits.
+      kernel: ternary matmul implementation ("auto", "xla", "ffi", "pallas").
+    """
+
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    output_dtype: str = "float32"
+    kernel: str = "auto"
+
+    def __post_init__(self):
+        for field in ("param_dtype", "compute_dtype", "output_dtype"):
+            name = jnp.dtype(getattr(self, field)).name
+            if name not in ("float32", "bfloat16"):
+                raise ConfigError(
+                    f"Policy.{field}={name} is not supported; use float32 or bfloat16 "
+                    "(float16 overflows in relu² FFNs)."
+                )
+            object.__setattr__(self, field, name)
+        if self.kernel not in _KERNELS:
+            raise ConfigError(f"Policy.kernel={self.kernel!r} is unknown; use one of {_KERNELS}.")
+
+    @property
+    def param(self):
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def compute(self):
+        return jnp.dtype(self.compute_dtype)
+
+    @property
+    def output(self):
+        return jnp.dtype(self.output_dtype)
+
+    def replace(self, **changes) -> "Policy":
+        return dataclasses.replace(self, **changes)
+
+
+POLICIES = {
+    # XLA:CPU bf16 dots are no faster than f32 and pathological at M=1 (jax-notes §2.3).
+    "cpu": Policy("float32", "float32", "float32"),
+    "gpu": Policy("bfloat16", "bfloat16", "float32"),
+    "train": Policy("float32", "bfloat16", "float32"),
+}
+
+
+def get_policy(policy: Policy | str | None) -> Policy:
+    """Return a Policy from a preset name ("cpu", "gpu", "train"), a Policy, or None (cpu)."""
+    if policy is None:
+        return POLICIES["cpu"]
+    if isinstance(policy, Policy):
+        return policy
+    if policy not in POLICIES:
+        raise ConfigError(f"Unknown precision policy {policy!r}; use one of {sorted(POLICIES)}.")
+    return POLICIES[policy]
