@@ -10,6 +10,7 @@ Public API (everything else is an implementation detail):
 
 from bitnet_jax.config import ModelConfig, from_hf, load_config
 from bitnet_jax.errors import BitNetError
+from bitnet_jax.generate import Result, SamplingParams, generate, stream, warmup
 from bitnet_jax.loading import Model, load_model
 from bitnet_jax.model import apply, forward, unembed
 from bitnet_jax.params import init_params, pack_params
@@ -21,13 +22,18 @@ __all__ = [
     "ModelConfig",
     "POLICIES",
     "Policy",
+    "Result",
+    "SamplingParams",
     "apply",
     "forward",
     "from_hf",
+    "generate",
     "get_policy",
     "init_params",
     "load_config",
     "load_model",
     "pack_params",
+    "stream",
     "unembed",
+    "warmup",
 ]

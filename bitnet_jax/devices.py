@@ -1,0 +1,205 @@
+"""Where generation runs: backend choice, parameter placement, the persistent compile cache.
+
+* `resolve_device("cpu" | "gpu" | "auto")` picks a jax.Device, or raises DeviceError saying
+  how to install CUDA jax when a GPU is requested but none is visible.
+* `place_params` puts a model's params on a device once (packed weights travel packed) and
+  caches the placed copy per (model, device, dtype); `ensure_on_device` moves each call's inputs.
+* `resolve_policy` picks the precision policy: the `gpu` preset (bf16 compute and KV cache) on a
+  GPU unless one is given, and pins `kernel="auto"` to the device's platform, because the kernel
+  dispatcher otherwise follows jax.default_backend(), not the device we run on.
+* `enable_compilation_cache` turns on JAX's persistent compilation cache the first time the
+  engine compiles (never at import; house-style §5.3 rule 3). Its minimum compile time is 0,
+  since the default of 1 s leaves the cache empty for most programs (jax-notes §6.2).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import weakref
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from bitnet_jax.errors import DeviceError
+from bitnet_jax.policy import Policy, get_policy
+
+BACKENDS = ("cpu", "gpu", "auto")
+CUDA_INSTALL = 'pip install -U "jax[cuda13]"'
+
+# (id(model), device, param dtype) -> (weakref to the model, id(model.params), placed params)
+_PLACED: dict[tuple, tuple] = {}
+_CACHE_STATE: dict[str, Path | None] = {}
+
+
+def resolve_device(backend: str = "auto") -> jax.Device:
+    """Return the device to run on.
+
+    Args:
+      backend: "cpu", "gpu" (first CUDA/ROCm device) or "auto" (a GPU when JAX sees one).
+
+    Raises:
+      DeviceError: unknown backend name, or "gpu" with no GPU visible to JAX.
+    """
+    if backend not in BACKENDS:
+        raise DeviceError(f"backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}.")
+    if backend in ("gpu", "auto"):
+        gpus = _gpu_devices()
+        if gpus:
+            return gpus[0]
+        if backend == "gpu":
+            raise DeviceError(
+                f"backend 'gpu' was requested but JAX {jax.__version__} sees no GPU "
+                f"(devices: {', '.join(d.platform for d in jax.devices())}); install CUDA jax "
+                f"with `{CUDA_INSTALL}` or use backend 'cpu'."
+            )
+    return jax.devices("cpu")[0]
+
+
+def _gpu_devices() -> list:
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:  # no CUDA/ROCm plugin, or no device behind it
+        return []
+
+
+def is_gpu(device: jax.Device) -> bool:
+    return device.platform in ("gpu", "cuda", "rocm")
+
+
+def describe(device: jax.Device) -> str:
+    """Human-readable device name, e.g. "cpu (AMD EPYC 7B13)" or "gpu (NVIDIA H100)"."""
+    if is_gpu(device):
+        return f"gpu ({device.device_kind})"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"cpu ({line.split(':', 1)[1].strip()})"
+    except OSError:
+        pass
+    return f"cpu ({device.device_kind})"
+
+
+def resolve_policy(device: jax.Device, policy: Policy | str | None = None,
+                   model_policy: Policy | None = None) -> Policy:
+    """The precision policy for a run on `device`.
+
+    An explicit `policy` wins; otherwise the `gpu` preset on a GPU and the model's own (or the
+    `cpu` preset) elsewhere. kernel="auto" is pinned to the device's platform.
+    """
+    if policy is not None:
+        chosen = get_policy(policy)
+    elif is_gpu(device):
+        chosen = get_policy("gpu")
+    else:
+        chosen = model_policy or get_policy("cpu")
+    if chosen.kernel == "auto":
+        chosen = chosen.replace(kernel=_auto_kernel(device))
+    return chosen
+
+
+def _auto_kernel(device: jax.Device) -> str:
+    """Mirror of kernels._auto_kernel for an explicit device rather than the default backend."""
+    if is_gpu(device):
+        try:
+            from bitnet_jax.kernels import pallas_gpu  # noqa: F401
+        except ImportError:
+            return "xla"
+        return "pallas"
+    try:
+        from bitnet_jax.kernels import cpu_ffi
+    except ImportError:
+        return "xla"
+    return "ffi" if cpu_ffi.available() else "xla"
+
+
+def ensure_on_device(tree, device: jax.Device):
+    """Return `tree` with every array leaf committed to `device` (leaves already there are kept).
+
+    Args:
+      tree: a pytree of jax or numpy arrays (or Python scalars).
+      device: the target jax.Device.
+    """
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.committed and x.devices() == {device}:
+            return x
+        return jax.device_put(x, device)
+
+    return jax.tree.map(put, tree)
+
+
+def place_params(model, device: jax.Device, policy: Policy) -> dict:
+    """The model's params on `device`, float leaves in `policy.param_dtype`, placed once.
+
+    Packed ternary leaves and their float32 scales travel as they are. The placed copy is cached
+    per (model, device, param dtype) for as long as the model object lives and keeps the same
+    params.
+    """
+    key = (id(model), device, policy.param_dtype)
+    hit = _PLACED.get(key)
+    if hit is not None and hit[0]() is model and hit[1] == id(model.params):
+        return hit[2]
+    params = ensure_on_device(_cast_floats(model.params, policy.param), device)
+    _PLACED[key] = (weakref.ref(model, lambda _, k=key: _PLACED.pop(k, None)),
+                    id(model.params), params)
+    return params
+
+
+def _cast_floats(params: dict, dtype) -> dict:
+    def cast(path, x):
+        last = path[-1]
+        name = getattr(last, "key", None)
+        # Quantisation scales stay float32 (spec §1.1: scales are always f32).
+        if name == "scale" or not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+            return x
+        return jnp.asarray(x, dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def compilation_cache_dir() -> Path | None:
+    """Where compiled programs are kept between runs, or None when caching is turned off.
+
+    BITNET_JAX_NO_CACHE=1 turns it off; BITNET_JAX_CACHE_DIR sets the folder; otherwise the
+    user cache folder (platformdirs convention): $XDG_CACHE_HOME or ~/.cache on Linux,
+    ~/Library/Caches on macOS, %LOCALAPPDATA% on Windows, plus bitnet_jax/xla.
+    """
+    if os.environ.get("BITNET_JAX_NO_CACHE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    explicit = os.environ.get("BITNET_JAX_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    if sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    elif sys.platform.startswith("win"):
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "bitnet_jax" / "xla"
+
+
+def enable_compilation_cache() -> Path | None:
+    """Turn on JAX's persistent compilation cache once per process (called by the engine).
+
+    A cache folder the user already configured through jax.config is left alone.
+
+    Returns:
+      The cache folder in use, or None when caching is off.
+    """
+    if "dir" in _CACHE_STATE:
+        return _CACHE_STATE["dir"]
+    configured = jax.config.jax_compilation_cache_dir
+    path = Path(configured) if configured else compilation_cache_dir()
+    if path is not None and not configured:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError:  # read-only home: run without the cache rather than fail
+            path = None
+        else:
+            jax.config.update("jax_compilation_cache_dir", str(path))
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+            jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    _CACHE_STATE["dir"] = path
+    return path

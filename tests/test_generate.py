@@ -1,0 +1,250 @@
+"""The generation engine (bitnet_jax/engine.py, bitnet_jax/generate.py) on the tiny config.
+
+The tiny model's final-norm gain is scaled by 4 so logits are peaked (1st-percentile top-2 gap
+~0.02): greedy choices are then far from float ties, and token-level equalities are exact.
+Most tests share batch bucket 4 and cache length 32 so they reuse compiled programs.
+"""
+
+from __future__ import annotations
+
+import string
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bitnet_jax import engine
+from bitnet_jax.attention import init_cache
+from bitnet_jax import model as model_lib
+from bitnet_jax.errors import GenerationError
+from bitnet_jax.generate import SamplingParams, generate, stream, warmup
+from bitnet_jax.loading import Model
+from bitnet_jax.params import pack_params
+
+CONTEXT = 64  # tiny.json max_position_embeddings
+NORM_SCALE = 4.0
+
+
+class CharTokenizer:
+    """A stand-in tokenizer for the 61-token tiny vocabulary: ids 3..60 are characters."""
+
+    CHARS = string.ascii_lowercase + " " + string.ascii_uppercase + ".,!?\n"
+    bos_id, eos_ids, vocab_size = 1, (2,), 61
+
+    def encode(self, text, add_special=False, parse_special=False):
+        return ([self.bos_id] if add_special else []) + [3 + self.CHARS.index(c) for c in text]
+
+    def decode(self, ids, skip_special=True):
+        return "".join(self.CHARS[i - 3] for i in ids if i >= 3)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        text = "".join(f"{m['role']}, {m['content']}\n" for m in messages)
+        return text + ("assistant, " if add_generation_prompt else "")
+
+
+def _peaked(params: dict) -> dict:
+    return dict(params, norm=params["norm"] * NORM_SCALE)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_cfg, tiny_packed_params):
+    return Model(tiny_cfg, _peaked(tiny_packed_params), CharTokenizer())
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_cfg):
+    """Greedy continuation computed with full forward passes, no cache (the ground truth)."""
+    fwd = jax.jit(lambda p, t: model_lib.forward(p, t, tiny_cfg))
+
+    def run(params, prompt, n, eos=()):
+        seq = list(prompt)
+        out = []
+        while len(out) < n and len(seq) < CONTEXT:
+            # Right padding cannot reach back through the causal mask: one compile for all lengths.
+            padded = np.zeros((1, CONTEXT), np.int32)
+            padded[0, :len(seq)] = seq
+            token = int(np.argmax(fwd(params, jnp.asarray(padded))[0, len(seq) - 1]))
+            if token in eos:
+                break
+            out.append(token)
+            seq.append(token)
+        return out
+
+    return run
+
+
+def _prompts(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 61, n).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["latent", "packed"])
+def test_prefill_plus_decode_steps_equal_one_forward(tiny_cfg, tiny_params, packed):
+    # The engine's cache layout: rows left-padded to a shared end, one write cursor, then
+    # one-token steps (teacher-forced) compared with a forward pass over each whole sequence.
+    params = _peaked(pack_params(tiny_params, tiny_cfg) if packed else tiny_params)
+    seqs = _prompts([12, 9, 11], seed=1)
+    plens = [7, 3, 6]
+    end, steps, b = max(plens), 4, len(seqs)
+    tokens = np.zeros((b, end), np.int32)
+    for r, (s, n) in enumerate(zip(seqs, plens)):
+        tokens[r, end - n:] = s[:n]
+    starts = jnp.asarray([end - n for n in plens], jnp.int32)
+    cache = init_cache(tiny_cfg, b, 16)
+
+    @jax.jit
+    def run(params, cache, tokens, index):
+        h, cache = model_lib.apply(params, tokens, tiny_cfg, cache=cache, index=index,
+                                   starts=starts)
+        return model_lib.unembed(params, h, tiny_cfg), cache
+
+    logits, cache = run(params, cache, jnp.asarray(tokens), jnp.int32(0))
+    got = [np.asarray(logits[:, -1])]
+    for j in range(steps):
+        step = np.array([[s[n + j]] for s, n in zip(seqs, plens)], np.int32)
+        logits, cache = run(params, cache, jnp.asarray(step), jnp.int32(end + j))
+        got.append(np.asarray(logits[:, 0]))
+    # Each row's whole sequence, right-padded: causal attention keeps the padding out of reach.
+    full = np.zeros((b, 16), np.int32)
+    for r, seq in enumerate(seqs):
+        full[r, :len(seq)] = seq
+    want = np.asarray(jax.jit(model_lib.forward, static_argnums=2)(params, full, tiny_cfg))
+    for r, n in enumerate(plens):
+        for j in range(steps + 1):
+            np.testing.assert_allclose(got[j][r], want[r, n - 1 + j], atol=1e-5, rtol=0)
+
+
+def test_greedy_generation_matches_uncached_reference(model, reference):
+    prompts = _prompts([5, 11, 2])
+    results = generate(model, prompts, max_new_tokens=9, temperature=0, ignore_eos=True)
+    for p, r in zip(prompts, results):
+        assert r.token_ids == reference(model.params, p, 9)
+        assert r.finish_reason == "length"
+        assert r.prompt_tokens == len(p)
+
+
+def test_batched_equals_single(model):
+    prompts = _prompts([4, 13, 8], seed=2)
+    sampling = [SamplingParams(temperature=0), SamplingParams(temperature=0.9, top_k=8, seed=5),
+                SamplingParams(temperature=1.2, top_p=0.9, repetition_penalty=1.3, seed=6)]
+    batched = generate(model, prompts, max_new_tokens=10, sampling=sampling, ignore_eos=True)
+    for p, s, r in zip(prompts, sampling, batched):
+        alone = generate(model, [p], max_new_tokens=10, sampling=s, ignore_eos=True)[0]
+        assert alone.token_ids == r.token_ids
+
+
+def test_no_recompile_inside_a_bucket_or_for_new_request_values(model):
+    generate(model, _prompts([3]), max_new_tokens=5, temperature=0)
+    before = dict(engine.TRACES)
+    # Another length in the same 16-token bucket, every sampling knob and max_new changed.
+    generate(model, _prompts([9], seed=3), max_new_tokens=7, temperature=0.7, top_k=3, top_p=0.8,
+             min_p=0.05, repetition_penalty=1.4, seed=9)
+    generate(model, _prompts([16], seed=4), max_new_tokens=2, temperature=0)
+    assert dict(engine.TRACES) == before
+    generate(model, _prompts([17], seed=5), max_new_tokens=5, temperature=0)  # next bucket
+    assert engine.TRACES["prefill"] == before["prefill"] + 1
+
+
+def test_long_prompt_is_prefilled_in_chunks(model, reference, monkeypatch):
+    monkeypatch.setattr(engine, "MAX_PREFILL_CHUNK", 16)
+    assert engine.prefill_chunks(40, 1, 64) == [(0, 16), (16, 16), (32, 16)]
+    prompt = _prompts([40], seed=6)[0]
+    result = generate(model, [prompt], max_new_tokens=6, temperature=0, ignore_eos=True)[0]
+    assert result.token_ids == reference(model.params, prompt, 6)
+
+
+def test_finish_reasons(model, reference):
+    prompt = _prompts([6], seed=7)[0]
+    free = reference(model.params, prompt, 10)
+    eos = free[4]
+    stopping = Model(model.config.replace(eos_token_id=eos), model.params, None)
+    r = generate(stopping, [prompt], max_new_tokens=10, temperature=0)[0]
+    assert (r.finish_reason, r.token_ids) == ("stop", free[:free.index(eos)])
+
+    r = generate(model, [prompt], max_new_tokens=3, temperature=0, ignore_eos=True)[0]
+    assert (r.finish_reason, len(r.token_ids)) == ("length", 3)
+
+    r = generate(model, [prompt], max_new_tokens=0)[0]
+    assert (r.finish_reason, r.token_ids, r.text) == ("length", [], "")
+
+    long_prompt = _prompts([60], seed=8)[0]
+    r = generate(model, [long_prompt], max_new_tokens=20, temperature=0, ignore_eos=True)[0]
+    # 60 prompt slots + 4 decode writes fill the 64-slot context; the 5th token needs no slot.
+    assert (r.finish_reason, len(r.token_ids)) == ("context_full", 5)
+
+
+def test_stop_strings_end_the_text_and_stream_concatenates_to_it(model):
+    free = generate(model, "the cat", max_new_tokens=12, temperature=0, ignore_eos=True)[0]
+    full = free.text
+    assert len(free.token_ids) == 12 and len(full) >= 8  # ids 0-2 (pad, BOS, EOS) have no text
+    stop = full[5:7]
+    cut = full[:full.find(stop)]
+    r = generate(model, "the cat", max_new_tokens=12, temperature=0, ignore_eos=True,
+                 stop=[stop, "never seen"])[0]
+    assert (r.text, r.finish_reason) == (cut, "stop")
+    pieces = stream(model, "the cat", max_new_tokens=12, temperature=0, ignore_eos=True,
+                    stop=stop)
+    parts = list(pieces)
+    assert "".join(parts) == cut == pieces.result.text
+    assert len(parts) > 1  # text arrives in several pieces, as decode chunks return
+    assert "".join(stream(model, "the cat", max_new_tokens=12, temperature=0,
+                          ignore_eos=True)) == full
+
+
+def test_chat_prompt_uses_the_template(model):
+    tok = model.tokenizer
+    r = generate(model, "hi", max_new_tokens=2, chat=True, system="be brief", temperature=0)[0]
+    text = tok.apply_chat_template([{"role": "system", "content": "be brief"},
+                                    {"role": "user", "content": "hi"}])
+    assert r.prompt_tokens == len(tok.encode(text))
+    r2 = generate(model, [{"role": "user", "content": "hi"}], max_new_tokens=2, temperature=0)[0]
+    assert r2.prompt_tokens == len(tok.encode(tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}])))
+
+
+def test_seed_gives_the_same_text_every_time(model):
+    kwargs = dict(max_new_tokens=12, temperature=1.5, ignore_eos=True)
+    a = generate(model, "abc", seed=3, **kwargs)[0]
+    b = generate(model, "abc", seed=3, **kwargs)[0]
+    c = generate(model, "abc", seed=4, **kwargs)[0]
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_invalid_requests_raise_clear_errors(model):
+    with pytest.raises(GenerationError, match="token id 61.*vocabulary"):
+        generate(model, [[3, 61]], max_new_tokens=2)
+    with pytest.raises(GenerationError, match="70 tokens.*truncate=True"):
+        generate(model, [_prompts([70])[0]], max_new_tokens=2)
+    r = generate(model, [_prompts([70])[0]], max_new_tokens=8, truncate=True, temperature=0)[0]
+    assert r.prompt_tokens == CONTEXT - 8
+    bare = Model(model.config, model.params, None)
+    with pytest.raises(GenerationError, match="no tokenizer"):
+        generate(bare, "text", max_new_tokens=2)
+    with pytest.raises(GenerationError, match="empty"):
+        generate(model, [[]], max_new_tokens=2)
+    with pytest.raises(GenerationError, match="max_new_tokens"):
+        generate(model, "a", max_new_tokens=-1)
+
+
+def test_non_finite_logits_raise(model):
+    broken = Model(model.config, dict(model.params, norm=model.params["norm"] * np.nan), None)
+    with pytest.raises(GenerationError, match="non-finite logits"):
+        generate(broken, [[3, 4, 5]], max_new_tokens=3, temperature=0)
+
+
+def test_warmup_compiles_what_a_request_then_uses(model):
+    seconds = warmup(model, batch_sizes=(2,), prompt_lengths=(12,), max_new_tokens=40)
+    assert seconds > 0
+    before = dict(engine.TRACES)
+    generate(model, _prompts([12, 5], seed=9), max_new_tokens=40, temperature=0)
+    assert dict(engine.TRACES) == before
+    assert warmup(model, batch_sizes=(2,), prompt_lengths=(12,), max_new_tokens=40) == 0.0
+
+
+def test_timings_are_reported(model):
+    r = generate(model, _prompts([7]), max_new_tokens=16, temperature=0, ignore_eos=True)[0]
+    t = r.timings
+    assert t.prefill_s > 0 and t.decode_s > 0 and t.compile_s >= 0
+    assert t.tokens_per_s == pytest.approx(15 / t.decode_s)
