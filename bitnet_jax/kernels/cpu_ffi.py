@@ -1,0 +1,264 @@
+"""The packed 2-bit CPU kernel (ternary_cpu.cc) behind `jax.ffi`.
+
+`ternary_matmul_ffi(x_q [M, I] int8, packed [O/4, I] uint8) -> [M, O] int32` is exact and agrees
+bit for bit with `ternary_matmul_xla`. The C++ reads the packed bytes directly (2 bits per
+weight), so a decode step streams 4x fewer weight bytes than the XLA int8 path and skips its
+in-graph unpack (jax-notes §2.2, §2.3).
+
+The shared object `_ternary_cpu*.so` is built by setup.py at `pip install` time. Nothing is
+loaded when bitnet_jax is imported: the first `available()` call loads it with ctypes and
+registers the FFI target. When it cannot be loaded (not built, no compiler at install time,
+unsupported platform) `available()` is False, one warning names the reason, and
+`ternary_matmul_ffi` computes the same result through the XLA path.
+
+Transformations:
+  * jit: the call is one XLA custom call, multi-threaded on XLA's own intra-op thread pool.
+  * vmap: a `custom_vmap` rule folds batch axes into M (one kernel call for the whole batch).
+  * grad: none is needed. Both operands are integers, so JAX gives them symbolic-zero (float0)
+    tangents and never differentiates through the call; gradients of `bitlinear` with a packed
+    leaf (w.r.t. `scale`, or x through the activation step) are the same as on the XLA path.
+    A custom_vjp that raised would never run, or would break that parity. QAT trains latent
+    float weights (bitlinear.py) and packs them afterwards.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sysconfig
+import threading
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+from bitnet_jax.errors import BitNetError
+from bitnet_jax.kernels.xla import ternary_matmul_xla
+
+TARGET = "bitnet_ternary_matmul"
+ABI_VERSION = 1
+ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")  # ternary_cpu.h `Isa`, best last
+DISABLE_ENV = "BITNET_JAX_DISABLE_FFI"
+
+
+class KernelError(BitNetError, ValueError):
+    """A packed-kernel call is invalid (bad shapes or dtypes) or the kernel is not built."""
+
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "lib": None, "reason": None, "warned": False, "registered": False}
+
+
+def _library_path() -> Path:
+    """The built extension beside this file (setup.py names it _ternary_cpu<EXT_SUFFIX>)."""
+    here = Path(__file__).resolve().parent
+    own = here / ("_ternary_cpu" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
+    if own.is_file():
+        return own
+    # Any other build works too: the library does not link against Python.
+    found = sorted(here.glob("_ternary_cpu*.so")) + sorted(here.glob("_ternary_cpu*.dylib"))
+    if not found:
+        raise OSError(
+            f"the extension _ternary_cpu*.so is not in {here}; it is built by "
+            "`pip install .` (or `pip install -e .`) with a C++17 compiler and jaxlib's FFI headers"
+        )
+    return found[0]
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """Parse "0.10.2" as (0, 10, 2); stops at a non-numeric part ("0.11.0rc1": (0, 11))."""
+    parts = []
+    for piece in version.split("."):
+        if not piece.isdigit():
+            break
+        parts.append(int(piece))
+    return tuple(parts)
+
+
+def _load_library() -> ctypes.CDLL:
+    """Load the shared object, check its ABI and register the FFI target (once per process)."""
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        raise OSError(f"{DISABLE_ENV} is set")
+    lib = ctypes.CDLL(str(_library_path()))
+    lib.bitnet_ternary_abi_version.restype = ctypes.c_int
+    version = lib.bitnet_ternary_abi_version()
+    if version != ABI_VERSION:
+        raise OSError(
+            f"the extension has ABI version {version}, this package expects {ABI_VERSION}; "
+            "reinstall bitnet_jax to rebuild it"
+        )
+    lib.bitnet_ternary_built_jaxlib.restype = ctypes.c_char_p
+    built = lib.bitnet_ternary_built_jaxlib().decode()
+    if built != "unknown" and _version_tuple(built) > _version_tuple(jaxlib.__version__):
+        raise OSError(
+            f"the extension was built against jaxlib {built} but jaxlib "
+            f"{jaxlib.__version__} is running, and XLA only accepts FFI handlers from the same "
+            "or older headers; reinstall bitnet_jax in this environment"
+        )
+    for name in ("bitnet_ternary_get_isa", "bitnet_ternary_set_isa", "bitnet_ternary_best_isa",
+                 "bitnet_ternary_isa_supported"):
+        getattr(lib, name).restype = ctypes.c_int
+    lib.bitnet_ternary_set_isa.argtypes = [ctypes.c_int]
+    lib.bitnet_ternary_isa_supported.argtypes = [ctypes.c_int]
+    if not _state["registered"]:
+        jax.ffi.register_ffi_target(
+            TARGET, jax.ffi.pycapsule(lib.BitnetTernaryMatmul), platform="cpu"
+        )
+        _state["registered"] = True
+    return lib
+
+
+def _lib():
+    """The loaded library or None; the first call loads it and warns once on failure."""
+    with _lock:
+        if not _state["tried"]:
+            _state["tried"] = True
+            try:
+                _state["lib"] = _load_library()
+            except Exception as e:  # any failure means "use XLA", never a crash at run time
+                _state["reason"] = f"{type(e).__name__}: {e}"
+        if _state["lib"] is None and not _state["warned"]:
+            _state["warned"] = True
+            warnings.warn(
+                "bitnet_jax CPU FFI kernel unavailable, using the XLA int8 path instead "
+                f"({_state['reason']}).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return _state["lib"]
+
+
+def available() -> bool:
+    """True if the packed CPU kernel is built and loaded (loads it on first call)."""
+    return _lib() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel could not be loaded, or None if it is available (or not tried yet)."""
+    return _state["reason"]
+
+
+def isa() -> str:
+    """Name of the kernel path in use: "scalar", "avx2", "avxvnni" or "avx512vnni"."""
+    lib = _require_lib()
+    return ISAS[lib.bitnet_ternary_get_isa()]
+
+
+def supported_isas() -> tuple[str, ...]:
+    """Kernel paths this CPU can run, best last."""
+    lib = _require_lib()
+    return tuple(n for k, n in enumerate(ISAS) if lib.bitnet_ternary_isa_supported(k))
+
+
+def set_isa(name: str) -> str:
+    """Select a kernel path for every later call (tests, benchmarks); returns the previous one.
+
+    The environment variable BITNET_JAX_CPU_ISA sets the initial path the same way.
+    """
+    lib = _require_lib()
+    if name not in ISAS or not lib.bitnet_ternary_isa_supported(ISAS.index(name)):
+        raise KernelError(
+            f"CPU kernel path {name!r} is not supported on this machine; use one of "
+            f"{supported_isas()}."
+        )
+    previous = ISAS[lib.bitnet_ternary_get_isa()]
+    lib.bitnet_ternary_set_isa(ISAS.index(name))
+    return previous
+
+
+def _require_lib():
+    lib = _lib()
+    if lib is None:
+        raise KernelError(
+            f"The CPU FFI kernel is not available ({_state['reason']}); reinstall bitnet_jax "
+            "with a C++ compiler, or use kernel='xla'."
+        )
+    return lib
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernel as a JAX function
+
+
+def _check(x_q: jax.Array, packed: jax.Array) -> None:
+    if x_q.ndim != 2 or packed.ndim != 2 or x_q.shape[1] != packed.shape[1]:
+        raise KernelError(
+            f"ternary_matmul needs x_q [M, I] and packed [O/4, I] with the same I; got "
+            f"{x_q.shape} and {packed.shape}."
+        )
+    if x_q.dtype != jnp.int8 or packed.dtype != jnp.uint8:
+        raise KernelError(
+            f"ternary_matmul needs int8 activations and uint8 packed weights; got {x_q.dtype} "
+            f"and {packed.dtype} (quantize with bitlinear.quantize_activations / pack_weights)."
+        )
+    if jax.default_backend() != "cpu":
+        raise KernelError(
+            f"kernel='ffi' runs on CPU only, but JAX's default backend is "
+            f"{jax.default_backend()!r}; use kernel='auto' or 'pallas' there."
+        )
+
+
+def _ffi_matmul(x_q: jax.Array, packed: jax.Array) -> jax.Array:
+    """One custom call [M, I] x [O/4, I] -> [M, O] int32 (no fallback, no batching rule)."""
+    m, r = x_q.shape[0], packed.shape[0]
+    if m == 0 or r == 0:
+        return jnp.zeros((m, 4 * r), jnp.int32)
+    out = jax.ShapeDtypeStruct((m, 4 * r), jnp.int32)
+    return jax.ffi.ffi_call(TARGET, out)(x_q, packed)
+
+
+@jax.custom_batching.custom_vmap
+def _batchable(x_q: jax.Array, packed: jax.Array) -> jax.Array:
+    return _ffi_matmul(x_q, packed)
+
+
+@_batchable.def_vmap
+def _batchable_vmap(axis_size, in_batched, x_q, packed):
+    # custom_vmap hands batched operands with the batch axis first.
+    x_batched, w_batched = in_batched
+    if w_batched:
+        # Per-example weights (rare: vmap over stacked layers) cannot share a call; loop.
+        if not x_batched:
+            x_q = jnp.broadcast_to(x_q, (axis_size, *x_q.shape))
+        return jax.lax.map(lambda xw: _batchable(*xw), (x_q, packed)), True
+    b, m, i = x_q.shape
+    out = _batchable(x_q.reshape(b * m, i), packed)
+    return out.reshape(b, m, out.shape[-1]), True
+
+
+def ternary_matmul_kernel(x_q: jax.Array, packed: jax.Array) -> jax.Array:
+    """The FFI kernel itself, whatever M is (raises KernelError if it is not available).
+
+    Args:
+      x_q: [M, I] int8 activations.
+      packed: [O/4, I] uint8 codes in the bitlinear.py layout.
+
+    Returns:
+      [M, O] int32 = x_q · tᵀ.
+    """
+    _check(x_q, packed)
+    _require_lib()
+    return _batchable(x_q, packed)
+
+
+def ternary_matmul_ffi(x_q: jax.Array, packed: jax.Array) -> jax.Array:
+    """Exact int32 product of int8 activations and packed ternary weights on CPU.
+
+    Uses the FFI kernel when it is available, else the XLA path (identical results). The kernel
+    is used at every M: on the 2-core AVX2 dev box (benchmarks/bench_bitlinear.py) it took 2-7x
+    less CPU time than the XLA path from M=1 to M=128, since XLA unpacks the whole weight to
+    int8 in a separate fusion on every call before its int8 dot.
+
+    Args:
+      x_q: [M, I] int8 activations.
+      packed: [O/4, I] uint8 codes in the bitlinear.py layout.
+
+    Returns:
+      [M, O] int32 = x_q · tᵀ.
+    """
+    _check(x_q, packed)
+    if not available():
+        return ternary_matmul_xla(x_q, packed)
+    return _batchable(x_q, packed)

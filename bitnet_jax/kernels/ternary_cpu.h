@@ -1,0 +1,395 @@
+// Packed 2-bit ternary x int8 matmul kernels for x86 (AVX2, AVX-VNNI, AVX-512 VNNI) and any CPU.
+//
+// out[m, o] = sum_k x[m, k] * t[o, k], exact in int32, where
+//   x:      int8  [M, I]      row-major, per-token absmax activations (bitlinear.py)
+//   packed: uint8 [R, I]      R = O/4; bits 2j..2j+1 of packed[r, k] hold the code t+1 of
+//                             weight row r + j*R at column k (Hugging Face pack_weights layout,
+//                             bitnet-spec §1.3). Code 3 never occurs in valid data; it counts as 0.
+//   out:    int32 [M, 4R]
+//
+// Because the packing runs along the OUTPUT axis, one packed byte gives four output rows at the
+// same input column, so every plane j = 0..3 of a 32/64-byte packed chunk multiplies the SAME
+// activation bytes. The SIMD paths extract the planes with shift+mask, feed u8 codes x s8
+// activations to maddubs (AVX2) or vpdpbusd (VNNI), and subtract sum(x) per token at the end
+// (codes are t+1). Code 3 is first rewritten to 1 (b & ~((b & 0x55) << 1)) so it contributes 0.
+//
+// The header has no FFI dependency so the kernels can be compiled on their own (ternary_cpu.cc
+// adds the XLA FFI handler). Every SIMD function carries a target attribute: the shared object is
+// built without -m flags, runs on any x86-64, and picks a path at run time.
+
+#ifndef BITNET_JAX_KERNELS_TERNARY_CPU_H_
+#define BITNET_JAX_KERNELS_TERNARY_CPU_H_
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define BITNET_TERNARY_X86 1
+#include <immintrin.h>
+#else
+#define BITNET_TERNARY_X86 0
+#endif
+
+// AVX-VNNI intrinsics and cpuid name arrived in GCC 11 and Clang 12; older compilers skip the path.
+#if BITNET_TERNARY_X86 && ((defined(__clang__) && __clang_major__ >= 12) || \
+                           (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define BITNET_TERNARY_AVXVNNI 1
+#else
+#define BITNET_TERNARY_AVXVNNI 0
+#endif
+
+namespace bitnet_ternary {
+
+// Kernel paths, best last. The numbers are the ABI of bitnet_ternary_set_isa().
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3 };
+
+inline const char* IsaName(int isa) {
+  switch (isa) {
+    case kScalar: return "scalar";
+    case kAvx2: return "avx2";
+    case kAvxVnni: return "avxvnni";
+    case kAvx512Vnni: return "avx512vnni";
+    default: return "unknown";
+  }
+}
+
+// True if this CPU (and OS, which must save the wider registers) can run path `isa`.
+inline bool IsaSupported(int isa) {
+  switch (isa) {
+    case kScalar: return true;
+#if BITNET_TERNARY_X86
+    case kAvx2: return __builtin_cpu_supports("avx2");
+    case kAvxVnni:
+#if BITNET_TERNARY_AVXVNNI
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni");
+#else
+      return false;
+#endif
+    case kAvx512Vnni:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vnni");
+#endif
+    default: return false;
+  }
+}
+
+inline int BestIsa() {
+  for (int isa = kAvx512Vnni; isa > kScalar; --isa) {
+    if (IsaSupported(isa)) return isa;
+  }
+  return kScalar;
+}
+
+// One call's operands. Rows [r0, r1) of the packed weight are computed by one Run* call, so
+// threads split the work along packed rows (each owns 4 disjoint output columns per row).
+struct Problem {
+  const int8_t* x;      // [M, I]
+  const uint8_t* w;     // [R, I]
+  int32_t* out;         // [M, 4R]
+  const int32_t* xsum;  // [M], sum_k x[m, k]
+  int64_t m, i, r;
+};
+
+// Plain dot of packed codes and activations over columns [k0, k1): s[j] += sum code_j * x.
+// Used for the portable path and for the column tails of the SIMD paths. Partial sums stay in
+// int16 for 64 columns (|sum| <= 64 * 2 * 128 = 16384), which lets compilers auto-vectorise
+// with twice the lanes of int32 (3.5x faster than int32 sums on x86-64 baseline SSE2).
+inline void CodeDotTail(const uint8_t* w, const int8_t* x, int64_t k0, int64_t k1,
+                        int32_t s[4]) {
+  constexpr int64_t kBlock = 64;
+  for (int64_t kb = k0; kb < k1; kb += kBlock) {
+    const int64_t ke = std::min(k1, kb + kBlock);
+    int16_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (int64_t k = kb; k < ke; ++k) {
+      // Code 3 -> 1 in all four fields. Kept byte-wide: 32-bit intermediates here halve the
+      // vectorised throughput.
+      const uint8_t b = static_cast<uint8_t>(w[k] & ~((w[k] & 0x55) << 1));
+      const int16_t xv = x[k];
+      s0 += static_cast<int16_t>((b & 3) * xv);
+      s1 += static_cast<int16_t>(((b >> 2) & 3) * xv);
+      s2 += static_cast<int16_t>(((b >> 4) & 3) * xv);
+      s3 += static_cast<int16_t>((b >> 6) * xv);  // <= 2 after the code-3 rewrite
+    }
+    s[0] += s0;
+    s[1] += s1;
+    s[2] += s2;
+    s[3] += s3;
+  }
+}
+
+// Write the four outputs of packed row `row` for token `m` from code sums s (codes are t+1).
+inline void StoreRow(const Problem& p, int64_t m, int64_t row, const int32_t s[4]) {
+  int32_t* o = p.out + m * 4 * p.r + row;
+  const int32_t xs = p.xsum[m];
+  o[0] = s[0] - xs;
+  o[p.r] = s[1] - xs;
+  o[2 * p.r] = s[2] - xs;
+  o[3 * p.r] = s[3] - xs;
+}
+
+// Rows per cache tile: the tile's packed bytes stay in L2 while every block of MB tokens
+// streams over it, so the weights come from memory once per call whatever M is.
+inline int64_t TileRows(int64_t i) {
+  return std::max<int64_t>(1, (int64_t{96} << 10) / std::max<int64_t>(i, 1));
+}
+
+// Tokens [m0, m1) over rows [t0, t1) in blocks of MB tokens; the remainder recurses to MB-1.
+template <int MB, template <int> class RowFn>
+inline void RunTokens(const Problem& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
+  for (; m0 + MB <= m1; m0 += MB) {
+    for (int64_t row = t0; row < t1; ++row) RowFn<MB>::Run(p, m0, row);
+  }
+  if constexpr (MB > 1) {
+    if (m0 < m1) RunTokens<MB - 1, RowFn>(p, m0, m1, t0, t1);
+  }
+}
+
+// Loop skeleton shared by all paths: tiles of rows, blocks of MB tokens inside a tile, rows
+// inside a block. RowFn<B>::Run computes one packed row for B consecutive tokens.
+template <int MB, template <int> class RowFn>
+inline void RunTiled(const Problem& p, int64_t r0, int64_t r1) {
+  const int64_t tile = p.m <= MB ? r1 - r0 : TileRows(p.i);
+  for (int64_t t0 = r0; t0 < r1; t0 += tile) {
+    RunTokens<MB, RowFn>(p, 0, p.m, t0, std::min(r1, t0 + tile));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Portable path: plain C++ the compiler auto-vectorises (ARM NEON, SSE2 baseline, ...).
+
+template <int MB>
+struct ScalarRow {
+  static void Run(const Problem& p, int64_t m0, int64_t row) {
+    const uint8_t* w = p.w + row * p.i;
+    for (int64_t mm = 0; mm < MB; ++mm) {
+      int32_t s[4] = {0, 0, 0, 0};
+      CodeDotTail(w, p.x + (m0 + mm) * p.i, 0, p.i, s);
+      StoreRow(p, m0 + mm, row, s);
+    }
+  }
+};
+
+inline void RunScalar(const Problem& p, int64_t r0, int64_t r1) {
+  RunTiled<1, ScalarRow>(p, r0, r1);
+}
+
+#if BITNET_TERNARY_X86
+
+// GCC 12's AVX-512 headers trip bogus -W(maybe-)uninitialized warnings (_mm512_undefined_*).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#define BITNET_AVX2 __attribute__((target("avx2")))
+#define BITNET_AVXVNNI __attribute__((target("avx2,avxvnni")))
+#define BITNET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+// Software prefetch distance in packed bytes. Rows are contiguous, so this runs into the next
+// row; it helped decode from DRAM by ~10-15% on Zen 3 (best of noisy runs), and prefetching
+// past the end of the buffer is harmless (prefetches never fault).
+constexpr int64_t kPrefetch = 2048;
+
+// Sum each of four int32x8 vectors: returns [sum a0, sum a1, sum a2, sum a3].
+BITNET_AVX2 inline __m128i Sum4x8(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
+  const __m256i h01 = _mm256_hadd_epi32(a0, a1);   // a0 a0 a1 a1 | a0 a0 a1 a1
+  const __m256i h23 = _mm256_hadd_epi32(a2, a3);
+  const __m256i h = _mm256_hadd_epi32(h01, h23);   // a0 a1 a2 a3 | a0 a1 a2 a3
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+// The four 2-bit planes of 32 packed bytes as u8 codes in {0,1,2}.
+BITNET_AVX2 inline void Planes32(const uint8_t* w, __m256i pl[4]) {
+  const __m256i m3 = _mm256_set1_epi8(3);
+  const __m256i m55 = _mm256_set1_epi8(0x55);
+  __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  __m256i lo = _mm256_and_si256(b, m55);
+  b = _mm256_andnot_si256(_mm256_add_epi8(lo, lo), b);  // code 3 -> 1
+  // 16-bit shifts are fine: the mask drops the bits that cross byte boundaries.
+  pl[0] = _mm256_and_si256(b, m3);
+  pl[1] = _mm256_and_si256(_mm256_srli_epi16(b, 2), m3);
+  pl[2] = _mm256_and_si256(_mm256_srli_epi16(b, 4), m3);
+  pl[3] = _mm256_and_si256(_mm256_srli_epi16(b, 6), m3);
+}
+
+// AVX2: maddubs(u8 code, s8 x) gives pairs in [-512, 508], so int16 lanes can add 63 of them
+// before overflowing; we add 32 (1024 columns) and then widen with madd(., 1) into int32.
+template <int MB>
+struct Avx2Row {
+  BITNET_AVX2 static void Run(const Problem& p, int64_t m0, int64_t row) {
+    constexpr int64_t kBlock = 32 * 32;
+    const uint8_t* w = p.w + row * p.i;
+    const int8_t* x = p.x + m0 * p.i;
+    const int64_t kv = p.i & ~int64_t{31};
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[MB][4];
+    for (int mm = 0; mm < MB; ++mm)
+      for (int j = 0; j < 4; ++j) acc[mm][j] = _mm256_setzero_si256();
+    for (int64_t kb = 0; kb < kv; kb += kBlock) {
+      const int64_t ke = std::min(kv, kb + kBlock);
+      __m256i a16[MB][4];
+      for (int mm = 0; mm < MB; ++mm)
+        for (int j = 0; j < 4; ++j) a16[mm][j] = _mm256_setzero_si256();
+      for (int64_t k = kb; k < ke; k += 32) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetch), _MM_HINT_T0);
+        __m256i pl[4];
+        Planes32(w + k, pl);
+        for (int mm = 0; mm < MB; ++mm) {
+          const __m256i xv =
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + mm * p.i + k));
+          for (int j = 0; j < 4; ++j)
+            a16[mm][j] = _mm256_add_epi16(a16[mm][j], _mm256_maddubs_epi16(pl[j], xv));
+        }
+      }
+      for (int mm = 0; mm < MB; ++mm)
+        for (int j = 0; j < 4; ++j)
+          acc[mm][j] = _mm256_add_epi32(acc[mm][j], _mm256_madd_epi16(a16[mm][j], ones));
+    }
+    for (int mm = 0; mm < MB; ++mm) {
+      alignas(16) int32_t s[4];
+      _mm_store_si128(reinterpret_cast<__m128i*>(s),
+                      Sum4x8(acc[mm][0], acc[mm][1], acc[mm][2], acc[mm][3]));
+      CodeDotTail(w, x + mm * p.i, kv, p.i, s);
+      StoreRow(p, m0 + mm, row, s);
+    }
+  }
+};
+
+BITNET_AVX2 inline void RunAvx2(const Problem& p, int64_t r0, int64_t r1) {
+  RunTiled<2, Avx2Row>(p, r0, r1);
+}
+
+#if BITNET_TERNARY_AVXVNNI
+// AVX-VNNI (Alder Lake+, Zen 5): vpdpbusd adds u8 x s8 quads straight into int32 lanes.
+template <int MB>
+struct AvxVnniRow {
+  BITNET_AVXVNNI static void Run(const Problem& p, int64_t m0, int64_t row) {
+    const uint8_t* w = p.w + row * p.i;
+    const int8_t* x = p.x + m0 * p.i;
+    const int64_t kv = p.i & ~int64_t{31};
+    __m256i acc[MB][4];
+    for (int mm = 0; mm < MB; ++mm)
+      for (int j = 0; j < 4; ++j) acc[mm][j] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < kv; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetch), _MM_HINT_T0);
+      __m256i pl[4];
+      Planes32(w + k, pl);
+      for (int mm = 0; mm < MB; ++mm) {
+        const __m256i xv =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + mm * p.i + k));
+        for (int j = 0; j < 4; ++j) acc[mm][j] = _mm256_dpbusd_avx_epi32(acc[mm][j], pl[j], xv);
+      }
+    }
+    for (int mm = 0; mm < MB; ++mm) {
+      alignas(16) int32_t s[4];
+      _mm_store_si128(reinterpret_cast<__m128i*>(s),
+                      Sum4x8(acc[mm][0], acc[mm][1], acc[mm][2], acc[mm][3]));
+      CodeDotTail(w, x + mm * p.i, kv, p.i, s);
+      StoreRow(p, m0 + mm, row, s);
+    }
+  }
+};
+
+BITNET_AVXVNNI inline void RunAvxVnni(const Problem& p, int64_t r0, int64_t r1) {
+  RunTiled<2, AvxVnniRow>(p, r0, r1);
+}
+#endif  // BITNET_TERNARY_AVXVNNI
+
+// AVX-512 VNNI (Ice Lake+, Zen 4+): 64-byte chunks; the column tail uses masked loads, whose
+// zero bytes are code 0 (weights) and 0 (activations), so no scalar tail is needed.
+BITNET_AVX512 inline void Planes64(__m512i b, __m512i pl[4]) {
+  const __m512i m3 = _mm512_set1_epi8(3);
+  const __m512i m55 = _mm512_set1_epi8(0x55);
+  const __m512i lo = _mm512_and_si512(b, m55);
+  b = _mm512_andnot_si512(_mm512_add_epi8(lo, lo), b);  // code 3 -> 1
+  pl[0] = _mm512_and_si512(b, m3);
+  pl[1] = _mm512_and_si512(_mm512_srli_epi16(b, 2), m3);
+  pl[2] = _mm512_and_si512(_mm512_srli_epi16(b, 4), m3);
+  pl[3] = _mm512_and_si512(_mm512_srli_epi16(b, 6), m3);
+}
+
+BITNET_AVX512 inline __m256i Fold512(__m512i a) {
+  return _mm256_add_epi32(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));
+}
+
+template <int MB>
+struct Avx512VnniRow {
+  BITNET_AVX512 static void Run(const Problem& p, int64_t m0, int64_t row) {
+    const uint8_t* w = p.w + row * p.i;
+    const int8_t* x = p.x + m0 * p.i;
+    const int64_t kv = p.i & ~int64_t{63};
+    __m512i acc[MB][4];
+    for (int mm = 0; mm < MB; ++mm)
+      for (int j = 0; j < 4; ++j) acc[mm][j] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < kv; k += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetch), _MM_HINT_T0);
+      __m512i pl[4];
+      Planes64(_mm512_loadu_si512(w + k), pl);
+      for (int mm = 0; mm < MB; ++mm) {
+        const __m512i xv = _mm512_loadu_si512(x + mm * p.i + k);
+        for (int j = 0; j < 4; ++j) acc[mm][j] = _mm512_dpbusd_epi32(acc[mm][j], pl[j], xv);
+      }
+    }
+    if (kv < p.i) {
+      const __mmask64 mask = (~uint64_t{0}) >> (64 - (p.i - kv));
+      __m512i pl[4];
+      Planes64(_mm512_maskz_loadu_epi8(mask, w + kv), pl);
+      for (int mm = 0; mm < MB; ++mm) {
+        const __m512i xv = _mm512_maskz_loadu_epi8(mask, x + mm * p.i + kv);
+        for (int j = 0; j < 4; ++j) acc[mm][j] = _mm512_dpbusd_epi32(acc[mm][j], pl[j], xv);
+      }
+    }
+    for (int mm = 0; mm < MB; ++mm) {
+      const __m256i a0 = Fold512(acc[mm][0]), a1 = Fold512(acc[mm][1]);
+      const __m256i a2 = Fold512(acc[mm][2]), a3 = Fold512(acc[mm][3]);
+      const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+      alignas(16) int32_t s[4];
+      _mm_store_si128(reinterpret_cast<__m128i*>(s),
+                      _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+      StoreRow(p, m0 + mm, row, s);
+    }
+  }
+};
+
+BITNET_AVX512 inline void RunAvx512Vnni(const Problem& p, int64_t r0, int64_t r1) {
+  RunTiled<4, Avx512VnniRow>(p, r0, r1);
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+#endif  // BITNET_TERNARY_X86
+
+// Compute packed rows [r0, r1) for every token with path `isa` (which must be supported).
+inline void RunRows(int isa, const Problem& p, int64_t r0, int64_t r1) {
+#if BITNET_TERNARY_X86
+  switch (isa) {
+    case kAvx512Vnni: RunAvx512Vnni(p, r0, r1); return;
+#if BITNET_TERNARY_AVXVNNI
+    case kAvxVnni: RunAvxVnni(p, r0, r1); return;
+#endif
+    case kAvx2: RunAvx2(p, r0, r1); return;
+    default: break;
+  }
+#else
+  (void)isa;
+#endif
+  RunScalar(p, r0, r1);
+}
+
+// Per-token activation sums, subtracted at the end because the codes are t+1.
+inline void RowSums(const int8_t* x, int64_t m, int64_t i, int32_t* xsum) {
+  for (int64_t mm = 0; mm < m; ++mm) {
+    int32_t s = 0;
+    const int8_t* xr = x + mm * i;
+    for (int64_t k = 0; k < i; ++k) s += xr[k];
+    xsum[mm] = s;
+  }
+}
+
+}  // namespace bitnet_ternary
+
+#endif  // BITNET_JAX_KERNELS_TERNARY_CPU_H_

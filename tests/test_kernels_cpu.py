@@ -1,0 +1,279 @@
+"""The packed CPU FFI kernel agrees bit for bit with the XLA reference (kernels/cpu_ffi.py).
+
+Every parity case runs on each kernel path this CPU supports (scalar, avx2, and avxvnni /
+avx512vnni where present), switching paths with `cpu_ffi.set_isa` on the same executable.
+FFI tests skip, naming the reason, only when the extension is not built.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bitnet_jax import bitlinear, kernels
+from bitnet_jax.kernels import cpu_ffi
+from bitnet_jax.kernels.xla import ternary_matmul_xla
+from bitnet_jax.policy import Policy
+
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="the FFI kernel runs on JAX's CPU backend only"
+)
+
+_AVAILABLE = jax.default_backend() == "cpu" and cpu_ffi.available()
+needs_ffi = pytest.mark.skipif(
+    not _AVAILABLE, reason=f"CPU FFI extension not built: {cpu_ffi.unavailable_reason()}"
+)
+
+
+def _operands(seed: int, m: int, i: int, o: int, extremes: bool = True):
+    """Random int8 activations and packed bytes (all four codes, code 3 included)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-128, 128, (m, i), dtype=np.int8)
+    if extremes and m >= 3:
+        x[0] = -128  # the most negative sums the s16 accumulators must hold
+        x[1] = 127
+        x[2] = 0  # an all-zero token
+    packed = rng.integers(0, 256, (o // 4, i), dtype=np.uint8)
+    return jnp.asarray(x), jnp.asarray(packed)
+
+
+def _numpy_reference(x, packed) -> np.ndarray:
+    codes = (np.asarray(packed)[None] >> (2 * np.arange(4, dtype=np.uint8))[:, None, None]) & 3
+    t = np.where(codes == 3, 0, codes.astype(np.int64) - 1).reshape(-1, packed.shape[1])
+    return np.asarray(x).astype(np.int64) @ t.T
+
+
+def _each_isa(fn):
+    """fn() under every supported kernel path; returns {isa: result as numpy}."""
+    previous = cpu_ffi.isa()
+    out = {}
+    try:
+        for name in cpu_ffi.supported_isas():
+            cpu_ffi.set_isa(name)
+            out[name] = np.asarray(fn())
+    finally:
+        cpu_ffi.set_isa(previous)
+    return out
+
+
+# M x I x O cases: every M, I and O of interest at least once, odd sizes for the column tails
+# (I % 32, I % 64) and the token remainders (M % 2, M % 4).
+SHAPES = [
+    (1, 32, 4), (1, 48, 12), (1, 100, 48), (1, 320, 1024), (1, 1000, 48),
+    (2, 32, 12), (2, 1000, 1024), (3, 100, 4), (3, 320, 48),
+    (7, 48, 1024), (7, 1000, 12), (8, 320, 12), (8, 100, 1024),
+    (17, 32, 48), (17, 1000, 4), (64, 48, 48), (64, 320, 1024), (64, 100, 12),
+]
+
+
+@needs_ffi
+@pytest.mark.parametrize("m,i,o", SHAPES)
+def test_ffi_matches_xla_exactly(m, i, o):
+    x, packed = _operands(m * 1000 + i + o, m, i, o)
+    expected = np.asarray(ternary_matmul_xla(x, packed))
+    np.testing.assert_array_equal(expected, _numpy_reference(x, packed))
+    fn = jax.jit(cpu_ffi.ternary_matmul_kernel)
+    for name, got in _each_isa(lambda: fn(x, packed)).items():
+        assert got.dtype == np.int32 and got.shape == (m, o), name
+        np.testing.assert_array_equal(got, expected, err_msg=f"isa={name}")
+
+
+@needs_ffi
+def test_ffi_accumulator_extremes():
+    # I = 4100 crosses the int16 widening block (1024 columns) four times and leaves a tail;
+    # t = +1 everywhere against x = -128 is the most negative int16 partial sum.
+    i = 4100
+    x = np.zeros((4, i), np.int8)
+    x[0], x[1], x[2], x[3] = -128, 127, -128, 127
+    t = np.ones((8, i), np.int8)
+    t[4:] = -1
+    packed = bitlinear.pack_ternary(jnp.asarray(t))
+    expected = x.astype(np.int64) @ t.T.astype(np.int64)
+    results = _each_isa(lambda: cpu_ffi.ternary_matmul_kernel(jnp.asarray(x), packed))
+    for name, got in results.items():
+        np.testing.assert_array_equal(got, expected, err_msg=f"isa={name}")
+
+
+@needs_ffi
+def test_ffi_code3_counts_as_zero():
+    x, _ = _operands(3, 5, 100, 8)
+    packed = jnp.full((2, 100), 0xFF, jnp.uint8)  # every field is code 3
+    mixed = jnp.asarray(np.tile(np.array([0b11100100], np.uint8), (2, 100)))  # codes 0,1,2,3
+    for name, got in _each_isa(lambda: cpu_ffi.ternary_matmul_kernel(x, packed)).items():
+        np.testing.assert_array_equal(got, 0, err_msg=f"isa={name}")
+    expected = np.asarray(ternary_matmul_xla(x, mixed))
+    for name, got in _each_isa(lambda: cpu_ffi.ternary_matmul_kernel(x, mixed)).items():
+        np.testing.assert_array_equal(got, expected, err_msg=f"isa={name}")
+
+
+@needs_ffi
+def test_ffi_valid_packing_roundtrip():
+    # Codes made by pack_ternary (no code 3), as real checkpoints hold.
+    rng = np.random.default_rng(7)
+    t = jnp.asarray(rng.integers(-1, 2, (96, 200)), jnp.int8)
+    x = jnp.asarray(rng.integers(-128, 128, (9, 200), dtype=np.int8))
+    got = cpu_ffi.ternary_matmul_kernel(x, bitlinear.pack_ternary(t))
+    expected = np.asarray(x, np.int64) @ np.asarray(t, np.int64).T
+    np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+@needs_ffi
+def test_ffi_large_decode_shape_multithreaded():
+    # Big enough to be split across XLA's thread pool (ternary_cpu.cc kMinParallelWork).
+    x, packed = _operands(11, 2, 2560, 1024)
+    expected = np.asarray(ternary_matmul_xla(x, packed))
+    fn = jax.jit(cpu_ffi.ternary_matmul_kernel)
+    for _ in range(3):  # repeated calls reuse the pool; each must complete its future
+        np.testing.assert_array_equal(np.asarray(fn(x, packed)), expected)
+
+
+@needs_ffi
+def test_ffi_vmap_folds_batch_into_rows():
+    x, packed = _operands(5, 12, 100, 48)
+    xb = x.reshape(3, 4, 100)
+    expected = np.asarray(jax.vmap(ternary_matmul_xla, (0, None))(xb, packed))
+    got = jax.jit(jax.vmap(cpu_ffi.ternary_matmul_kernel, (0, None)))(xb, packed)
+    np.testing.assert_array_equal(np.asarray(got), expected)
+    # Batch axis not leading, and nested vmap.
+    got = jax.vmap(cpu_ffi.ternary_matmul_kernel, (1, None), 1)(jnp.swapaxes(xb, 0, 1), packed)
+    np.testing.assert_array_equal(np.asarray(jnp.swapaxes(got, 0, 1)), expected)
+    x4 = x.reshape(3, 2, 2, 100)
+    got = jax.vmap(jax.vmap(cpu_ffi.ternary_matmul_kernel, (0, None)), (0, None))(x4, packed)
+    np.testing.assert_array_equal(np.asarray(got).reshape(12, 48), expected.reshape(12, 48))
+
+
+@needs_ffi
+def test_ffi_vmap_over_weights():
+    rng = np.random.default_rng(9)
+    x, _ = _operands(6, 3, 64, 8)
+    pb = jnp.asarray(rng.integers(0, 256, (4, 2, 64), dtype=np.uint8))
+    expected = np.asarray(jax.vmap(ternary_matmul_xla, (None, 0))(x, pb))
+    got = jax.vmap(cpu_ffi.ternary_matmul_kernel, (None, 0))(x, pb)
+    np.testing.assert_array_equal(np.asarray(got), expected)
+    xb = jnp.stack([x, -x, x // 2, x])
+    expected = np.asarray(jax.vmap(ternary_matmul_xla)(xb, pb))
+    np.testing.assert_array_equal(np.asarray(jax.vmap(cpu_ffi.ternary_matmul_kernel)(xb, pb)),
+                                  expected)
+
+
+@needs_ffi
+def test_dispatcher_selects_ffi():
+    x, packed = _operands(8, 7, 320, 48)
+    expected = np.asarray(ternary_matmul_xla(x, packed))
+    for kernel in ("ffi", "auto"):
+        got = jax.jit(lambda a, b, k=kernel: kernels.ternary_matmul(a, b, kernel=k))(x, packed)
+        np.testing.assert_array_equal(np.asarray(got), expected)
+    if jax.default_backend() == "cpu":
+        assert kernels._auto_kernel() == "ffi"
+
+
+@needs_ffi
+def test_bitlinear_ffi_equals_xla():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, 5, 320)), jnp.float32)
+    leaf = bitlinear.pack_weights(jnp.asarray(rng.normal(size=(48, 320)), jnp.float32))
+    y_ffi = jax.jit(lambda a: bitlinear.bitlinear(a, leaf, Policy(kernel="ffi")))(x)
+    y_xla = jax.jit(lambda a: bitlinear.bitlinear(a, leaf, Policy(kernel="xla")))(x)
+    assert y_ffi.shape == (2, 5, 48)
+    np.testing.assert_array_equal(np.asarray(y_ffi), np.asarray(y_xla))
+
+
+@needs_ffi
+def test_gradients_through_packed_bitlinear_match_xla():
+    # Integer operands get symbolic-zero tangents, so grad never enters the kernel; the
+    # gradient w.r.t. scale and x (through the activation step) must equal the XLA path's.
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(3, 64)), jnp.float32)
+    leaf = bitlinear.pack_weights(jnp.asarray(rng.normal(size=(16, 64)), jnp.float32))
+
+    def loss(scale, a, kernel):
+        w = {"packed": leaf["packed"], "scale": scale}
+        return jnp.sum(bitlinear.bitlinear(a, w, Policy(kernel=kernel)) ** 2)
+
+    g_ffi = jax.grad(loss, argnums=(0, 1))(leaf["scale"], x, "ffi")
+    g_xla = jax.grad(loss, argnums=(0, 1))(leaf["scale"], x, "xla")
+    for a, b in zip(g_ffi, g_xla):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(jnp.abs(g_ffi[0])) > 0
+
+
+@needs_ffi
+def test_isa_env_var_selects_initial_path():
+    code = "from bitnet_jax.kernels import cpu_ffi; cpu_ffi.available(); print(cpu_ffi.isa())"
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, BITNET_JAX_CPU_ISA="scalar",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "scalar"
+
+
+@needs_ffi
+def test_set_isa_rejects_unknown_path():
+    with pytest.raises(cpu_ffi.KernelError, match="not supported"):
+        cpu_ffi.set_isa("avx9000")
+
+
+def test_bad_operands_raise_kernel_error():
+    with pytest.raises(cpu_ffi.KernelError, match="same I"):
+        cpu_ffi.ternary_matmul_ffi(jnp.zeros((2, 8), jnp.int8), jnp.zeros((1, 9), jnp.uint8))
+    with pytest.raises(cpu_ffi.KernelError, match="int8"):
+        cpu_ffi.ternary_matmul_ffi(jnp.zeros((2, 8), jnp.float32), jnp.zeros((1, 8), jnp.uint8))
+
+
+def test_ffi_refuses_non_cpu_backend(monkeypatch):
+    monkeypatch.setattr(cpu_ffi.jax, "default_backend", lambda: "gpu")
+    with pytest.raises(cpu_ffi.KernelError, match="CPU only"):
+        cpu_ffi.ternary_matmul_ffi(jnp.zeros((2, 8), jnp.int8), jnp.zeros((1, 8), jnp.uint8))
+
+
+def test_fallback_when_extension_missing(monkeypatch):
+    def broken():
+        raise OSError("simulated missing _ternary_cpu.so")
+
+    fresh = dict(cpu_ffi._state, tried=False, lib=None, reason=None, warned=False)
+    monkeypatch.setattr(cpu_ffi, "_state", fresh)
+    monkeypatch.setattr(cpu_ffi, "_load_library", broken)
+    x, packed = _operands(1, 3, 100, 12)
+    expected = np.asarray(ternary_matmul_xla(x, packed))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not cpu_ffi.available()
+        got = kernels.ternary_matmul(x, packed, kernel="ffi")
+        got2 = jax.jit(lambda a, b: kernels.ternary_matmul(a, b, kernel="ffi"))(x, packed)
+        auto = kernels._auto_kernel()
+    ours = [w for w in caught if "FFI kernel unavailable" in str(w.message)]
+    assert len(ours) == 1 and "simulated missing" in str(ours[0].message)
+    assert cpu_ffi.unavailable_reason() == "OSError: simulated missing _ternary_cpu.so"
+    np.testing.assert_array_equal(np.asarray(got), expected)
+    np.testing.assert_array_equal(np.asarray(got2), expected)
+    if jax.default_backend() == "cpu":
+        assert auto == "xla"
+    with pytest.raises(cpu_ffi.KernelError, match="not available"):
+        cpu_ffi.ternary_matmul_kernel(x, packed)
+
+
+@needs_ffi
+def test_refuses_extension_built_for_newer_jaxlib(monkeypatch):
+    fresh = dict(cpu_ffi._state, tried=False, lib=None, reason=None, warned=False)
+    monkeypatch.setattr(cpu_ffi, "_state", fresh)
+    monkeypatch.setattr(cpu_ffi.jaxlib, "__version__", "0.4.0")
+    with pytest.warns(RuntimeWarning, match="built against jaxlib"):
+        assert not cpu_ffi.available()
+    assert cpu_ffi._version_tuple("0.11.0rc1") == (0, 11)
+
+
+def test_disable_env_var(monkeypatch):
+    fresh = dict(cpu_ffi._state, tried=False, lib=None, reason=None, warned=False)
+    monkeypatch.setattr(cpu_ffi, "_state", fresh)
+    monkeypatch.setenv(cpu_ffi.DISABLE_ENV, "1")
+    with pytest.warns(RuntimeWarning, match=cpu_ffi.DISABLE_ENV):
+        assert not cpu_ffi.available()
