@@ -101,6 +101,20 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF folder or .gguf file (default: the bundled model)")
     p.add_argument("--backend", choices=("cpu", "gpu", "auto"), default="auto",
                    help="where to run (default: a GPU when JAX sees one)")
+    p.add_argument("--lm-head", choices=("auto", "float", "int8"), default="auto",
+                   help="LM head precision: int8 per-row copy (fast; auto on CPU) or float")
+
+
+def _policy(args, model):
+    """The run's precision policy: the engine's choice, with the --lm-head override."""
+    from bitnet_jax.devices import resolve_device, resolve_policy
+
+    device = resolve_device(args.backend)
+    policy = resolve_policy(device, None, model.policy)
+    head = args.lm_head
+    if head == "auto":
+        head = "int8" if device.platform == "cpu" and model.config.quantized else "float"
+    return policy.replace(lm_head=head)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -165,7 +179,7 @@ def _infer(args) -> int:
     model = _load(args)
     pieces = stream(model, args.prompt, max_new_tokens=args.max_tokens, sampling=_sampling(args),
                     backend=args.backend, chat=args.chat, system=args.system,
-                    stop=args.stop or None)
+                    stop=args.stop or None, policy=_policy(args, model))
     text = _print_stream(pieces)
     if text and not text.endswith("\n"):
         print(flush=True)
@@ -180,6 +194,7 @@ def _chat(args) -> int:
     if model.tokenizer is None:
         raise CheckpointError(f"{model.source} has no tokenizer; chat needs one.")
     sampling = _sampling(args)
+    policy = _policy(args, model)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits.",
           file=sys.stderr)
@@ -198,7 +213,7 @@ def _chat(args) -> int:
         turn = messages + [{"role": "user", "content": line}]
         try:
             pieces = stream(model, turn, max_new_tokens=args.max_tokens, sampling=sampling,
-                            backend=args.backend)
+                            backend=args.backend, policy=policy)
             reply = _print_stream(pieces)
         except GenerationError as exc:  # e.g. the conversation outgrew the context
             print(f"error: {exc} (/reset starts a new conversation)", file=sys.stderr)
@@ -217,7 +232,8 @@ def _bench(args) -> int:
 
     model = _load(args)
     stats = benchmark(model, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
-                      batch=args.batch, backend=args.backend)
+                      batch=args.batch, backend=args.backend, policy=_policy(args, model))
+    stats["lm_head"] = _policy(args, model).lm_head
     stats["model"] = str(model.source or args.model)
     stats["peak_rss_mb"] = _peak_rss_mb()
     if args.json:

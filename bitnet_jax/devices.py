@@ -137,11 +137,15 @@ def place_params(model, device: jax.Device, policy: Policy) -> dict:
     per (model, device, param dtype) for as long as the model object lives and keeps the same
     params.
     """
-    key = (id(model), device, policy.param_dtype)
+    key = (id(model), device, policy.param_dtype, policy.lm_head)
     hit = _PLACED.get(key)
     if hit is not None and hit[0]() is model and hit[1] == id(model.params):
         return hit[2]
     params = ensure_on_device(_cast_floats(model.params, policy.param), device)
+    if policy.lm_head == "int8":
+        from bitnet_jax.params import quantize_lm_head
+
+        params = quantize_lm_head(params, model.config)
     _PLACED[key] = (weakref.ref(model, lambda _, k=key: _PLACED.pop(k, None)),
                     id(model.params), params)
     return params

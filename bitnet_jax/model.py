@@ -36,8 +36,16 @@ from bitnet_jax.policy import Policy, get_policy
 
 
 def embed(params: dict, tokens: jax.Array, policy: Policy) -> jax.Array:
-    """Look up token embeddings: tokens [B, T] int32 -> [B, T, D] in the compute dtype."""
-    return jnp.take(params["embed_tokens"], tokens, axis=0).astype(policy.compute)
+    """Look up token embeddings: tokens [B, T] int32 -> [B, T, D] in the compute dtype.
+
+    The table is a float [V, D] array, or an int8 row-scaled {"q8", "scale"} copy
+    (params.quantize_lm_head on a tied model), whose gathered rows are dequantised.
+    """
+    table = params["embed_tokens"]
+    if isinstance(table, dict):
+        rows = jnp.take(table["q8"], tokens, axis=0).astype(jnp.float32)
+        return (rows * jnp.take(table["scale"], tokens, axis=0)[..., None]).astype(policy.compute)
+    return jnp.take(table, tokens, axis=0).astype(policy.compute)
 
 
 def feed_forward(p: dict, x: jax.Array, cfg: ModelConfig, policy: Policy) -> jax.Array:
@@ -128,7 +136,7 @@ def unembed(params: dict, h: jax.Array, cfg: ModelConfig, policy: Policy | str |
     """LM head: h [..., D] -> float32 logits [..., V] (tied embedding or lm_head)."""
     policy = get_policy(policy)
     w = params["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
-    if isinstance(w, dict):  # int8 row-scaled copy {"q8": int8 [V, D], "scale": f32 [V]}
+    if isinstance(w, dict):  # int8 row-scaled copy (params.quantize_lm_head)
         from bitnet_jax.bitlinear import quantize_activations
 
         lead = h.shape[:-1]

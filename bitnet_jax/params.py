@@ -87,15 +87,50 @@ def pack_params(params: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+def quantize_lm_head(params: dict, cfg: ModelConfig) -> dict:
+    """Replace the LM head (the embedding, when tied) by an int8 per-row-scaled copy.
+
+    The LM head reads V·D weights per token and dominates decode time once the linears are
+    ternary (jax-notes §5: 40 ms int8 vs 83 ms f32 for 2B4T's head on this CPU). Each row v
+    becomes q8[v] = round(127·W[v]/max|W[v]|) with scale[v] = max|W[v]|/127; `model.unembed` then
+    runs an int8 x int8 -> int32 dot on per-token int8 activations, and `model.embed` dequantises
+    the gathered rows of a tied table. Error: at most half an int8 step per weight and per
+    activation (logit cosine > 0.9999 against float on the models tested).
+
+    Returns:
+      params with "embed_tokens" (tied) or "lm_head" (untied) = {"q8": int8 [V, D], "scale": f32 [V]}.
+    """
+    key = "embed_tokens" if cfg.tie_word_embeddings else "lm_head"
+    w = params[key]
+    if isinstance(w, dict):
+        return params
+    out = dict(params)
+    out[key] = jax.jit(_row_int8)(w)
+    return out
+
+
+def _row_int8(w: jax.Array) -> dict:
+    w = w.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(w), axis=-1), 1e-12) / 127.0
+    q8 = jnp.clip(jnp.round(w / scale[:, None]), -127, 127).astype(jnp.int8)
+    return {"q8": q8, "scale": scale}
+
+
 def count_params(params: dict) -> int:
     """Number of logical weights (a packed leaf counts its O·I ternary weights)."""
     total = 0
-    for leaf in jax.tree.leaves(params, is_leaf=is_packed):
+    for leaf in jax.tree.leaves(params, is_leaf=lambda x: is_packed(x) or _is_q8(x)):
         if is_packed(leaf):
             total += int(np.prod(leaf["packed"].shape)) * 4
+        elif _is_q8(leaf):
+            total += int(np.prod(leaf["q8"].shape))
         else:
             total += int(np.prod(leaf.shape))
     return total
+
+
+def _is_q8(x) -> bool:
+    return isinstance(x, dict) and "q8" in x
 
 
 def layer(params: dict, i: int) -> dict:

@@ -6,6 +6,10 @@ float16 is refused: BitNet-2B4T's relu² overflows its range.
 
 `kernel` picks the ternary matmul implementation: "auto" (FFI on CPU when built, Pallas on
 GPU, XLA otherwise), "xla", "ffi" or "pallas". It is resolved at trace time.
+
+`lm_head` is "float" (exact, the default) or "int8": the engine then keeps an int8 per-row copy
+of the LM head (and of the embedding, when tied), which halves or quarters the bytes a decode
+step reads (params.quantize_lm_head). The CLI uses "int8" on CPU.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax.numpy as jnp
 from bitnet_jax.errors import ConfigError
 
 _KERNELS = ("auto", "xla", "ffi", "pallas")
+_LM_HEADS = ("float", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,12 +33,14 @@ class Policy:
       compute_dtype: dtype of activations between layers and of the KV cache.
       output_dtype: dtype of the logits.
       kernel: ternary matmul implementation ("auto", "xla", "ffi", "pallas").
+      lm_head: "float" or "int8" (int8 per-row copy of the LM head, placed by the engine).
     """
 
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     output_dtype: str = "float32"
     kernel: str = "auto"
+    lm_head: str = "float"
 
     def __post_init__(self):
         for field in ("param_dtype", "compute_dtype", "output_dtype"):
@@ -46,6 +53,8 @@ class Policy:
             object.__setattr__(self, field, name)
         if self.kernel not in _KERNELS:
             raise ConfigError(f"Policy.kernel={self.kernel!r} is unknown; use one of {_KERNELS}.")
+        if self.lm_head not in _LM_HEADS:
+            raise ConfigError(f"Policy.lm_head={self.lm_head!r} is unknown; use one of {_LM_HEADS}.")
 
     @property
     def param(self):

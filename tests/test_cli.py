@@ -83,7 +83,9 @@ def test_bench_json_line(model_dir, capsys):
 
 def test_chat_keeps_the_conversation_and_resets(model_dir, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/reset\nhi again\n/exit\n"))
-    args = ["chat", "--model", str(model_dir), "--max-tokens", "3", "--temperature", "0"]
+    # --lm-head float: the Python API's default precision, so the replies compare exactly.
+    args = ["chat", "--model", str(model_dir), "--max-tokens", "3", "--temperature", "0",
+            "--lm-head", "float"]
     assert cli.main(args) == 0
     out, err = capsys.readouterr()
     assert "conversation cleared" in err
