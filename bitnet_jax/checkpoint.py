@@ -26,7 +26,7 @@ import numpy as np
 
 from bitnet_jax.config import ModelConfig, from_hf
 from bitnet_jax.errors import CheckpointError, ConfigError
-from bitnet_jax.params import BITLINEAR_PATHS, linear_shapes, param_shapes
+from bitnet_jax.params import BITLINEAR_PATHS, linear_shapes, param_shapes, row_int8_np
 from bitnet_jax.policy import Policy, get_policy
 from bitnet_jax.safetensors_io import read_safetensors, write_safetensors
 
@@ -127,6 +127,15 @@ def _linear_leaf(name: str, w: np.ndarray, scale: np.ndarray | None, shape: tupl
     return pack_ternary_np(t), gamma
 
 
+def _int8_rows(table: np.ndarray, chunk: int = 4096) -> dict:
+    """int8 per-row copy {"q8", "scale"} of a float table, converted in row chunks."""
+    q8 = np.empty(table.shape, np.int8)
+    scale = np.empty(table.shape[0], np.float32)
+    for r0 in range(0, table.shape[0], chunk):
+        q8[r0:r0 + chunk], scale[r0:r0 + chunk] = row_int8_np(table[r0:r0 + chunk])
+    return {"q8": jnp.asarray(q8), "scale": jnp.asarray(scale)}
+
+
 def load_hf(path: str | Path, policy: Policy | str | None = None, packed: bool = True):
     """Load a local HF checkpoint directory.
 
@@ -181,15 +190,19 @@ def load_hf(path: str | Path, policy: Policy | str | None = None, packed: bool =
     for key in ("embed_tokens", "norm", "lm_head"):
         if key not in shapes:
             continue
+        hf_name = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight",
+                   "lm_head": "lm_head.weight"}[key]
         if key not in top:
-            hf_name = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight",
-                       "lm_head": "lm_head.weight"}[key]
             raise CheckpointError(f"tensor {hf_name} is missing from the checkpoint.")
         if tuple(top[key].shape) != shapes[key]:
             raise CheckpointError(
-                f"tensor {key} has shape {tuple(top[key].shape)}, expected {shapes[key]}."
+                f"tensor {hf_name} has shape {tuple(top[key].shape)}, expected {shapes[key]}."
             )
-        params[key] = jnp.asarray(np.asarray(top[key]).astype(policy.param))
+        head = "embed_tokens" if cfg.tie_word_embeddings else "lm_head"
+        if key == head and policy.lm_head == "int8" and cfg.quantized:
+            params[key] = _int8_rows(top[key])
+        else:
+            params[key] = jnp.asarray(np.asarray(top[key]).astype(policy.param))
         if bar:
             bar.update(top[key].nbytes)
 

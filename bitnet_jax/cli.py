@@ -153,8 +153,9 @@ def _load(args):
     """Check the backend first (fail fast), then load the model."""
     from bitnet_jax.devices import resolve_device
     from bitnet_jax.loading import load_model
+    from bitnet_jax.policy import get_policy
 
-    resolve_device(args.backend)
+    device = resolve_device(args.backend)
     path = args.model
     if path is None:
         if not DEFAULT_MODEL.exists():
@@ -162,7 +163,10 @@ def _load(args):
                 f"no default model is bundled ({DEFAULT_MODEL} is missing); pass --model PATH "
                 "(an HF folder or a .gguf file).")
         path = DEFAULT_MODEL
-    return load_model(path)
+    # The int8 LM head is made while loading, so the float table is never held in full.
+    head = "int8" if args.lm_head == "auto" and device.platform == "cpu" else args.lm_head
+    return load_model(path, policy=get_policy("cpu").replace(lm_head=head)
+                      if device.platform == "cpu" and head == "int8" else None)
 
 
 def _sampling(args):

@@ -109,10 +109,30 @@ def quantize_lm_head(params: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+_INV127 = np.float32(1.0 / 127.0)
+
+
+def row_int8_np(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Numpy twin of `_row_int8` for loaders (rows in chunks, no float copy of the table).
+
+    Args:
+      w: [R, D] rows of a float table.
+
+    Returns:
+      (q8 int8 [R, D], scale float32 [R]), bit-identical to `quantize_lm_head`.
+    """
+    w = np.asarray(w, np.float32)
+    scale = np.maximum(np.max(np.abs(w), axis=-1), np.float32(1e-12)) * _INV127
+    inv = (np.float32(1.0) / scale).astype(np.float32)
+    q8 = np.clip(np.round(w * inv[:, None]), -127, 127).astype(np.int8)
+    return q8, scale.astype(np.float32)
+
+
 def _row_int8(w: jax.Array) -> dict:
     w = w.astype(jnp.float32)
-    scale = jnp.maximum(jnp.max(jnp.abs(w), axis=-1), 1e-12) / 127.0
-    q8 = jnp.clip(jnp.round(w / scale[:, None]), -127, 127).astype(jnp.int8)
+    # Multiply by 1/127 (not divide): XLA rewrites x/c as x·(1/c), so numpy does the same.
+    scale = jnp.maximum(jnp.max(jnp.abs(w), axis=-1), 1e-12) * _INV127
+    q8 = jnp.clip(jnp.round(w * (1.0 / scale)[:, None]), -127, 127).astype(jnp.int8)
     return {"q8": q8, "scale": scale}
 
 

@@ -21,6 +21,7 @@ the params alias them (no second copy); peak memory stays near the size of the f
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
@@ -36,7 +37,7 @@ from bitnet_jax.gguf.arch import (
     ARCHS, LINEAR_NAMES, NORM_NAMES, SUB_NORMS, TERNARY_TYPES, block_tensor, config_from_gguf,
     inverse_llama_permutation)
 from bitnet_jax.gguf.reader import GGUFFile, TensorInfo, read_gguf
-from bitnet_jax.params import linear_shapes
+from bitnet_jax.params import linear_shapes, row_int8_np
 from bitnet_jax.policy import Policy, get_policy
 
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
@@ -247,6 +248,22 @@ class _Loader:
         return _to_device(_read_float(self.g, info, self.dtype,
                                       _aligned_empty(info.shape, self.dtype)))
 
+    def int8_tensor(self, name: str, shape: tuple[int, ...]) -> dict:
+        """An int8 per-row copy {"q8", "scale"} (params.quantize_lm_head), read in row chunks."""
+        info = self.tensor(name, shape)
+        self.check_float(info)
+        rows, cols = shape
+        q8 = _aligned_empty((rows, cols), np.int8)
+        scale = np.empty((rows,), np.float32)
+        step = max(1, _CHUNK_BYTES // (4 * cols))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            sub = dataclasses.replace(info, shape=(r1 - r0, cols),
+                                      offset=info.offset + r0 * (info.nbytes // rows),
+                                      nbytes=(r1 - r0) * (info.nbytes // rows))
+            q8[r0:r1], scale[r0:r1] = row_int8_np(_read_float(self.g, sub, np.float32))
+        return {"q8": _to_device(q8), "scale": _to_device(scale)}
+
     def stacked_norm(self, gname: str, width: int) -> jax.Array:
         out = _aligned_empty((self.cfg.num_hidden_layers, width), self.dtype)
         for layer in range(self.cfg.num_hidden_layers):
@@ -351,10 +368,14 @@ class _Loader:
                 layers[name] = leaf
             else:
                 layers[mod][name] = leaf
-        params["embed_tokens"] = self.float_tensor("token_embd.weight", (v, d))
+        int8_head = self.policy.lm_head == "int8" and cfg.quantized
+        head = "token_embd.weight" if cfg.tie_word_embeddings else "output.weight"
+        params["embed_tokens"] = (self.int8_tensor if int8_head and head == "token_embd.weight"
+                                  else self.float_tensor)("token_embd.weight", (v, d))
         params["norm"] = self.float_tensor("output_norm.weight", (d,))
         if not cfg.tie_word_embeddings:
-            params["lm_head"] = self.float_tensor("output.weight", (v, d))
+            params["lm_head"] = (self.int8_tensor if int8_head else self.float_tensor)(
+                "output.weight", (v, d))
         self._check_unused()
         self.bar.close()
         if self.fallbacks:
