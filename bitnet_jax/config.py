@@ -204,6 +204,16 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         and float(rope_scaling.get("factor", 1.0)) == 1.0
     ):
         raise ConfigError(f"config field rope_scaling={rope_scaling!r} is not supported.")
+    # transformers >= 5 writes {"rope_parameters": {"rope_type", "rope_theta"}} instead of a
+    # top-level rope_theta; reading only the latter silently fell back to θ = 10000.
+    rope_parameters = hf.get("rope_parameters")
+    if isinstance(rope_parameters, dict):
+        rope_type = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
+        if rope_type not in ("default", "linear") or float(
+                rope_parameters.get("factor", 1.0)) != 1.0:
+            raise ConfigError(f"config field rope_parameters={rope_parameters!r} is not supported.")
+        if hf.get("rope_theta") is None and rope_parameters.get("rope_theta") is not None:
+            hf = {**hf, "rope_theta": rope_parameters["rope_theta"]}
     qc = hf.get("quantization_config") or {}
     if not isinstance(qc, dict):
         raise ConfigError("config field quantization_config must be an object.")

@@ -54,6 +54,12 @@ def load_model(path: str | Path, policy: Policy | str | None = None, packed: boo
             from bitnet_jax.gguf import load_gguf
 
             return load_gguf(path, policy=policy, packed=packed, tokenizer=tokenizer)
+        if path.suffix == ".bin":
+            from bitnet_jax.llama2c import is_llama2c, load_llama2c
+
+            if is_llama2c(path):  # karpathy's llama2.c export, not a pickle
+                cfg, params = load_llama2c(path, dtype=policy.param)
+                return Model(cfg, params, None, policy, str(path))
         if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
             raise CheckpointError(
                 f"{path} is a pickled checkpoint; bitnet_jax never unpickles: convert it to "

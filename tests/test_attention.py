@@ -1,0 +1,115 @@
+"""Attention: masks, GQA head mapping, sub-norm, KV cache layout (bitnet_jax/attention.py)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bitnet_jax.attention import attention, attention_mask, init_cache
+from bitnet_jax.layers import rope_frequencies
+from bitnet_jax.params import layer
+from bitnet_jax.policy import Policy
+from conftest import LEAF_TOL
+from test_layers import np_rms_norm, np_rope_half
+
+F32 = Policy()
+jit_attention = jax.jit(attention, static_argnums=(5, 6))
+
+
+def test_causal_mask_literal():
+    mask = attention_mask(jnp.asarray([0]), jnp.int32(0), 4, 4)
+    assert np.asarray(mask, int).tolist() == [[[1, 0, 0, 0],
+                                               [1, 1, 0, 0],
+                                               [1, 1, 1, 0],
+                                               [1, 1, 1, 1]]]
+
+
+def test_left_padded_mask_literal():
+    # Row 1 starts at slot 2: its padding slots are never attended, and padding queries see
+    # nothing at all (they are fully masked; their outputs are ignored).
+    mask = attention_mask(jnp.asarray([0, 2]), jnp.int32(0), 4, 4)
+    assert np.asarray(mask, int)[1].tolist() == [[0, 0, 0, 0],
+                                                 [0, 0, 0, 0],
+                                                 [0, 0, 1, 0],
+                                                 [0, 0, 1, 1]]
+
+
+def test_decode_mask_literal():
+    # Two new tokens written at slots 3 and 4 of a 6-slot cache, row starting at slot 1.
+    mask = attention_mask(jnp.asarray([1]), jnp.int32(3), 2, 6)
+    assert np.asarray(mask, int).tolist() == [[[0, 1, 1, 1, 0, 0],
+                                               [0, 1, 1, 1, 1, 0]]]
+
+
+def test_init_cache_layout(tiny_cfg):
+    cache = init_cache(tiny_cfg, batch=3, length=11, dtype=jnp.bfloat16)
+    assert set(cache) == {"k", "v"}
+    assert cache["k"].shape == (2, 3, 11, 2, 8) and cache["v"].dtype == jnp.bfloat16  # [L,B,S,K,H]
+    assert not np.asarray(cache["k"], np.float32).any()
+
+
+def np_attention(p, x, positions, cfg, kv_map="repeat"):
+    """Float reference of one attention block (spec §1.2): q head j reads kv head j // G."""
+    b, t, _ = x.shape
+    n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    w = {name: np.asarray(p[name], np.float64) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    q = np_rope_half((x @ w["q_proj"].T).reshape(b, t, n, h), positions, cfg.rope_theta)
+    kk = np_rope_half((x @ w["k_proj"].T).reshape(b, t, k, h), positions, cfg.rope_theta)
+    v = (x @ w["v_proj"].T).reshape(b, t, k, h)
+    if kv_map == "repeat":  # HF repeat_kv: [kv0, kv0, kv1, kv1] for G = 2
+        kk, v = np.repeat(kk, n // k, axis=2), np.repeat(v, n // k, axis=2)
+    else:  # the wrong mapping j % K, to show the test can tell them apart
+        kk, v = np.tile(kk, (1, 1, n // k, 1)), np.tile(v, (1, 1, n // k, 1))
+    scores = np.einsum("btnh,bsnh->bnts", q, kk) / np.sqrt(h)
+    scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.einsum("bnts,bsnh->btnh", probs, v).reshape(b, t, n * h)
+    if cfg.use_sub_norms:
+        out = np_rms_norm(out, np.asarray(p["attn_sub_norm"], np.float64), cfg.rms_norm_eps)
+    return out @ w["o_proj"].T
+
+
+@pytest.mark.parametrize("sub_norms", [False, True])
+def test_gqa_attention_matches_numpy(tiny_cfg, tiny_float_params, tiny_params, rng, sub_norms):
+    # Unquantised projections so the comparison is a sharp float one (no int8 steps).
+    if sub_norms:
+        cfg, params = tiny_cfg.replace(quant_method=None), tiny_params
+    else:
+        cfg = tiny_cfg.replace(quant_method=None, use_sub_norms=False)
+        params = tiny_float_params
+    assert cfg.num_groups == 2
+    p = layer(params, 1)["self_attn"]
+    x = rng.normal(size=(3, 7, 32)).astype(np.float32)
+    positions = np.broadcast_to(np.arange(7), (3, 7))
+    cos, sin = rope_frequencies(jnp.asarray(positions), cfg.head_dim, cfg.rope_theta)
+    mask = attention_mask(jnp.zeros((3,), jnp.int32), jnp.int32(0), 7, 7)
+    y = jit_attention(p, jnp.asarray(x), cos, sin, mask, cfg, F32)
+    assert y.shape == (3, 7, 32) and y.dtype == jnp.float32
+    want = np_attention(p, x.astype(np.float64), positions, cfg)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=LEAF_TOL)
+    wrong = np_attention(p, x.astype(np.float64), positions, cfg, kv_map="tile")
+    assert np.abs(want - wrong).max() > 100 * LEAF_TOL
+
+
+def test_attention_writes_and_reads_through_kv(tiny_cfg, tiny_params, rng):
+    # The `kv` hook receives this call's keys/values [B, T, K, H] and returns the whole cache;
+    # attending to a cache that holds exactly those keys gives the uncached result.
+    cfg = tiny_cfg
+    p = layer(tiny_params, 0)["self_attn"]
+    x = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
+    positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    cos, sin = rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
+    mask = attention_mask(jnp.zeros((2,), jnp.int32), jnp.int32(0), 5, 5)
+    seen = []
+
+    def kv(k, v):
+        seen.append((k.shape, v.shape))
+        return k, v
+
+    y_kv = jax.jit(lambda p, x: attention(p, x, cos, sin, mask, cfg, F32, kv))(p, x)
+    y = jit_attention(p, x, cos, sin, mask, cfg, F32)
+    assert seen == [((2, 5, 2, 8), (2, 5, 2, 8))]
+    np.testing.assert_array_equal(np.asarray(y_kv), np.asarray(y))
