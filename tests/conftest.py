@@ -16,10 +16,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+import tempfile
+
+# The engine turns on JAX's persistent compilation cache; keep the suite's programs out of the
+# user's cache (~/.cache/bitnet_jax/xla) unless the caller chose a location.
+os.environ.setdefault("BITNET_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="bitnet-jax-test-xla-"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 # Parity tests compare float32 results at 1e-4/1e-5: no TF32 or bf16 passes inside f32 dots
 # (matters on GPU; a no-op on CPU).
