@@ -15,6 +15,7 @@ from bitnet_jax.loading import Model, load_model
 from bitnet_jax.model import apply, forward, unembed
 from bitnet_jax.params import init_params, pack_params
 from bitnet_jax.policy import POLICIES, Policy, get_policy
+from bitnet_jax.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "BitNetError",
@@ -24,6 +25,7 @@ __all__ = [
     "Policy",
     "Result",
     "SamplingParams",
+    "Tokenizer",
     "apply",
     "forward",
     "from_hf",
@@ -32,6 +34,7 @@ __all__ = [
     "init_params",
     "load_config",
     "load_model",
+    "load_tokenizer",
     "pack_params",
     "stream",
     "unembed",
