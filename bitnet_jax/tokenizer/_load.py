@@ -63,7 +63,7 @@ def read_gguf_tokenizer_metadata(path: str | Path) -> dict[str, Any]:
     try:
         metadata = read_gguf(path).metadata
     except GGUFError as e:
-        raise TokenizerError(f"cannot read the tokenizer from {path}: {e}") from None
+        raise TokenizerError(f"cannot read GGUF tokenizer metadata: {e}") from None
     return {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
 
 
