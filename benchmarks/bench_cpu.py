@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 CACHE = Path(os.environ.get("BITNET_JAX_BENCH_DIR", Path.home() / ".cache" / "bitnet_jax" / "bench"))
 
 

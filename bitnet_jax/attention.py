@@ -2,7 +2,11 @@
 
 Cache layout (one dict, stacked by layer, returned new and donated by callers):
 
-  {"k": [L, B, S, K, H], "v": [L, B, S, K, H]}   in the compute dtype
+  {"k": [L, B, K, S, H], "v": [L, B, K, S, H]}   in the compute dtype
+
+Heads come before positions so that, per (row, kv head), the S cached keys are one contiguous
+[S, H] matrix: with the [B, S, K, H] order XLA:CPU's decode attention was 10x slower (8.9 ms vs
+0.9 ms per layer at S=2048, measured here), and it dominated decoding at long contexts.
 
 Rows are left-padded: a shared scalar write cursor `index` (int32) says where this call's T
 tokens go (slots index..index+T-1 for every row) and `starts` [B] gives the first valid slot of
@@ -27,8 +31,8 @@ _NEG_INF = -1e30
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
-    """Zeroed KV cache {"k", "v"}: [L, B, S, K, H] each, S = length."""
-    shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+    """Zeroed KV cache {"k", "v"}: [L, B, K, S, H] each, S = length."""
+    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, length, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
@@ -53,7 +57,7 @@ def attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.A
       cfg: model config.
       policy: precision policy.
       kv: optional callable (k, v) -> (keys, values) that writes this call's keys/values
-        [B, T, K, H] into the KV cache and returns the layer's whole cache [B, S, K, H]. Without
+        [B, K, T, H] into the KV cache and returns the layer's whole cache [B, K, S, H]. Without
         it the call attends over its own T tokens only (S = T).
 
     Returns:
@@ -66,14 +70,16 @@ def attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.A
     v = bitlinear(x, p["v_proj"], policy, cfg.quantized).reshape(b, t, k_heads, h)
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
-    keys, values = (k, v) if kv is None else kv(k, v)  # [B, S, K, H]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
+    keys, values = (k, v) if kv is None else kv(k, v)  # [B, K, S, H]
     q = q.reshape(b, t, k_heads, cfg.num_groups, h)  # query head j uses kv head j // G
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, keys, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / math.sqrt(h))
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(policy.compute)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, values, preferred_element_type=jnp.float32)
-    out = out.astype(policy.compute).reshape(b, t, n * h)
+    # Output as [B, K, G, T, H], then transpose: XLA:CPU runs it 7x faster than "->btkgh".
+    out = jnp.einsum("bkgts,bksh->bkgth", probs, values, preferred_element_type=jnp.float32)
+    out = out.transpose(0, 3, 1, 2, 4).astype(policy.compute).reshape(b, t, n * h)
     if cfg.use_sub_norms:
         out = rms_norm(out, p["attn_sub_norm"], cfg.rms_norm_eps)
     return bitlinear(out, p["o_proj"], policy, cfg.quantized)

@@ -3,7 +3,7 @@
 Decode state (a dict pytree, donated on every call so the KV cache is updated in place,
 jax-notes §5):
 
-  cache     {"k", "v"}: [L, B, S, K, H] in the compute dtype (attention.py layout)
+  cache     {"k", "v"}: [L, B, K, S, H] in the compute dtype (attention.py layout)
   index     int32 []     shared write cursor: the next free cache slot
   starts    int32 [B]    first valid slot of each row (rows are left-padded, right-aligned)
   token     int32 [B]    last sampled token: the next decode step's input
@@ -185,7 +185,7 @@ def decode_chunk(params: dict, state: dict, knobs: dict, eos: jax.Array, n_steps
     """
     TRACES["decode"] += 1
     b = state["token"].shape[0]
-    s = state["cache"]["k"].shape[2]
+    s = state["cache"]["k"].shape[3]
     state = dict(state, done=state["done"] | stop)
 
     def cond(carry):

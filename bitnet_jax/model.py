@@ -86,7 +86,7 @@ def apply(params: dict, tokens: jax.Array, cfg: ModelConfig, policy: Policy | st
       tokens: [B, T] int32 token ids.
       cfg: model config (static under jit).
       policy: precision policy or preset name.
-      cache: optional KV cache {"k", "v"} [L, B, S, K, H]; this call's tokens are written at
+      cache: optional KV cache {"k", "v"} [L, B, K, S, H]; this call's tokens are written at
         slots index..index+T-1. Without a cache, attention is causal over the T tokens.
       index: int32 scalar write cursor (cache only).
       starts: [B] int32 first valid slot per row (left padding); default all 0.
@@ -98,7 +98,7 @@ def apply(params: dict, tokens: jax.Array, cfg: ModelConfig, policy: Policy | st
     b, t = tokens.shape
     index = jnp.asarray(index, jnp.int32)
     starts = jnp.zeros((b,), jnp.int32) if starts is None else jnp.asarray(starts, jnp.int32)
-    s = t if cache is None else cache["k"].shape[2]
+    s = t if cache is None else cache["k"].shape[3]
     positions = jnp.maximum(index + jnp.arange(t, dtype=jnp.int32)[None, :] - starts[:, None], 0)
     cos, sin = rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
     mask = attention_mask(starts, index, t, s)
@@ -117,7 +117,7 @@ def apply(params: dict, tokens: jax.Array, cfg: ModelConfig, policy: Policy | st
         def kv(k, v):
             # Write only the T new entries into the stacked cache, then read this layer's slice.
             nonlocal ck, cv
-            at = (layer, 0, index, 0, 0)
+            at = (layer, 0, 0, index, 0)  # k, v: [B, K, T, H] into [L, B, K, S, H]
             ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
             cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
             keys = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)

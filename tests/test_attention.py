@@ -46,7 +46,7 @@ def test_decode_mask_literal():
 def test_init_cache_layout(tiny_cfg):
     cache = init_cache(tiny_cfg, batch=3, length=11, dtype=jnp.bfloat16)
     assert set(cache) == {"k", "v"}
-    assert cache["k"].shape == (2, 3, 11, 2, 8) and cache["v"].dtype == jnp.bfloat16  # [L,B,S,K,H]
+    assert cache["k"].shape == (2, 3, 2, 11, 8) and cache["v"].dtype == jnp.bfloat16  # [L,B,K,S,H]
     assert not np.asarray(cache["k"], np.float32).any()
 
 
@@ -95,7 +95,7 @@ def test_gqa_attention_matches_numpy(tiny_cfg, tiny_float_params, tiny_params, r
 
 
 def test_attention_writes_and_reads_through_kv(tiny_cfg, tiny_params, rng):
-    # The `kv` hook receives this call's keys/values [B, T, K, H] and returns the whole cache;
+    # The `kv` hook receives this call's keys/values [B, K, T, H] and returns the whole cache;
     # attending to a cache that holds exactly those keys gives the uncached result.
     cfg = tiny_cfg
     p = layer(tiny_params, 0)["self_attn"]
@@ -111,5 +111,5 @@ def test_attention_writes_and_reads_through_kv(tiny_cfg, tiny_params, rng):
 
     y_kv = jax.jit(lambda p, x: attention(p, x, cos, sin, mask, cfg, F32, kv))(p, x)
     y = jit_attention(p, x, cos, sin, mask, cfg, F32)
-    assert seen == [((2, 5, 2, 8), (2, 5, 2, 8))]
+    assert seen == [((2, 2, 5, 8), (2, 2, 5, 8))]
     np.testing.assert_array_equal(np.asarray(y_kv), np.asarray(y))

@@ -126,7 +126,8 @@ def test_forward_and_apply_shapes(tiny_cfg, tiny_packed_params):
     assert jax.tree.map(jnp.shape, new_cache) == jax.tree.map(jnp.shape, cache)
     # Slots 0..3 now hold this call's keys and values; later slots are still empty.
     for kv in (np.asarray(new_cache["k"]), np.asarray(new_cache["v"])):
-        assert not kv[:, :, 4:].any() and np.abs(kv[:, :, :4]).sum(axis=(-2, -1)).all()
+        # [L, B, K, S, H]
+        assert not kv[:, :, :, 4:].any() and np.abs(kv[:, :, :, :4]).sum(axis=(2, 4)).all()
 
 
 def test_unembed_picks_tied_embedding_or_lm_head(tiny_float_cfg, tiny_float_params, rng):
