@@ -24,8 +24,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax.config import ModelConfig, from_hf
-from bitnet_jax.errors import CheckpointError, ConfigError
+from bitnet_jax.config import ModelConfig, load_config
+from bitnet_jax.errors import CheckpointError
 from bitnet_jax.params import BITLINEAR_PATHS, linear_shapes, param_shapes, row_int8_np
 from bitnet_jax.policy import Policy, get_policy
 from bitnet_jax.safetensors_io import read_safetensors, write_safetensors
@@ -72,11 +72,7 @@ def read_config(path: Path) -> ModelConfig:
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{path} has no config.json; point to a Hugging Face model folder.")
-    try:
-        hf = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{cfg_path} is not valid JSON ({exc}).") from None
-    return from_hf(hf)
+    return load_config(cfg_path)
 
 
 def _ternarize_np(w: np.ndarray) -> tuple[np.ndarray, np.float32]:
