@@ -433,7 +433,7 @@ def train(tcfg: TrainConfig, stop_after: int | None = None, progress: bool = Tru
     end = tcfg.steps if stop_after is None else min(stop_after, tcfg.steps)
     rows = tcfg.grad_accum * tcfg.batch_size
     bar = _bar(progress, step, tcfg.steps)
-    last: dict = {}
+    last: dict = {"step": step, "tokens": position * tcfg.seq_len}
     t0 = time.perf_counter() - meta["elapsed_s"]
     with open(out / METRICS_FILE, "a") as log:
         while step < end:
