@@ -234,6 +234,11 @@ def load_hf(path: str | Path, policy: Policy | str | None = None, packed: bool =
         else:
             params["layers"][mod][name] = leaf
     for i in range(L):
+        stray = set(scales[i]) - {f"{m}.{n}.weight" for m, n in BITLINEAR_PATHS}
+        if stray:
+            raise CheckpointError(
+                f"tensor model.layers.{i}.{sorted(stray)[0]}_scale is not part of a "
+                f"{cfg.architecture} model.")
         if per_layer[i]:
             (mod, name), (hf_name, _) = next(iter(per_layer[i].items()))
             raise CheckpointError(f"tensor {hf_name} is not part of a {cfg.architecture} model.")

@@ -199,6 +199,8 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ConfigError("config field attention_bias/mlp_bias=true is not supported (no biases).")
     rope_scaling = hf.get("rope_scaling")
+    if rope_scaling is not None and not isinstance(rope_scaling, dict):
+        raise ConfigError(f"config field rope_scaling={rope_scaling!r} must be an object or null.")
     if rope_scaling and not (
         rope_scaling.get("type", rope_scaling.get("rope_type")) in ("linear", "default")
         and float(rope_scaling.get("factor", 1.0)) == 1.0

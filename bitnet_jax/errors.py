@@ -32,3 +32,7 @@ class DeviceError(BitNetError):
 
 class GenerationError(BitNetError):
     """A generation request is invalid (ids outside the vocabulary, prompt too long, NaN logits)."""
+
+
+class KernelError(BitNetError, ValueError):
+    """A packed-kernel call is invalid (bad shapes or dtypes) or the kernel is not built."""

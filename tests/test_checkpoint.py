@@ -289,7 +289,9 @@ def _rewrite(folder: Path, edit) -> None:
 @pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj.bias",
                                   "model.layers.1.mlp.experts.0.weight",
                                   "model.vision_tower.weight",
-                                  "model.layers.2.input_layernorm.weight"])
+                                  "model.layers.2.input_layernorm.weight",
+                                  # regression: a scale with no projection was silently ignored
+                                  "model.layers.0.self_attn.rotary.weight_scale"])
 def test_error_unknown_tensor(latent_dir, name):
     _rewrite(latent_dir, lambda t: t.__setitem__(name, np.ones(32, np.float32)))
     with pytest.raises(CheckpointError, match=name.replace(".", r"\.")) as info:

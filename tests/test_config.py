@@ -199,3 +199,15 @@ def test_policy_presets_and_normalisation():
         get_policy("fp8")
     with pytest.raises(ConfigError, match="kernel"):
         Policy(kernel="cuda")
+
+
+def test_non_object_rope_scaling_is_a_config_error():
+    # Regression: a string rope_scaling raised AttributeError instead of naming the field.
+    from bitnet_jax.config import from_hf
+    from bitnet_jax.errors import ConfigError
+
+    hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": 11, "hidden_size": 8,
+          "intermediate_size": 12, "num_hidden_layers": 1, "num_attention_heads": 2,
+          "rope_scaling": "linear"}
+    with pytest.raises(ConfigError, match="rope_scaling"):
+        from_hf(hf)

@@ -34,17 +34,13 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
-from bitnet_jax.errors import BitNetError
+from bitnet_jax.errors import KernelError
 from bitnet_jax.kernels.xla import ternary_matmul_xla
 
 TARGET = "bitnet_ternary_matmul"
 ABI_VERSION = 1
 ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")  # ternary_cpu.h `Isa`, best last
 DISABLE_ENV = "BITNET_JAX_DISABLE_FFI"
-
-
-class KernelError(BitNetError, ValueError):
-    """A packed-kernel call is invalid (bad shapes or dtypes) or the kernel is not built."""
 
 
 _lock = threading.Lock()
