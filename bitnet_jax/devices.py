@@ -100,18 +100,10 @@ def resolve_policy(device: jax.Device, policy: Policy | str | None = None,
 
 
 def _auto_kernel(device: jax.Device) -> str:
-    """Mirror of kernels._auto_kernel for an explicit device rather than the default backend."""
-    if is_gpu(device):
-        try:
-            from bitnet_jax.kernels import pallas_gpu  # noqa: F401
-        except ImportError:
-            return "xla"
-        return "pallas"
-    try:
-        from bitnet_jax.kernels import cpu_ffi
-    except ImportError:
-        return "xla"
-    return "ffi" if cpu_ffi.available() else "xla"
+    """kernels._auto_kernel for an explicit device rather than the default backend."""
+    from bitnet_jax.kernels import _auto_kernel as auto_for_platform
+
+    return auto_for_platform("gpu" if is_gpu(device) else device.platform)
 
 
 def ensure_on_device(tree, device: jax.Device):

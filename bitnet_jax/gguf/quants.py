@@ -227,6 +227,7 @@ def ternarize_float(w: np.ndarray) -> tuple[np.ndarray, float, bool]:
     if np.all(a[nonzero] == a.max()):
         codes = np.where(nonzero, np.where(w > 0, 2, 0), 1).astype(np.uint8)
         return codes, amax, True
-    gamma = max(float(np.mean(a, dtype=np.float64)), 1e-5)
-    t = np.clip(np.round(w.astype(np.float32) / np.float32(gamma)), -1, 1)
-    return (t + 1).astype(np.uint8), float(np.float32(gamma)), False
+    from bitnet_jax.checkpoint import _ternarize_np
+
+    t, gamma = _ternarize_np(w)
+    return (t + 1).astype(np.uint8), float(gamma), False

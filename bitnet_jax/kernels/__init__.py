@@ -36,15 +36,16 @@ def ternary_matmul(x_q: jax.Array, packed: jax.Array, kernel: str = "auto") -> j
     return ternary_matmul_xla(x_q, packed)
 
 
-def _auto_kernel() -> str:
-    platform = _default_platform()
+def _auto_kernel(platform: str | None = None) -> str:
+    """The "auto" choice for `platform` (default: JAX's default backend)."""
+    platform = platform or _default_platform()
     if platform == "cpu":
         try:
             from bitnet_jax.kernels import cpu_ffi
         except ImportError:
             return "xla"
         return "ffi" if cpu_ffi.available() else "xla"
-    if platform in ("gpu", "cuda"):
+    if platform in ("gpu", "cuda", "rocm"):
         try:
             from bitnet_jax.kernels import pallas_gpu  # noqa: F401
         except ImportError:
