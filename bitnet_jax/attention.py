@@ -22,6 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from bitnet_jax import kernels
 from bitnet_jax.bitlinear import bitlinear
 from bitnet_jax.config import ModelConfig
 from bitnet_jax.layers import apply_rope, rms_norm
@@ -45,8 +46,64 @@ def attention_mask(starts: jax.Array, index: jax.Array, t: int, s: int) -> jax.A
     return causal[None, :, :] & valid[:, None, :]
 
 
+def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
+           cfg: ModelConfig, policy: Policy) -> jax.Array:
+    """GQA softmax attention in XLA.
+
+    Args:
+      q: [B, T, N, H] queries; query head j uses kv head j // G.
+      keys, values: [B, K, S, H].
+      mask: [B, T, S] boolean.
+
+    Returns:
+      [B, T, N, H] in the compute dtype.
+    """
+    b, t, n, h = q.shape
+    q = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, h)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, keys, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(h))
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(policy.compute)
+    # Output as [B, K, G, T, H], then transpose: XLA:CPU runs it 7x faster than "->btkgh".
+    out = jnp.einsum("bkgts,bksh->bkgth", probs, values, preferred_element_type=jnp.float32)
+    return out.transpose(0, 3, 1, 2, 4).astype(policy.compute).reshape(b, t, n, h)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, layer, index,
+                     starts: jax.Array, mask: jax.Array, cfg: ModelConfig,
+                     policy: Policy) -> tuple[jax.Array, dict]:
+    """Write this call's keys/values into layer `layer` of the cache and attend over it.
+
+    Args:
+      q: [B, T, N, H] queries; k, v: [B, K, T, H] new keys/values for slots index..index+T-1.
+      cache: {"k", "v"} [L, B, K, S, H].
+      layer, index: int32 scalars; starts: [B] first visible slot per row; mask: [B, T, S].
+
+    Returns:
+      (out [B, T, N, H] in the compute dtype, the updated cache).
+
+    With the CPU kernel (policy.kernel "ffi", or "auto" on CPU) and a float32 cache, attention
+    reads the layer's visible slots in place (kernels/attention_cpu.h); otherwise XLA slices the
+    layer out (a copy inside lax.scan) and runs `attend` over all S slots.
+    """
+    at = (layer, 0, 0, index, 0)  # k, v: [B, K, T, H] into [L, B, K, S, H]
+    ck = jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), at)
+    cv = jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), at)
+    if kernels.attention_kernel(policy.kernel, q, ck) == "ffi":
+        from bitnet_jax.kernels import cpu_ffi
+
+        out = cpu_ffi.attention_ffi(q.astype(jnp.float32), ck, cv, layer, index, starts)
+        out = out.astype(policy.compute)
+    else:
+        keys = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
+        values = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
+        out = attend(q, keys.astype(policy.compute), values.astype(policy.compute), mask, cfg,
+                     policy)
+    return out, {"k": ck, "v": cv}
+
+
 def attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-              cfg: ModelConfig, policy: Policy, kv: tuple | None = None):
+              cfg: ModelConfig, policy: Policy, kv=None):
     """One attention block: projections, RoPE, GQA softmax attention, sub-norm, output.
 
     Args:
@@ -56,9 +113,9 @@ def attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.A
       mask: [B, T, S] boolean attention mask.
       cfg: model config.
       policy: precision policy.
-      kv: optional callable (k, v) -> (keys, values) that writes this call's keys/values
-        [B, K, T, H] into the KV cache and returns the layer's whole cache [B, K, S, H]. Without
-        it the call attends over its own T tokens only (S = T).
+      kv: optional callable (q [B, T, N, H], k, v [B, K, T, H]) -> [B, T, N, H] that writes
+        this call's keys/values into the KV cache and attends over it (model.apply wraps
+        `cached_attention`). Without it the call attends over its own T tokens only (S = T).
 
     Returns:
       [B, T, D] attention output.
@@ -71,15 +128,8 @@ def attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.A
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
-    keys, values = (k, v) if kv is None else kv(k, v)  # [B, K, S, H]
-    q = q.reshape(b, t, k_heads, cfg.num_groups, h)  # query head j uses kv head j // G
-    scores = jnp.einsum("btkgh,bksh->bkgts", q, keys, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / math.sqrt(h))
-    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(policy.compute)
-    # Output as [B, K, G, T, H], then transpose: XLA:CPU runs it 7x faster than "->btkgh".
-    out = jnp.einsum("bkgts,bksh->bkgth", probs, values, preferred_element_type=jnp.float32)
-    out = out.transpose(0, 3, 1, 2, 4).astype(policy.compute).reshape(b, t, n * h)
+    out = attend(q, k, v, mask, cfg, policy) if kv is None else kv(q, k, v)
+    out = out.reshape(b, t, n * h)
     if cfg.use_sub_norms:
         out = rms_norm(out, p["attn_sub_norm"], cfg.rms_norm_eps)
     return bitlinear(out, p["o_proj"], policy, cfg.quantized)

@@ -14,6 +14,10 @@ A BitLinear weight leaf takes one of two forms, told apart by structure at trace
            Packed row r holds original rows r + i·O/4 in bits 2i..2i+1 (i = 0..3) as the code
            t+1 ∈ {0,1,2}: exactly Hugging Face's `pack_weights` layout (spec §1.3), so HF packed
            checkpoints load without repacking. `scale` is the multiplier σ with W = σ·t.
+           Code 3 is not a ternary value: every loader refuses it, and the CPU kernel
+           (kernels/ternary_cpu.h) relies on its absence to extract the planes with one shift.
+           This is also the kernel's layout for GGUF TQ2_0/TQ1_0/I2_S files, which are
+           repacked into it at load from their 2-bit codes (gguf/load.py), no float copy.
 
 When the model is a plain float Llama (`cfg.quant_method is None`) a float leaf is used as an
 ordinary linear weight with no quantisation.
@@ -119,7 +123,8 @@ def _or4(planes: jax.Array) -> jax.Array:
 def unpack_ternary(packed: jax.Array) -> jax.Array:
     """Inverse of `pack_ternary`: [..., O/4, I] uint8 -> [..., O, I] int8 in {-1, 0, 1}.
 
-    Code 3 never occurs in valid data; it is mapped to 0 as llama.cpp does.
+    Code 3 never occurs in valid data (loaders refuse it); here it is mapped to 0, as
+    llama.cpp does.
     """
     *lead, r, i = packed.shape
     shifts = (2 * jnp.arange(4, dtype=jnp.uint8)).reshape(4, 1, 1)
@@ -149,7 +154,9 @@ def bitlinear(x: jax.Array, w, policy: Policy, quantized: bool = True) -> jax.Ar
 
     Args:
       x: [..., I] activations in the compute dtype.
-      w: a latent float weight [O, I] or a packed leaf {"packed": [O/4, I], "scale": []}.
+      w: a latent float weight [O, I] or a packed leaf {"packed": [O/4, I], "scale": []}; in
+        model.apply's layer scan the leaf is {"packed": [L, O/4, I], "layer": l, "scale": []}
+        and matrix l of the stack is used (read in place by the CPU kernel).
       policy: precision policy; `policy.kernel` picks the packed matmul implementation.
       quantized: False for plain float Llama models (latent leaf used as is).
 
@@ -160,7 +167,8 @@ def bitlinear(x: jax.Array, w, policy: Policy, quantized: bool = True) -> jax.Ar
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # [M, I]
         x_q, step = quantize_activations(x2)
-        acc = kernels.ternary_matmul(x_q, w["packed"], kernel=policy.kernel)  # int32 [M, O]
+        acc = kernels.ternary_matmul(x_q, w["packed"], kernel=policy.kernel,
+                                     layer=w.get("layer"))  # int32 [M, O]
         y = acc.astype(jnp.float32) * (step * w["scale"].astype(jnp.float32))
         return y.reshape(*lead, -1).astype(policy.compute)
     if not quantized:

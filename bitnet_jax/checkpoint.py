@@ -108,6 +108,10 @@ def _linear_leaf(name: str, w: np.ndarray, scale: np.ndarray | None, shape: tupl
             )
         if scale is None:
             raise CheckpointError(f"tensor {name} is packed but {name}_scale is missing.")
+        if (w & (w >> np.uint8(1)) & np.uint8(0x55)).any():
+            # Code 3 (bits 11) is no ternary value; the kernels assume codes 0-2 (bitlinear.py).
+            raise CheckpointError(f"tensor {name} holds the 2-bit code 3, which is not a ternary "
+                                  "weight; the file is corrupt or not a BitNet packed checkpoint.")
         s = float(np.asarray(scale, np.float32).reshape(-1)[0])
         if not np.isfinite(s) or s == 0:
             raise CheckpointError(f"tensor {name}_scale={s} is not a usable scale.")

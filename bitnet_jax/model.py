@@ -28,8 +28,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from bitnet_jax.attention import attention, attention_mask
-from bitnet_jax.bitlinear import bitlinear
+from bitnet_jax import kernels
+from bitnet_jax.attention import attention, attention_mask, cached_attention
+from bitnet_jax.bitlinear import bitlinear, is_packed
 from bitnet_jax.config import ModelConfig
 from bitnet_jax.layers import activation, rms_norm, rope_frequencies
 from bitnet_jax.policy import Policy, get_policy
@@ -77,6 +78,32 @@ def block(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array
     return x + feed_forward(p["mlp"], m, cfg, policy)
 
 
+def _split_stacks(layers):
+    """Split the stacked layer params into (xs, stacks) for the layer scan.
+
+    stacks mirrors the tree and holds each packed leaf's uint8 [L, O/4, I] array (None
+    elsewhere); xs is everything else, which lax.scan slices per layer. The packed arrays are
+    not scanned over: a scan slice feeding a custom call is copied first (7 MB per layer of the
+    large model, as many bytes again as the kernel reads), so the kernel gets the whole stack
+    and the layer index instead (kernels.ternary_matmul).
+    """
+    if is_packed(layers):
+        return {k: v for k, v in layers.items() if k != "packed"}, layers["packed"]
+    if isinstance(layers, dict):
+        pairs = {k: _split_stacks(v) for k, v in layers.items()}
+        return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+    return layers, None
+
+
+def _join_stacks(xs, stacks, layer):
+    """One layer's params from a scan slice of xs, the packed stacks and the layer index."""
+    if stacks is None:
+        return xs
+    if not isinstance(stacks, dict):
+        return {**xs, "packed": stacks, "layer": layer}
+    return {k: _join_stacks(xs[k], stacks[k], layer) for k in xs}
+
+
 def apply(params: dict, tokens: jax.Array, cfg: ModelConfig, policy: Policy | str | None = None,
           *, cache: dict | None = None, index=0, starts=None):
     """Run the decoder stack and the final norm.
@@ -103,32 +130,33 @@ def apply(params: dict, tokens: jax.Array, cfg: ModelConfig, policy: Policy | st
     cos, sin = rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
     mask = attention_mask(starts, index, t, s)
     x = embed(params, tokens, policy)
+    xs, stacks = _split_stacks(params["layers"])
 
     if cache is None:
-        def body(x, p):
-            return block(p, x, cos, sin, mask, cfg, policy), None
+        def body(carry, p):
+            x, layer = carry
+            x = block(_join_stacks(p, stacks, layer), x, cos, sin, mask, cfg, policy)
+            return (x, layer + 1), None
 
-        x, _ = jax.lax.scan(body, x, params["layers"])
+        (x, _), _ = jax.lax.scan(body, (x, jnp.int32(0)), xs)
         return rms_norm(x, params["norm"], cfg.rms_norm_eps), None
 
     def body_cached(carry, p):
         x, ck, cv, layer = carry
+        p = _join_stacks(p, stacks, layer)
 
-        def kv(k, v):
-            # Write only the T new entries into the stacked cache, then read this layer's slice.
+        def kv(q, k, v):
             nonlocal ck, cv
-            at = (layer, 0, 0, index, 0)  # k, v: [B, K, T, H] into [L, B, K, S, H]
-            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
-            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
-            keys = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
-            values = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
-            return keys.astype(policy.compute), values.astype(policy.compute)
+            out, new = cached_attention(q, k, v, {"k": ck, "v": cv}, layer, index, starts, mask,
+                                        cfg, policy)
+            ck, cv = new["k"], new["v"]
+            return out
 
         x = block(p, x, cos, sin, mask, cfg, policy, kv)
         return (x, ck, cv, layer + 1), None
 
     init = (x, cache["k"], cache["v"], jnp.int32(0))
-    (x, ck, cv, _), _ = jax.lax.scan(body_cached, init, params["layers"])
+    (x, ck, cv, _), _ = jax.lax.scan(body_cached, init, xs)
     return rms_norm(x, params["norm"], cfg.rms_norm_eps), {"k": ck, "v": cv}
 
 
@@ -140,13 +168,8 @@ def unembed(params: dict, h: jax.Array, cfg: ModelConfig, policy: Policy | str |
         from bitnet_jax.bitlinear import quantize_activations
 
         lead = h.shape[:-1]
-        h2 = h.reshape(-1, h.shape[-1])
-        m = h2.shape[0]
-        h_q, step = quantize_activations(h2)
-        if m == 1:  # XLA:CPU int8 dots are 15-20x slower at one row (jax-notes §2.3)
-            h_q = jnp.concatenate([h_q, h_q], axis=0)
-        acc = jax.lax.dot_general(h_q, w["q8"], (((1,), (1,)), ((), ())),
-                                  preferred_element_type=jnp.int32)[:m]
+        h_q, step = quantize_activations(h.reshape(-1, h.shape[-1]))
+        acc = kernels.int8_matmul(h_q, w["q8"], kernel=policy.kernel)  # [M, V] int32
         logits = acc.astype(jnp.float32) * step * w["scale"][None, :]
         return logits.reshape(*lead, -1).astype(policy.output)
     dtype = w.dtype if w.dtype != jnp.float16 else policy.compute

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax.attention import attention, attention_mask, init_cache
+from bitnet_jax.attention import attend, attention, attention_mask, cached_attention, init_cache
 from bitnet_jax.layers import rope_frequencies
 from bitnet_jax.params import layer
 from bitnet_jax.policy import Policy
@@ -95,8 +95,8 @@ def test_gqa_attention_matches_numpy(tiny_cfg, tiny_float_params, tiny_params, r
 
 
 def test_attention_writes_and_reads_through_kv(tiny_cfg, tiny_params, rng):
-    # The `kv` hook receives this call's keys/values [B, K, T, H] and returns the whole cache;
-    # attending to a cache that holds exactly those keys gives the uncached result.
+    # The `kv` hook receives this call's queries [B, T, N, H] and keys/values [B, K, T, H] and
+    # returns the attention output; attending over exactly those keys gives the uncached result.
     cfg = tiny_cfg
     p = layer(tiny_params, 0)["self_attn"]
     x = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
@@ -105,11 +105,54 @@ def test_attention_writes_and_reads_through_kv(tiny_cfg, tiny_params, rng):
     mask = attention_mask(jnp.zeros((2,), jnp.int32), jnp.int32(0), 5, 5)
     seen = []
 
-    def kv(k, v):
-        seen.append((k.shape, v.shape))
-        return k, v
+    def kv(q, k, v):
+        seen.append((q.shape, k.shape, v.shape))
+        return attend(q, k, v, mask, cfg, F32)
 
     y_kv = jax.jit(lambda p, x: attention(p, x, cos, sin, mask, cfg, F32, kv))(p, x)
     y = jit_attention(p, x, cos, sin, mask, cfg, F32)
-    assert seen == [((2, 2, 5, 8), (2, 2, 5, 8))]
+    assert seen == [((2, 5, 4, 8), (2, 2, 5, 8), (2, 2, 5, 8))]
     np.testing.assert_array_equal(np.asarray(y_kv), np.asarray(y))
+
+
+# (heads N, kv heads K, head_dim H, batch, new tokens T, cache slots S, write cursor, starts):
+# decode and prefill chunks, GQA and MHA, H not a multiple of 8 (1bitLLM 3B has H = 100), left
+# padding with pad queries that see no slot at all, and a write that ends at the last slot.
+ATTN_CASES = [
+    (4, 2, 8, 2, 1, 16, 9, (0, 3)),
+    (16, 16, 96, 1, 1, 64, 40, (0,)),
+    (8, 2, 100, 3, 4, 32, 5, (0, 7, 2)),
+    (4, 4, 128, 2, 6, 8, 2, (0, 5)),
+    (6, 3, 12, 1, 3, 12, 9, (0,)),
+]
+
+
+@pytest.mark.parametrize("n,k,h,b,t,s,index,starts", ATTN_CASES)
+def test_cached_attention_cpu_kernel_matches_xla(n, k, h, b, t, s, index, starts):
+    from bitnet_jax.config import ModelConfig
+    from bitnet_jax.kernels import cpu_ffi
+
+    if jax.default_backend() != "cpu" or not cpu_ffi.available():
+        pytest.skip(f"CPU FFI extension not available: {cpu_ffi.unavailable_reason()}")
+    cfg = ModelConfig(hidden_size=n * h, intermediate_size=8, num_hidden_layers=3,
+                      num_attention_heads=n, num_key_value_heads=k, vocab_size=8)
+    rng = np.random.default_rng(n + k + h + t)
+    q = jnp.asarray(rng.normal(size=(b, t, n, h)) * 2, jnp.float32)
+    knew = jnp.asarray(rng.normal(size=(b, k, t, h)), jnp.float32)
+    vnew = jnp.asarray(rng.normal(size=(b, k, t, h)), jnp.float32)
+    cache = {"k": jnp.asarray(rng.normal(size=(3, b, k, s, h)), jnp.float32),
+             "v": jnp.asarray(rng.normal(size=(3, b, k, s, h)), jnp.float32)}
+    starts = jnp.asarray(starts, jnp.int32)
+    mask = attention_mask(starts, jnp.int32(index), t, s)
+
+    def run(cache, layer, kernel):
+        return cached_attention(q, knew, vnew, cache, layer, jnp.int32(index), starts, mask, cfg,
+                                Policy(kernel=kernel))
+
+    run = jax.jit(run, static_argnums=2)
+    for layer in (0, 2):
+        out_x, cache_x = run(cache, jnp.int32(layer), "xla")
+        out_f, cache_f = run(cache, jnp.int32(layer), "ffi")
+        np.testing.assert_allclose(np.asarray(out_f), np.asarray(out_x), rtol=1e-5, atol=LEAF_TOL)
+        for name in ("k", "v"):
+            np.testing.assert_array_equal(np.asarray(cache_f[name]), np.asarray(cache_x[name]))

@@ -343,3 +343,19 @@ def test_error_misshaped_or_unscaled_packed_tensor(tmp_path, tiny_cfg, tiny_pack
     with pytest.raises(CheckpointError, match="weight_scale is missing") as e:
         load_model(tmp_path)
     _one_sentence(e.value)
+
+
+def test_error_packed_tensor_with_code_3(tmp_path, tiny_cfg, tiny_packed_params):
+    # Code 3 is no ternary value, and the CPU kernels read packed bytes as codes 0-2 only.
+    save_hf(tmp_path, tiny_cfg, tiny_packed_params)
+    name = "model.layers.0.self_attn.k_proj.weight"
+
+    def corrupt(tensors):
+        bad = np.array(tensors[name])
+        bad[0, 0] = 0b11000000
+        tensors[name] = bad
+
+    _rewrite(tmp_path, corrupt)
+    with pytest.raises(CheckpointError, match="code 3") as e:
+        load_model(tmp_path)
+    _one_sentence(e.value)

@@ -20,7 +20,7 @@ import pytest
 
 from bitnet_jax import bitlinear, kernels
 from bitnet_jax.kernels import cpu_ffi
-from bitnet_jax.kernels.xla import ternary_matmul_xla
+from bitnet_jax.kernels.xla import int8_matmul_xla, ternary_matmul_xla
 from bitnet_jax.policy import Policy
 
 pytestmark = pytest.mark.skipif(
@@ -33,16 +33,24 @@ needs_ffi = pytest.mark.skipif(
 )
 
 
+def _random_packed(rng, shape) -> np.ndarray:
+    """Packed bytes whose four 2-bit fields are uniform codes in {0, 1, 2} (code 3 is invalid:
+    loaders refuse it, bitlinear.py)."""
+    packed = np.zeros(shape, np.uint8)
+    for j in range(4):
+        packed |= rng.integers(0, 3, shape, dtype=np.uint8) << np.uint8(2 * j)
+    return packed
+
+
 def _operands(seed: int, m: int, i: int, o: int, extremes: bool = True):
-    """Random int8 activations and packed bytes (all four codes, code 3 included)."""
+    """Random int8 activations and packed weights."""
     rng = np.random.default_rng(seed)
     x = rng.integers(-128, 128, (m, i), dtype=np.int8)
     if extremes and m >= 3:
         x[0] = -128  # the most negative sums the s16 accumulators must hold
         x[1] = 127
         x[2] = 0  # an all-zero token
-    packed = rng.integers(0, 256, (o // 4, i), dtype=np.uint8)
-    return jnp.asarray(x), jnp.asarray(packed)
+    return jnp.asarray(x), jnp.asarray(_random_packed(rng, (o // 4, i)))
 
 
 def _numpy_reference(x, packed) -> np.ndarray:
@@ -88,7 +96,7 @@ def test_ffi_matches_xla_exactly(m, i, o):
 
 @needs_ffi
 def test_ffi_accumulator_extremes():
-    # I = 4100 crosses the int16 widening block (1024 columns) four times and leaves a tail;
+    # I = 4100 crosses the int16 widening block (512 columns) eight times and leaves a tail;
     # t = +1 everywhere against x = -128 is the most negative int16 partial sum.
     i = 4100
     x = np.zeros((4, i), np.int8)
@@ -103,15 +111,56 @@ def test_ffi_accumulator_extremes():
 
 
 @needs_ffi
-def test_ffi_code3_counts_as_zero():
-    x, _ = _operands(3, 5, 100, 8)
-    packed = jnp.full((2, 100), 0xFF, jnp.uint8)  # every field is code 3
-    mixed = jnp.asarray(np.tile(np.array([0b11100100], np.uint8), (2, 100)))  # codes 0,1,2,3
-    for name, got in _each_isa(lambda: cpu_ffi.ternary_matmul_kernel(x, packed)).items():
-        np.testing.assert_array_equal(got, 0, err_msg=f"isa={name}")
-    expected = np.asarray(ternary_matmul_xla(x, mixed))
-    for name, got in _each_isa(lambda: cpu_ffi.ternary_matmul_kernel(x, mixed)).items():
+def test_ffi_stacked_weights_at_a_layer_index():
+    # [L, O/4, I] plus a traced layer index (model.apply's scan) reads matrix `layer` in place.
+    rng = np.random.default_rng(12)
+    stack = jnp.asarray(_random_packed(rng, (3, 12, 200)))
+    x = jnp.asarray(rng.integers(-128, 128, (5, 200), dtype=np.int8))
+    fn = jax.jit(lambda a, w, l: cpu_ffi.ternary_matmul_kernel(a, w, l))
+    disp = jax.jit(lambda a, w, l: kernels.ternary_matmul(a, w, kernel="xla", layer=l))
+    for layer in range(3):
+        expected = np.asarray(ternary_matmul_xla(x, stack[layer]))
+        for name, got in _each_isa(lambda: fn(x, stack, jnp.int32(layer))).items():
+            np.testing.assert_array_equal(got, expected, err_msg=f"isa={name} layer={layer}")
+        np.testing.assert_array_equal(np.asarray(disp(x, stack, jnp.int32(layer))), expected)
+    # Inside a scan over layer indices, as model.apply runs it.
+    def body(c, l):
+        return c, cpu_ffi.ternary_matmul_kernel(x, stack, l)
+    _, ys = jax.jit(lambda: jax.lax.scan(body, 0, jnp.arange(3, dtype=jnp.int32)))()
+    for layer in range(3):
+        np.testing.assert_array_equal(np.asarray(ys[layer]),
+                                      np.asarray(ternary_matmul_xla(x, stack[layer])))
+
+
+@needs_ffi
+@pytest.mark.parametrize("m,i,v", [(1, 32, 5), (1, 1536, 1000), (2, 100, 37), (3, 1000, 64),
+                                   (5, 64, 3), (8, 77, 129), (17, 320, 50)])
+def test_int8_head_kernel_matches_xla_exactly(m, i, v):
+    rng = np.random.default_rng(m * 100 + i + v)
+    x = rng.integers(-128, 128, (m, i), dtype=np.int8)
+    w = rng.integers(-127, 128, (v, i), dtype=np.int8)  # row_int8 range: no -128
+    if m >= 2:
+        x[0], x[1] = -128, 127  # extremes against w = +-127 below
+    w[0], w[-1] = 127, -127
+    expected = x.astype(np.int64) @ w.T.astype(np.int64)
+    np.testing.assert_array_equal(np.asarray(int8_matmul_xla(jnp.asarray(x), jnp.asarray(w))),
+                                  expected)
+    fn = jax.jit(cpu_ffi.int8_matmul_ffi)
+    for name, got in _each_isa(lambda: fn(jnp.asarray(x), jnp.asarray(w))).items():
+        assert got.dtype == np.int32 and got.shape == (m, v), name
         np.testing.assert_array_equal(got, expected, err_msg=f"isa={name}")
+
+
+@needs_ffi
+def test_int8_head_kernel_vmap_and_threads():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.integers(-128, 128, (3, 2, 1536), dtype=np.int8))
+    w = jnp.asarray(rng.integers(-127, 128, (4000, 1536), dtype=np.int8))  # split across threads
+    expected = np.asarray(jax.vmap(int8_matmul_xla, (0, None))(x, w))
+    got = jax.jit(jax.vmap(cpu_ffi.int8_matmul_ffi, (0, None)))(x, w)
+    np.testing.assert_array_equal(np.asarray(got), expected)
+    with pytest.raises(cpu_ffi.KernelError, match="same I"):
+        cpu_ffi.int8_matmul_ffi(x[0], w[:, :8])
 
 
 @needs_ffi
@@ -154,7 +203,7 @@ def test_ffi_vmap_folds_batch_into_rows():
 def test_ffi_vmap_over_weights():
     rng = np.random.default_rng(9)
     x, _ = _operands(6, 3, 64, 8)
-    pb = jnp.asarray(rng.integers(0, 256, (4, 2, 64), dtype=np.uint8))
+    pb = jnp.asarray(_random_packed(rng, (4, 2, 64)))
     expected = np.asarray(jax.vmap(ternary_matmul_xla, (None, 0))(x, pb))
     got = jax.vmap(cpu_ffi.ternary_matmul_kernel, (None, 0))(x, pb)
     np.testing.assert_array_equal(np.asarray(got), expected)

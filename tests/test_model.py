@@ -283,3 +283,44 @@ def test_bf16_policy_runs_and_returns_f32_logits(tiny_cfg, tiny_packed_params):
     # bf16 keeps ~3 significant digits: close in value, mostly the same argmax.
     assert np.abs(np.asarray(logits) - ref).max() < 0.25 * np.abs(ref).max()
     assert (np.asarray(logits).argmax(-1) == ref.argmax(-1)).mean() >= 0.8
+
+
+# ---- CPU kernels == the XLA path ------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def jit_logits_policy(params, tokens, cfg, policy, cache=None, index=0, starts=None):
+    h, cache = apply(params, tokens, cfg, policy, cache=cache, index=index, starts=starts)
+    return unembed(params, h, cfg, policy), cache
+
+
+def test_cpu_kernels_give_the_xla_logits(tiny_cfg, tiny_packed_params):
+    # kernel="ffi" runs the packed ternary kernel on the stacked weights, the int8 head kernel
+    # and the cached-attention kernel; kernel="xla" runs none of them. Without a cache only the
+    # exact integer kernels differ, so the logits are bit-identical. With a cache the attention
+    # kernel sums in another order (float noise, MODEL_TOL; these inputs have no int8 tie).
+    from bitnet_jax.kernels import cpu_ffi
+    from bitnet_jax.params import quantize_lm_head
+
+    if jax.default_backend() != "cpu" or not cpu_ffi.available():
+        pytest.skip(f"CPU FFI extension not available: {cpu_ffi.unavailable_reason()}")
+    cfg = tiny_cfg
+    ffi, xla = Policy(kernel="ffi"), Policy(kernel="xla")
+    tokens = _tokens(cfg.vocab_size, seed=5)
+    for params in (tiny_packed_params, quantize_lm_head(tiny_packed_params, cfg)):
+        np.testing.assert_array_equal(np.asarray(jit_logits_policy(params, tokens, cfg, ffi)[0]),
+                                      np.asarray(jit_logits_policy(params, tokens, cfg, xla)[0]))
+        outs = {}
+        for name, policy in (("ffi", ffi), ("xla", xla)):
+            cache = init_cache(cfg, B, S)
+            starts = jnp.asarray([0, 2, 1], jnp.int32)  # left padding
+            logits, cache = jit_logits_policy(params, tokens[:, :4], cfg, policy, cache,
+                                              jnp.int32(0), starts)
+            steps = [logits[:, -1]]
+            for i in range(4, T):
+                logits, cache = jit_logits_policy(params, tokens[:, i:i + 1], cfg, policy,
+                                                  cache, jnp.int32(i), starts)
+                steps.append(logits[:, -1])
+            outs[name] = np.stack(steps, axis=1)
+        np.testing.assert_array_equal(outs["ffi"].argmax(-1), outs["xla"].argmax(-1))
+        np.testing.assert_allclose(outs["ffi"], outs["xla"], rtol=0, atol=MODEL_TOL)

@@ -1,9 +1,18 @@
-"""The packed 2-bit CPU kernel (ternary_cpu.cc) behind `jax.ffi`.
+"""The packed 2-bit CPU kernel (ternary_cpu.cc) behind `jax.ffi`, and the int8 LM-head kernel.
 
 `ternary_matmul_ffi(x_q [M, I] int8, packed [O/4, I] uint8) -> [M, O] int32` is exact and agrees
 bit for bit with `ternary_matmul_xla`. The C++ reads the packed bytes directly (2 bits per
 weight), so a decode step streams 4x fewer weight bytes than the XLA int8 path and skips its
-in-graph unpack (jax-notes §2.2, §2.3).
+in-graph unpack (jax-notes §2.2, §2.3). With `layer`, `packed` is the stacked [L, O/4, I] array
+of all layers and the kernel reads matrix `layer` in place: inside `lax.scan` XLA would
+otherwise copy each layer's slice before the custom call (7 MB per layer of the large model).
+
+`int8_matmul_ffi(x_q [M, I] int8, w [V, I] int8) -> [M, V] int32` is the int8 LM head
+(params.quantize_lm_head), exact and equal to XLA's int8 dot.
+
+`attention_ffi(q, k, v, layer, index, starts)` attends over the visible slots of one layer of the
+stacked float32 KV cache in place (attention_cpu.h); it equals attention.attend up to float
+rounding.
 
 The shared object `_ternary_cpu*.so` is built by setup.py at `pip install` time. Nothing is
 loaded when bitnet_jax is imported: the first `available()` call loads it with ctypes and
@@ -35,10 +44,12 @@ import jax.numpy as jnp
 import jaxlib
 
 from bitnet_jax.errors import KernelError
-from bitnet_jax.kernels.xla import ternary_matmul_xla
+from bitnet_jax.kernels.xla import int8_matmul_xla, ternary_matmul_xla
 
 TARGET = "bitnet_ternary_matmul"
-ABI_VERSION = 1
+INT8_TARGET = "bitnet_int8_matmul"
+ATTENTION_TARGET = "bitnet_attention"
+ABI_VERSION = 2
 ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")  # ternary_cpu.h `Isa`, best last
 DISABLE_ENV = "BITNET_JAX_DISABLE_FFI"
 
@@ -101,6 +112,12 @@ def _load_library() -> ctypes.CDLL:
     if not _state["registered"]:
         jax.ffi.register_ffi_target(
             TARGET, jax.ffi.pycapsule(lib.BitnetTernaryMatmul), platform="cpu"
+        )
+        jax.ffi.register_ffi_target(
+            INT8_TARGET, jax.ffi.pycapsule(lib.BitnetInt8Matmul), platform="cpu"
+        )
+        jax.ffi.register_ffi_target(
+            ATTENTION_TARGET, jax.ffi.pycapsule(lib.BitnetAttention), platform="cpu"
         )
         _state["registered"] = True
     return lib
@@ -178,10 +195,12 @@ def _require_lib():
 # The kernel as a JAX function
 
 
-def _check(x_q: jax.Array, packed: jax.Array) -> None:
-    if x_q.ndim != 2 or packed.ndim != 2 or x_q.shape[1] != packed.shape[1]:
+def _check(x_q: jax.Array, packed: jax.Array, layer) -> None:
+    wrank = 3 if layer is not None else 2
+    if x_q.ndim != 2 or packed.ndim != wrank or x_q.shape[1] != packed.shape[-1]:
+        want = "[L, O/4, I] with a layer index" if layer is not None else "[O/4, I]"
         raise KernelError(
-            f"ternary_matmul needs x_q [M, I] and packed [O/4, I] with the same I; got "
+            f"ternary_matmul needs x_q [M, I] and packed {want} with the same I; got "
             f"{x_q.shape} and {packed.shape}."
         )
     if x_q.dtype != jnp.int8 or packed.dtype != jnp.uint8:
@@ -189,6 +208,10 @@ def _check(x_q: jax.Array, packed: jax.Array) -> None:
             f"ternary_matmul needs int8 activations and uint8 packed weights; got {x_q.dtype} "
             f"and {packed.dtype} (quantize with bitlinear.quantize_activations / pack_weights)."
         )
+    _check_backend()
+
+
+def _check_backend() -> None:
     if jax.default_backend() != "cpu":
         raise KernelError(
             f"kernel='ffi' runs on CPU only, but JAX's default backend is "
@@ -196,50 +219,57 @@ def _check(x_q: jax.Array, packed: jax.Array) -> None:
         )
 
 
-def _ffi_matmul(x_q: jax.Array, packed: jax.Array) -> jax.Array:
-    """One custom call [M, I] x [O/4, I] -> [M, O] int32 (no fallback, no batching rule)."""
-    m, r = x_q.shape[0], packed.shape[0]
+def _layer_operand(layer) -> jax.Array:
+    return jnp.zeros((), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32)
+
+
+def _ffi_matmul(x_q: jax.Array, packed: jax.Array, layer: jax.Array) -> jax.Array:
+    """One custom call [M, I] x [(L,) O/4, I] -> [M, O] int32 (no fallback, no batching rule)."""
+    m, r = x_q.shape[0], packed.shape[-2]
     if m == 0 or r == 0:
         return jnp.zeros((m, 4 * r), jnp.int32)
     out = jax.ShapeDtypeStruct((m, 4 * r), jnp.int32)
-    return jax.ffi.ffi_call(TARGET, out)(x_q, packed)
+    return jax.ffi.ffi_call(TARGET, out)(x_q, packed, layer)
 
 
 @jax.custom_batching.custom_vmap
-def _batchable(x_q: jax.Array, packed: jax.Array) -> jax.Array:
-    return _ffi_matmul(x_q, packed)
+def _batchable(x_q: jax.Array, packed: jax.Array, layer: jax.Array) -> jax.Array:
+    return _ffi_matmul(x_q, packed, layer)
 
 
 @_batchable.def_vmap
-def _batchable_vmap(axis_size, in_batched, x_q, packed):
+def _batchable_vmap(axis_size, in_batched, x_q, packed, layer):
     # custom_vmap hands batched operands with the batch axis first.
-    x_batched, w_batched = in_batched
-    if w_batched:
-        # Per-example weights (rare: vmap over stacked layers) cannot share a call; loop.
-        if not x_batched:
-            x_q = jnp.broadcast_to(x_q, (axis_size, *x_q.shape))
-        return jax.lax.map(lambda xw: _batchable(*xw), (x_q, packed)), True
+    x_batched, w_batched, l_batched = in_batched
+    if w_batched or l_batched:
+        # Per-example weights (rare: vmap over layers) cannot share a call; loop.
+        x_q, packed, layer = (
+            a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+            for a, batched in zip((x_q, packed, layer), in_batched)
+        )
+        return jax.lax.map(lambda args: _batchable(*args), (x_q, packed, layer)), True
     b, m, i = x_q.shape
-    out = _batchable(x_q.reshape(b * m, i), packed)
+    out = _batchable(x_q.reshape(b * m, i), packed, layer)
     return out.reshape(b, m, out.shape[-1]), True
 
 
-def ternary_matmul_kernel(x_q: jax.Array, packed: jax.Array) -> jax.Array:
+def ternary_matmul_kernel(x_q: jax.Array, packed: jax.Array, layer=None) -> jax.Array:
     """The FFI kernel itself, whatever M is (raises KernelError if it is not available).
 
     Args:
       x_q: [M, I] int8 activations.
-      packed: [O/4, I] uint8 codes in the bitlinear.py layout.
+      packed: [O/4, I] uint8 codes in the bitlinear.py layout, or [L, O/4, I] with `layer`.
+      layer: int32 scalar, which of the L stacked matrices to use (None: packed is 2-D).
 
     Returns:
       [M, O] int32 = x_q · tᵀ.
     """
-    _check(x_q, packed)
+    _check(x_q, packed, layer)
     _require_lib()
-    return _batchable(x_q, packed)
+    return _batchable(x_q, packed, _layer_operand(layer))
 
 
-def ternary_matmul_ffi(x_q: jax.Array, packed: jax.Array) -> jax.Array:
+def ternary_matmul_ffi(x_q: jax.Array, packed: jax.Array, layer=None) -> jax.Array:
     """Exact int32 product of int8 activations and packed ternary weights on CPU.
 
     Uses the FFI kernel when it is available, else the XLA path (identical results). The kernel
@@ -249,12 +279,95 @@ def ternary_matmul_ffi(x_q: jax.Array, packed: jax.Array) -> jax.Array:
 
     Args:
       x_q: [M, I] int8 activations.
-      packed: [O/4, I] uint8 codes in the bitlinear.py layout.
+      packed: [O/4, I] uint8 codes in the bitlinear.py layout, or [L, O/4, I] with `layer`.
+      layer: int32 scalar, which of the L stacked matrices to use (None: packed is 2-D).
 
     Returns:
       [M, O] int32 = x_q · tᵀ.
     """
-    _check(x_q, packed)
+    _check(x_q, packed, layer)
     if not available():
+        if layer is not None:
+            packed = jax.lax.dynamic_index_in_dim(packed, layer, 0, keepdims=False)
         return ternary_matmul_xla(x_q, packed)
-    return _batchable(x_q, packed)
+    return _batchable(x_q, packed, _layer_operand(layer))
+
+
+# ------------------------------------------------------------------------------------------------
+# The int8 LM head
+
+
+def _ffi_int8(x_q: jax.Array, w: jax.Array) -> jax.Array:
+    m, v = x_q.shape[0], w.shape[0]
+    if m == 0 or v == 0:
+        return jnp.zeros((m, v), jnp.int32)
+    return jax.ffi.ffi_call(INT8_TARGET, jax.ShapeDtypeStruct((m, v), jnp.int32))(x_q, w)
+
+
+@jax.custom_batching.custom_vmap
+def _int8_batchable(x_q: jax.Array, w: jax.Array) -> jax.Array:
+    return _ffi_int8(x_q, w)
+
+
+@_int8_batchable.def_vmap
+def _int8_batchable_vmap(axis_size, in_batched, x_q, w):
+    x_batched, w_batched = in_batched
+    if w_batched:
+        if not x_batched:
+            x_q = jnp.broadcast_to(x_q, (axis_size, *x_q.shape))
+        return jax.lax.map(lambda xw: _int8_batchable(*xw), (x_q, w)), True
+    b, m, i = x_q.shape
+    return _int8_batchable(x_q.reshape(b * m, i), w).reshape(b, m, -1), True
+
+
+def int8_matmul_ffi(x_q: jax.Array, w: jax.Array) -> jax.Array:
+    """Exact int32 product of int8 activations and an int8 [V, I] matrix (the LM head) on CPU.
+
+    Uses the FFI kernel when it is available, else XLA's int8 dot (identical results).
+
+    Args:
+      x_q: [M, I] int8 activations.
+      w: [V, I] int8 weights in [-127, 127] (params.quantize_lm_head; -128 is not allowed).
+
+    Returns:
+      [M, V] int32 = x_q · wᵀ.
+    """
+    if x_q.ndim != 2 or w.ndim != 2 or x_q.shape[1] != w.shape[1]:
+        raise KernelError(f"int8_matmul needs x_q [M, I] and w [V, I] with the same I; got "
+                          f"{x_q.shape} and {w.shape}.")
+    if x_q.dtype != jnp.int8 or w.dtype != jnp.int8:
+        raise KernelError(f"int8_matmul needs int8 operands; got {x_q.dtype} and {w.dtype}.")
+    _check_backend()
+    if not available():
+        return int8_matmul_xla(x_q, w)
+    return _int8_batchable(x_q, w)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention over the stacked KV cache
+
+
+def attention_usable(q: jax.Array, cache_k: jax.Array) -> bool:
+    """True if attention_ffi handles these operands here (float32, CPU, extension loaded)."""
+    return (q.dtype == jnp.float32 and cache_k.dtype == jnp.float32
+            and jax.default_backend() == "cpu" and available())
+
+
+def attention_ffi(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer, index,
+                  starts: jax.Array) -> jax.Array:
+    """softmax(q·kᵀ/√H)·v over layer `layer` of the cache, visible slots only.
+
+    Args:
+      q: [B, T, N, H] float32 queries (RoPE applied), for slots index..index+T-1.
+      cache_k, cache_v: [L, B, K, S, H] float32, this call's keys/values already written.
+      layer, index: int32 scalars.
+      starts: [B] int32, first visible slot per row.
+
+    Returns:
+      [B, T, N, H] float32.
+    """
+    _require_lib()
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    call = jax.ffi.ffi_call(ATTENTION_TARGET, out, vmap_method="sequential")
+    return call(q, cache_k, cache_v, jnp.asarray(layer, jnp.int32),
+                jnp.asarray(index, jnp.int32), jnp.asarray(starts, jnp.int32))

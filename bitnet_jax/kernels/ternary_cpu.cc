@@ -15,10 +15,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "attention_cpu.h"
 #include "ternary_cpu.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -30,6 +32,7 @@
 
 namespace ffi = xla::ffi;
 namespace bt = bitnet_ternary;
+namespace ba = bitnet_attention;
 
 namespace {
 
@@ -54,31 +57,31 @@ std::atomic<int> g_isa{InitialIsa()};
 // scheduling costs a few microseconds, more than such a call takes.
 constexpr int64_t kMinParallelWork = int64_t{1} << 18;
 
-// Rows per work item: about 16 KiB of packed weights, enough items for load balance.
+// Rows per work item: about 16 KiB of weights, enough items for load balance.
 int64_t ChunkRows(int64_t i, int64_t r) {
   int64_t rows = std::max<int64_t>(4, (int64_t{16} << 10) / std::max<int64_t>(i, 1));
   return std::min(rows, std::max<int64_t>(r, 1));
 }
 
-struct Shared {
-  bt::Problem problem;
-  int isa;
-  int64_t chunk_rows;
-  int64_t num_chunks;
+// One call's work split into chunks of weight rows; `rows(r0, r1)` computes rows [r0, r1).
+// Owns whatever the rows read besides the XLA buffers (activation sums, |x|).
+struct Job {
+  std::function<void(int64_t, int64_t)> rows;
   std::vector<int32_t> xsum;
+  std::vector<uint8_t> xabs;
+  int64_t r = 0, chunk_rows = 1, num_chunks = 0;
   std::atomic<int64_t> next{0};
   ffi::CountDownPromise done;
 };
 
-void Worker(const std::shared_ptr<Shared>& s) {
+void Worker(const std::shared_ptr<Job>& job) {
   for (;;) {
-    const int64_t c = s->next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= s->num_chunks) break;
-    const int64_t r0 = c * s->chunk_rows;
-    const int64_t r1 = std::min(s->problem.r, r0 + s->chunk_rows);
-    bt::RunRows(s->isa, s->problem, r0, r1);
+    const int64_t c = job->next.fetch_add(1, std::memory_order_relaxed);
+    if (c >= job->num_chunks) break;
+    const int64_t r0 = c * job->chunk_rows;
+    job->rows(r0, std::min(job->r, r0 + job->chunk_rows));
   }
-  s->done.CountDown();
+  job->done.CountDown();
 }
 
 ffi::Future ReadyFuture(ffi::Error error = ffi::Error::Success()) {
@@ -92,49 +95,145 @@ ffi::Future ReadyFuture(ffi::Error error = ffi::Error::Success()) {
   return future;
 }
 
+// Run job->rows over [0, r) in chunks of chunk_rows on the calling thread and, when `work`
+// (about the bytes touched) is big enough, on XLA's pool. Workers pull chunks from an atomic
+// counter; the calling thread works too instead of waiting.
+ffi::Future Run(ffi::ThreadPool& pool, std::shared_ptr<Job> job, int64_t r, int64_t chunk_rows,
+                int64_t work) {
+  job->r = r;
+  job->chunk_rows = chunk_rows;
+  job->num_chunks = (r + job->chunk_rows - 1) / job->chunk_rows;
+  int64_t workers = 1;
+  if (work >= kMinParallelWork) {
+    workers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), job->num_chunks);
+  }
+  if (workers <= 1) {
+    job->rows(0, r);
+    return ReadyFuture();
+  }
+  job->done = ffi::CountDownPromise(workers);
+  ffi::Future future(job->done);  // before any worker can complete the promise
+  for (int64_t w = 1; w < workers; ++w) {
+    pool.Schedule([job] { Worker(job); });
+  }
+  Worker(job);
+  return future;
+}
+
+std::string Dims(ffi::Span<const int64_t> d) {
+  std::string out = "[";
+  for (size_t k = 0; k < d.size(); ++k) out += (k ? ", " : "") + std::to_string(d[k]);
+  return out + "]";
+}
+
+bool Same(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+}
+
+// x [M, I] int8, packed [O/4, I] or stacked [L, O/4, I] uint8, layer int32 scalar (which of
+// the L matrices; 0 for a single one) -> out [M, O] int32. Reading the stacked weights in place
+// spares the per-layer slice copy that XLA makes for a custom call inside lax.scan.
 ffi::Future TernaryMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
-                          ffi::Buffer<ffi::U8> packed, ffi::ResultBuffer<ffi::S32> out) {
+                          ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::S32> layer,
+                          ffi::ResultBuffer<ffi::S32> out) {
   const auto xd = x.dimensions();
   const auto wd = packed.dimensions();
   const auto od = out->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || od.size() != 2) {
+  const bool stacked = wd.size() == 3;
+  if (xd.size() != 2 || (wd.size() != 2 && !stacked) || od.size() != 2 ||
+      layer.element_count() != 1) {
     return ReadyFuture(ffi::Error::InvalidArgument(
-        "bitnet_ternary_matmul expects x [M, I], packed [O/4, I] and out [M, O] of rank 2"));
+        "bitnet_ternary_matmul expects x [M, I], packed [O/4, I] or [L, O/4, I], a scalar "
+        "layer and out [M, O]"));
   }
-  const int64_t m = xd[0], i = xd[1], r = wd[0];
-  if (wd[1] != i || od[0] != m || od[1] != 4 * r) {
+  const int64_t m = xd[0], i = xd[1];
+  const int64_t l = stacked ? wd[0] : 1, r = wd[wd.size() - 2];
+  if (wd[wd.size() - 1] != i || od[0] != m || od[1] != 4 * r) {
     return ReadyFuture(ffi::Error::InvalidArgument(
-        "bitnet_ternary_matmul shape mismatch: x [" + std::to_string(m) + ", " +
-        std::to_string(i) + "], packed [" + std::to_string(r) + ", " + std::to_string(wd[1]) +
-        "], out [" + std::to_string(od[0]) + ", " + std::to_string(od[1]) + "]"));
+        "bitnet_ternary_matmul shape mismatch: x " + Dims(xd) + ", packed " + Dims(wd) +
+        ", out " + Dims(od)));
+  }
+  const int64_t at = layer.typed_data()[0];
+  if (at < 0 || at >= l) {
+    return ReadyFuture(ffi::Error::InvalidArgument(
+        "bitnet_ternary_matmul layer " + std::to_string(at) + " is outside [0, " +
+        std::to_string(l) + ")"));
   }
   if (m == 0 || r == 0) return ReadyFuture();
 
-  auto s = std::make_shared<Shared>();
-  s->isa = g_isa.load(std::memory_order_relaxed);
-  s->xsum.resize(m);
-  bt::RowSums(x.typed_data(), m, i, s->xsum.data());
-  s->problem = bt::Problem{x.typed_data(), packed.typed_data(), out->typed_data(),
-                           s->xsum.data(), m, i, r};
-  s->chunk_rows = ChunkRows(i, r);
-  s->num_chunks = (r + s->chunk_rows - 1) / s->chunk_rows;
+  auto job = std::make_shared<Job>();
+  job->xsum.resize(m);
+  bt::RowSums(x.typed_data(), m, i, job->xsum.data());
+  const bt::Problem problem{x.typed_data(), packed.typed_data() + at * r * i,
+                            out->typed_data(), job->xsum.data(), m, i, r};
+  const int isa = g_isa.load(std::memory_order_relaxed);
+  job->rows = [problem, isa](int64_t r0, int64_t r1) { bt::RunRows(isa, problem, r0, r1); };
+  return Run(pool, job, r, ChunkRows(i, r), m * r * i);
+}
 
-  int64_t workers = 1;
-  if (m * r * i >= kMinParallelWork) {
-    workers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), s->num_chunks);
+// x [M, I] int8, w [V, I] int8 (no -128) -> out [M, V] int32: the int8 LM head.
+ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
+                       ffi::ResultBuffer<ffi::S32> out) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  const auto od = out->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || od.size() != 2 || wd[1] != xd[1] ||
+      od[0] != xd[0] || od[1] != wd[0]) {
+    return ReadyFuture(ffi::Error::InvalidArgument(
+        "bitnet_int8_matmul expects x [M, I], w [V, I] and out [M, V]; got x " + Dims(xd) +
+        ", w " + Dims(wd) + ", out " + Dims(od)));
   }
-  if (workers <= 1) {
-    bt::RunRows(s->isa, s->problem, 0, r);
-    return ReadyFuture();
-  }
+  const int64_t m = xd[0], i = xd[1], v = wd[0];
+  if (m == 0 || v == 0) return ReadyFuture();
+  auto job = std::make_shared<Job>();
+  job->xabs.resize(m * i);
+  bt::AbsBytes(x.typed_data(), m * i, job->xabs.data());
+  const bt::Int8Problem problem{x.typed_data(), job->xabs.data(), w.typed_data(),
+                                out->typed_data(), m, i, v};
+  const int isa = g_isa.load(std::memory_order_relaxed);
+  job->rows = [problem, isa](int64_t r0, int64_t r1) { bt::RunInt8Rows(isa, problem, r0, r1); };
+  return Run(pool, job, v, ChunkRows(i, v), m * v * i);
+}
 
-  s->done = ffi::CountDownPromise(workers);
-  ffi::Future future(s->done);  // before any worker can complete the promise
-  for (int64_t w = 1; w < workers; ++w) {
-    pool.Schedule([s] { Worker(s); });
+// q [B, T, N, H], k/v caches [L, B, K, S, H] (float32), layer and index int32 scalars, starts
+// [B] int32 -> out [B, T, N, H]: attention over the visible slots of layer `layer`
+// (attention_cpu.h). One work unit per (row, kv head, query).
+ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                      ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer,
+                      ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::S32> starts,
+                      ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions();
+  const auto kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 5 || !Same(v.dimensions(), kd) ||
+      !Same(out->dimensions(), qd) || layer.element_count() != 1 || index.element_count() != 1 ||
+      static_cast<int64_t>(starts.element_count()) != qd[0] || kd[1] != qd[0] ||
+      kd[4] != qd[3] || kd[2] == 0 || qd[2] % kd[2] != 0) {
+    return ReadyFuture(ffi::Error::InvalidArgument(
+        "bitnet_attention expects q [B, T, N, H], caches [L, B, K, S, H] with N % K == 0, "
+        "scalar layer and index, starts [B]; got q " + Dims(qd) + ", k " + Dims(kd)));
   }
-  Worker(s);  // the calling thread works too instead of waiting
-  return future;
+  const int64_t l = kd[0], b = qd[0], t = qd[1], n = qd[2], kh = kd[2], s = kd[3], h = qd[3];
+  const int64_t at = layer.typed_data()[0], idx = index.typed_data()[0];
+  if (at < 0 || at >= l || idx < 0 || idx + t > s) {
+    return ReadyFuture(ffi::Error::InvalidArgument(
+        "bitnet_attention layer " + std::to_string(at) + " / slots " + std::to_string(idx) +
+        ".." + std::to_string(idx + t) + " outside the cache " + Dims(kd)));
+  }
+  if (b == 0 || t == 0 || n == 0 || h == 0) return ReadyFuture();
+  const int64_t per_layer = b * kh * s * h;
+  const ba::Problem problem{q.typed_data(), k.typed_data() + at * per_layer,
+                            v.typed_data() + at * per_layer, starts.typed_data(),
+                            out->typed_data(), b, t, n, kh, s, h, idx,
+                            g_isa.load(std::memory_order_relaxed) != bt::kScalar &&
+                                ba::HasAvx2Fma()};
+  auto job = std::make_shared<Job>();
+  job->rows = [problem](int64_t u0, int64_t u1) {
+    thread_local std::vector<float> scores;
+    for (int64_t u = u0; u < u1; ++u) ba::RunUnit(problem, u, scores);
+  };
+  const int64_t units = b * kh * t;
+  // Work ~ bytes of cache read: (idx + t) visible slots of k and v per unit.
+  return Run(pool, job, units, 1, units * (idx + t) * h * 8);
 }
 
 }  // namespace
@@ -143,18 +242,41 @@ ffi::Future TernaryMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
 // template symbols private to this object).
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetTernaryMatmul(
     XLA_FFI_CallFrame* call_frame);
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetInt8Matmul(
+    XLA_FFI_CallFrame* call_frame);
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetAttention(
+    XLA_FFI_CallFrame* call_frame);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetTernaryMatmul, TernaryMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetAttention, Attention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetInt8Matmul, Int8Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
 // Plain C entry points for ctypes (cpu_ffi.py): kernel path introspection and selection.
 extern "C" {
 
-__attribute__((visibility("default"))) int bitnet_ternary_abi_version() { return 1; }
+__attribute__((visibility("default"))) int bitnet_ternary_abi_version() { return 2; }
 
 __attribute__((visibility("default"))) const char* bitnet_ternary_built_jaxlib() {
   return BITNET_JAXLIB_VERSION;

@@ -4,14 +4,19 @@
 //   x:      int8  [M, I]      row-major, per-token absmax activations (bitlinear.py)
 //   packed: uint8 [R, I]      R = O/4; bits 2j..2j+1 of packed[r, k] hold the code t+1 of
 //                             weight row r + j*R at column k (Hugging Face pack_weights layout,
-//                             bitnet-spec §1.3). Code 3 never occurs in valid data; it counts as 0.
+//                             bitnet-spec §1.3). Codes are 0, 1, 2 only: code 3 is invalid
+//                             (every loader refuses it), and these kernels read it as t = +2.
 //   out:    int32 [M, 4R]
 //
 // Because the packing runs along the OUTPUT axis, one packed byte gives four output rows at the
 // same input column, so every plane j = 0..3 of a 32/64-byte packed chunk multiplies the SAME
-// activation bytes. The SIMD paths extract the planes with shift+mask, feed u8 codes x s8
-// activations to maddubs (AVX2) or vpdpbusd (VNNI), and subtract sum(x) per token at the end
-// (codes are t+1). Code 3 is first rewritten to 1 (b & ~((b & 0x55) << 1)) so it contributes 0.
+// activation bytes. The SIMD paths extract the planes with ONE shift and four masks (planes 1
+// and 3 stay in place, i.e. scaled by 4, and are shifted back after the reduction), feed u8
+// codes x s8 activations to maddubs (AVX2) or vpdpbusd (VNNI), and subtract sum(x) per token at
+// the end (codes are t+1).
+//
+// The second kernel here is the int8 x int8 row-scaled LM head, out[m, v] = sum_k x[m,k] w[v,k]
+// (Int8Problem below), with the same threading, paths and dispatch.
 //
 // The header has no FFI dependency so the kernels can be compiled on their own (ternary_cpu.cc
 // adds the XLA FFI handler). Every SIMD function carries a target attribute: the shared object is
@@ -93,7 +98,7 @@ struct Problem {
 
 // Plain dot of packed codes and activations over columns [k0, k1): s[j] += sum code_j * x.
 // Used for the portable path and for the column tails of the SIMD paths. Partial sums stay in
-// int16 for 64 columns (|sum| <= 64 * 2 * 128 = 16384), which lets compilers auto-vectorise
+// int16 for 64 columns (|sum| <= 64 * 3 * 128 = 24576), which lets compilers auto-vectorise
 // with twice the lanes of int32 (3.5x faster than int32 sums on x86-64 baseline SSE2).
 inline void CodeDotTail(const uint8_t* w, const int8_t* x, int64_t k0, int64_t k1,
                         int32_t s[4]) {
@@ -102,14 +107,13 @@ inline void CodeDotTail(const uint8_t* w, const int8_t* x, int64_t k0, int64_t k
     const int64_t ke = std::min(k1, kb + kBlock);
     int16_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     for (int64_t k = kb; k < ke; ++k) {
-      // Code 3 -> 1 in all four fields. Kept byte-wide: 32-bit intermediates here halve the
-      // vectorised throughput.
-      const uint8_t b = static_cast<uint8_t>(w[k] & ~((w[k] & 0x55) << 1));
+      // Kept byte-wide: 32-bit intermediates here halve the vectorised throughput.
+      const uint8_t b = w[k];
       const int16_t xv = x[k];
       s0 += static_cast<int16_t>((b & 3) * xv);
       s1 += static_cast<int16_t>(((b >> 2) & 3) * xv);
       s2 += static_cast<int16_t>(((b >> 4) & 3) * xv);
-      s3 += static_cast<int16_t>((b >> 6) * xv);  // <= 2 after the code-3 rewrite
+      s3 += static_cast<int16_t>((b >> 6) * xv);
     }
     s[0] += s0;
     s[1] += s1;
@@ -135,8 +139,8 @@ inline int64_t TileRows(int64_t i) {
 }
 
 // Tokens [m0, m1) over rows [t0, t1) in blocks of MB tokens; the remainder recurses to MB-1.
-template <int MB, template <int> class RowFn>
-inline void RunTokens(const Problem& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
+template <int MB, template <int> class RowFn, class P>
+inline void RunTokens(const P& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
   for (; m0 + MB <= m1; m0 += MB) {
     for (int64_t row = t0; row < t1; ++row) RowFn<MB>::Run(p, m0, row);
   }
@@ -147,8 +151,8 @@ inline void RunTokens(const Problem& p, int64_t m0, int64_t m1, int64_t t0, int6
 
 // Loop skeleton shared by all paths: tiles of rows, blocks of MB tokens inside a tile, rows
 // inside a block. RowFn<B>::Run computes one packed row for B consecutive tokens.
-template <int MB, template <int> class RowFn>
-inline void RunTiled(const Problem& p, int64_t r0, int64_t r1) {
+template <int MB, template <int> class RowFn, class P>
+inline void RunTiled(const P& p, int64_t r0, int64_t r1) {
   const int64_t tile = p.m <= MB ? r1 - r0 : TileRows(p.i);
   for (int64_t t0 = r0; t0 < r1; t0 += tile) {
     RunTokens<MB, RowFn>(p, 0, p.m, t0, std::min(r1, t0 + tile));
@@ -200,26 +204,33 @@ BITNET_AVX2 inline __m128i Sum4x8(__m256i a0, __m256i a1, __m256i a2, __m256i a3
   return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
-// The four 2-bit planes of 32 packed bytes as u8 codes in {0,1,2}.
+// The four 2-bit planes of 32 packed bytes as u8 codes: planes 0 and 2 in {0, 1, 2}, planes 1
+// and 3 left in bits 2-3, i.e. in {0, 4, 8} (one shift instead of three; undone by FixScaled).
 BITNET_AVX2 inline void Planes32(const uint8_t* w, __m256i pl[4]) {
-  const __m256i m3 = _mm256_set1_epi8(3);
-  const __m256i m55 = _mm256_set1_epi8(0x55);
-  __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-  __m256i lo = _mm256_and_si256(b, m55);
-  b = _mm256_andnot_si256(_mm256_add_epi8(lo, lo), b);  // code 3 -> 1
-  // 16-bit shifts are fine: the mask drops the bits that cross byte boundaries.
-  pl[0] = _mm256_and_si256(b, m3);
-  pl[1] = _mm256_and_si256(_mm256_srli_epi16(b, 2), m3);
-  pl[2] = _mm256_and_si256(_mm256_srli_epi16(b, 4), m3);
-  pl[3] = _mm256_and_si256(_mm256_srli_epi16(b, 6), m3);
+  const __m256i m03 = _mm256_set1_epi8(0x03);
+  const __m256i m0c = _mm256_set1_epi8(0x0c);
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  // A 16-bit shift is fine: the masks drop the bits that cross byte boundaries.
+  const __m256i h = _mm256_srli_epi16(b, 4);
+  pl[0] = _mm256_and_si256(b, m03);
+  pl[1] = _mm256_and_si256(b, m0c);
+  pl[2] = _mm256_and_si256(h, m03);
+  pl[3] = _mm256_and_si256(h, m0c);
 }
 
-// AVX2: maddubs(u8 code, s8 x) gives pairs in [-512, 508], so int16 lanes can add 63 of them
-// before overflowing; we add 32 (1024 columns) and then widen with madd(., 1) into int32.
+// Planes 1 and 3 were summed at 4x their value; every term is a multiple of 4, so the
+// arithmetic shift is an exact division.
+inline void FixScaled(int32_t s[4]) {
+  s[1] >>= 2;
+  s[3] >>= 2;
+}
+
+// AVX2: maddubs(u8 code, s8 x) gives pairs in [-2048, 2032] for the x4 planes, so int16 lanes
+// can add 16 of them without overflowing; we add 16 (512 columns), then widen with madd(., 1).
 template <int MB>
 struct Avx2Row {
   BITNET_AVX2 static void Run(const Problem& p, int64_t m0, int64_t row) {
-    constexpr int64_t kBlock = 32 * 32;
+    constexpr int64_t kBlock = 16 * 32;
     const uint8_t* w = p.w + row * p.i;
     const int8_t* x = p.x + m0 * p.i;
     const int64_t kv = p.i & ~int64_t{31};
@@ -251,6 +262,7 @@ struct Avx2Row {
       alignas(16) int32_t s[4];
       _mm_store_si128(reinterpret_cast<__m128i*>(s),
                       Sum4x8(acc[mm][0], acc[mm][1], acc[mm][2], acc[mm][3]));
+      FixScaled(s);
       CodeDotTail(w, x + mm * p.i, kv, p.i, s);
       StoreRow(p, m0 + mm, row, s);
     }
@@ -286,6 +298,7 @@ struct AvxVnniRow {
       alignas(16) int32_t s[4];
       _mm_store_si128(reinterpret_cast<__m128i*>(s),
                       Sum4x8(acc[mm][0], acc[mm][1], acc[mm][2], acc[mm][3]));
+      FixScaled(s);
       CodeDotTail(w, x + mm * p.i, kv, p.i, s);
       StoreRow(p, m0 + mm, row, s);
     }
@@ -299,15 +312,14 @@ BITNET_AVXVNNI inline void RunAvxVnni(const Problem& p, int64_t r0, int64_t r1) 
 
 // AVX-512 VNNI (Ice Lake+, Zen 4+): 64-byte chunks; the column tail uses masked loads, whose
 // zero bytes are code 0 (weights) and 0 (activations), so no scalar tail is needed.
-BITNET_AVX512 inline void Planes64(__m512i b, __m512i pl[4]) {
-  const __m512i m3 = _mm512_set1_epi8(3);
-  const __m512i m55 = _mm512_set1_epi8(0x55);
-  const __m512i lo = _mm512_and_si512(b, m55);
-  b = _mm512_andnot_si512(_mm512_add_epi8(lo, lo), b);  // code 3 -> 1
-  pl[0] = _mm512_and_si512(b, m3);
-  pl[1] = _mm512_and_si512(_mm512_srli_epi16(b, 2), m3);
-  pl[2] = _mm512_and_si512(_mm512_srli_epi16(b, 4), m3);
-  pl[3] = _mm512_and_si512(_mm512_srli_epi16(b, 6), m3);
+BITNET_AVX512 inline void Planes64(__m512i b, __m512i pl[4]) {  // as Planes32
+  const __m512i m03 = _mm512_set1_epi8(0x03);
+  const __m512i m0c = _mm512_set1_epi8(0x0c);
+  const __m512i h = _mm512_srli_epi16(b, 4);
+  pl[0] = _mm512_and_si512(b, m03);
+  pl[1] = _mm512_and_si512(b, m0c);
+  pl[2] = _mm512_and_si512(h, m03);
+  pl[3] = _mm512_and_si512(h, m0c);
 }
 
 BITNET_AVX512 inline __m256i Fold512(__m512i a) {
@@ -348,6 +360,7 @@ struct Avx512VnniRow {
       alignas(16) int32_t s[4];
       _mm_store_si128(reinterpret_cast<__m128i*>(s),
                       _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+      FixScaled(s);
       StoreRow(p, m0 + mm, row, s);
     }
   }
@@ -387,6 +400,174 @@ inline void RowSums(const int8_t* x, int64_t m, int64_t i, int32_t* xsum) {
     const int8_t* xr = x + mm * i;
     for (int64_t k = 0; k < i; ++k) s += xr[k];
     xsum[mm] = s;
+  }
+}
+
+// =============================================================================================
+// int8 x int8 -> int32 matmul for the row-scaled int8 LM head (params.quantize_lm_head):
+//
+//   out[m, v] = sum_k x[m, k] * w[v, k]       x: int8 [M, I], w: int8 [V, I], out: int32 [M, V]
+//
+// The SIMD paths multiply |x| (u8, precomputed once per call in xabs) by sign(w, x) (s8), so w
+// must not hold -128 (row_int8 quantizes to [-127, 127]); pairs then fit int16 (<= 32512) and
+// are widened to int32 at once. XLA:CPU's int8 dot moved the 49 MB head of the large model at
+// 6-7 GB/s; this streams it at memory speed.
+
+struct Int8Problem {
+  const int8_t* x;     // [M, I]
+  const uint8_t* xabs; // [M, I], |x| (x = -128 gives 128)
+  const int8_t* w;     // [R, I]
+  int32_t* out;        // [M, R]
+  int64_t m, i, r;
+};
+
+inline int32_t Int8DotTail(const int8_t* w, const int8_t* x, int64_t k0, int64_t k1) {
+  int32_t s = 0;
+  for (int64_t k = k0; k < k1; ++k) s += static_cast<int32_t>(w[k]) * x[k];
+  return s;
+}
+
+template <int MB>
+struct ScalarInt8Row {
+  static void Run(const Int8Problem& p, int64_t m0, int64_t row) {
+    const int8_t* w = p.w + row * p.i;
+    for (int64_t mm = 0; mm < MB; ++mm) {
+      p.out[(m0 + mm) * p.r + row] = Int8DotTail(w, p.x + (m0 + mm) * p.i, 0, p.i);
+    }
+  }
+};
+
+#if BITNET_TERNARY_X86
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+BITNET_AVX2 inline int32_t Sum8(__m256i a) {
+  const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+  const __m128i t = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1)));
+}
+
+template <int MB>
+struct Avx2Int8Row {
+  BITNET_AVX2 static void Run(const Int8Problem& p, int64_t m0, int64_t row) {
+    const int8_t* w = p.w + row * p.i;
+    const int64_t kv = p.i & ~int64_t{31};
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[MB];
+    for (int mm = 0; mm < MB; ++mm) acc[mm] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < kv; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetch), _MM_HINT_T0);
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+      for (int mm = 0; mm < MB; ++mm) {
+        const int64_t at = (m0 + mm) * p.i + k;
+        const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xabs + at));
+        const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.x + at));
+        const __m256i pairs = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(wv, xs));
+        acc[mm] = _mm256_add_epi32(acc[mm], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+    for (int mm = 0; mm < MB; ++mm) {
+      p.out[(m0 + mm) * p.r + row] =
+          Sum8(acc[mm]) + Int8DotTail(w, p.x + (m0 + mm) * p.i, kv, p.i);
+    }
+  }
+};
+
+#if BITNET_TERNARY_AVXVNNI
+template <int MB>
+struct AvxVnniInt8Row {
+  BITNET_AVXVNNI static void Run(const Int8Problem& p, int64_t m0, int64_t row) {
+    const int8_t* w = p.w + row * p.i;
+    const int64_t kv = p.i & ~int64_t{31};
+    __m256i acc[MB];
+    for (int mm = 0; mm < MB; ++mm) acc[mm] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < kv; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetch), _MM_HINT_T0);
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+      for (int mm = 0; mm < MB; ++mm) {
+        const int64_t at = (m0 + mm) * p.i + k;
+        const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xabs + at));
+        const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.x + at));
+        acc[mm] = _mm256_dpbusd_avx_epi32(acc[mm], xa, _mm256_sign_epi8(wv, xs));
+      }
+    }
+    for (int mm = 0; mm < MB; ++mm) {
+      p.out[(m0 + mm) * p.r + row] =
+          Sum8(acc[mm]) + Int8DotTail(w, p.x + (m0 + mm) * p.i, kv, p.i);
+    }
+  }
+};
+#endif  // BITNET_TERNARY_AVXVNNI
+
+// AVX-512 has no 512-bit sign_epi8: negate w where x < 0 with a masked subtract instead.
+template <int MB>
+struct Avx512VnniInt8Row {
+  BITNET_AVX512 static void Run(const Int8Problem& p, int64_t m0, int64_t row) {
+    const int8_t* w = p.w + row * p.i;
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i acc[MB];
+    for (int mm = 0; mm < MB; ++mm) acc[mm] = zero;
+    for (int64_t k = 0; k < p.i; k += 64) {
+      const __mmask64 mask = p.i - k >= 64 ? ~uint64_t{0} : (~uint64_t{0}) >> (64 - (p.i - k));
+      _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetch), _MM_HINT_T0);
+      const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + k);
+      for (int mm = 0; mm < MB; ++mm) {
+        const int64_t at = (m0 + mm) * p.i + k;
+        const __m512i xa = _mm512_maskz_loadu_epi8(mask, p.xabs + at);
+        const __m512i xs = _mm512_maskz_loadu_epi8(mask, p.x + at);
+        const __m512i ws = _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(xs), zero, wv);
+        acc[mm] = _mm512_dpbusd_epi32(acc[mm], xa, ws);
+      }
+    }
+    for (int mm = 0; mm < MB; ++mm) {
+      p.out[(m0 + mm) * p.r + row] = _mm512_reduce_add_epi32(acc[mm]);
+    }
+  }
+};
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+BITNET_AVX2 inline void RunAvx2Int8(const Int8Problem& p, int64_t r0, int64_t r1) {
+  RunTiled<2, Avx2Int8Row>(p, r0, r1);
+}
+#if BITNET_TERNARY_AVXVNNI
+BITNET_AVXVNNI inline void RunAvxVnniInt8(const Int8Problem& p, int64_t r0, int64_t r1) {
+  RunTiled<2, AvxVnniInt8Row>(p, r0, r1);
+}
+#endif
+BITNET_AVX512 inline void RunAvx512VnniInt8(const Int8Problem& p, int64_t r0, int64_t r1) {
+  RunTiled<4, Avx512VnniInt8Row>(p, r0, r1);
+}
+
+#endif  // BITNET_TERNARY_X86
+
+// Compute weight rows [r0, r1) of the int8 matmul for every token with path `isa`.
+inline void RunInt8Rows(int isa, const Int8Problem& p, int64_t r0, int64_t r1) {
+#if BITNET_TERNARY_X86
+  switch (isa) {
+    case kAvx512Vnni: RunAvx512VnniInt8(p, r0, r1); return;
+#if BITNET_TERNARY_AVXVNNI
+    case kAvxVnni: RunAvxVnniInt8(p, r0, r1); return;
+#endif
+    case kAvx2: RunAvx2Int8(p, r0, r1); return;
+    default: break;
+  }
+#else
+  (void)isa;
+#endif
+  RunTiled<1, ScalarInt8Row>(p, r0, r1);
+}
+
+// |x| as u8 for the SIMD int8 paths (-128 -> 128).
+inline void AbsBytes(const int8_t* x, int64_t n, uint8_t* out) {
+  for (int64_t k = 0; k < n; ++k) {
+    out[k] = static_cast<uint8_t>(x[k] < 0 ? -static_cast<int32_t>(x[k]) : x[k]);
   }
 }
 
