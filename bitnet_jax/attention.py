@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax import kernels
-from bitnet_jax.bitlinear import bitlinear
+from bitnet_jax.bitlinear import bitlinear, bitlinear_many
 from bitnet_jax.config import ModelConfig
 from bitnet_jax.layers import apply_rope, rms_norm
 from bitnet_jax.policy import Policy
@@ -122,9 +122,10 @@ def attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.A
     """
     b, t, _ = x.shape
     n, k_heads, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    q = bitlinear(x, p["q_proj"], policy, cfg.quantized).reshape(b, t, n, h)
-    k = bitlinear(x, p["k_proj"], policy, cfg.quantized).reshape(b, t, k_heads, h)
-    v = bitlinear(x, p["v_proj"], policy, cfg.quantized).reshape(b, t, k_heads, h)
+    q, k, v = bitlinear_many(x, [p["q_proj"], p["k_proj"], p["v_proj"]], policy, cfg.quantized)
+    q = q.reshape(b, t, n, h)
+    k = k.reshape(b, t, k_heads, h)
+    v = v.reshape(b, t, k_heads, h)
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]

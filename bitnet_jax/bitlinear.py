@@ -164,13 +164,7 @@ def bitlinear(x: jax.Array, w, policy: Policy, quantized: bool = True) -> jax.Ar
       [..., O] in the compute dtype.
     """
     if is_packed(w):
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])  # [M, I]
-        x_q, step = quantize_activations(x2)
-        acc = kernels.ternary_matmul(x_q, w["packed"], kernel=policy.kernel,
-                                     layer=w.get("layer"))  # int32 [M, O]
-        y = acc.astype(jnp.float32) * (step * w["scale"].astype(jnp.float32))
-        return y.reshape(*lead, -1).astype(policy.compute)
+        return bitlinear_many(x, [w], policy)[0]
     if not quantized:
         y = jnp.einsum("...i,oi->...o", x.astype(policy.compute), w.astype(policy.compute),
                        preferred_element_type=jnp.float32)
@@ -179,3 +173,30 @@ def bitlinear(x: jax.Array, w, policy: Policy, quantized: bool = True) -> jax.Ar
     wq = fake_quantize_weights(w).astype(policy.compute)
     y = jnp.einsum("...i,oi->...o", xq, wq, preferred_element_type=jnp.float32)
     return y.astype(policy.compute)
+
+
+def bitlinear_many(x: jax.Array, ws: list, policy: Policy, quantized: bool = True) -> list:
+    """`bitlinear` of one input through several projections (q/k/v, gate/up).
+
+    With packed leaves the activations are quantised once and the CPU kernel computes every
+    product in one call (one thread hand-off instead of one per projection).
+
+    Args:
+      x: [..., I] activations in the compute dtype.
+      ws: BitLinear leaves, all with input size I.
+
+    Returns:
+      list of [..., O_j] in the compute dtype.
+    """
+    if not all(is_packed(w) for w in ws):
+        return [bitlinear(x, w, policy, quantized) for w in ws]
+    lead = x.shape[:-1]
+    x_q, step = quantize_activations(x.reshape(-1, x.shape[-1]))  # [M, I] int8, [M, 1]
+    layer = ws[0].get("layer")
+    accs = kernels.ternary_matmul_many(x_q, [w["packed"] for w in ws], kernel=policy.kernel,
+                                       layer=layer)  # int32 [M, O_j]
+    out = []
+    for acc, w in zip(accs, ws):
+        y = acc.astype(jnp.float32) * (step * w["scale"].astype(jnp.float32))
+        out.append(y.reshape(*lead, -1).astype(policy.compute))
+    return out

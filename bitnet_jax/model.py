@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from bitnet_jax import kernels
 from bitnet_jax.attention import attention, attention_mask, cached_attention
-from bitnet_jax.bitlinear import bitlinear, is_packed
+from bitnet_jax.bitlinear import bitlinear, bitlinear_many, is_packed
 from bitnet_jax.config import ModelConfig
 from bitnet_jax.layers import activation, rms_norm, rope_frequencies
 from bitnet_jax.policy import Policy, get_policy
@@ -59,8 +59,7 @@ def feed_forward(p: dict, x: jax.Array, cfg: ModelConfig, policy: Policy) -> jax
     Returns:
       [B, T, D].
     """
-    gate = bitlinear(x, p["gate_proj"], policy, cfg.quantized)  # [B, T, F]
-    up = bitlinear(x, p["up_proj"], policy, cfg.quantized)
+    gate, up = bitlinear_many(x, [p["gate_proj"], p["up_proj"]], policy, cfg.quantized)  # [B, T, F]
     # relu² (2B4T) grows fast: compute the product in float32, never float16.
     hidden = (activation(cfg.hidden_act, gate.astype(jnp.float32)) * up.astype(jnp.float32))
     hidden = hidden.astype(policy.compute)

@@ -133,6 +133,28 @@ def test_ffi_stacked_weights_at_a_layer_index():
 
 
 @needs_ffi
+@pytest.mark.parametrize("stacked", [False, True])
+def test_ffi_several_weights_in_one_call(stacked):
+    # q/k/v and gate/up share their input: one call, outputs of different widths, rows of all
+    # weights split across the thread pool together (2560 x (1024 + 256 + 4) weights).
+    rng = np.random.default_rng(21)
+    shapes = [(256, 2560), (64, 2560), (1, 2560)]
+    ws = [jnp.asarray(_random_packed(rng, ((2,) if stacked else ()) + s)) for s in shapes]
+    layer = jnp.int32(1) if stacked else None
+    for m in (1, 3):
+        x = jnp.asarray(rng.integers(-128, 128, (m, 2560), dtype=np.int8))
+        expected = np.concatenate(
+            [np.asarray(ternary_matmul_xla(x, w[1] if stacked else w)) for w in ws], axis=1)
+        fn = jax.jit(lambda a, l, *w: jnp.concatenate(
+            cpu_ffi.ternary_matmul_many_ffi(a, list(w), l), axis=1))
+        for name, got in _each_isa(lambda: fn(x, layer, *ws)).items():
+            np.testing.assert_array_equal(got, expected, err_msg=f"isa={name}")
+        vm = jax.vmap(lambda a: kernels.ternary_matmul_many(a, ws, "ffi", layer))(x[:, None])
+        np.testing.assert_array_equal(np.concatenate([np.asarray(g)[:, 0] for g in vm], 1),
+                                      expected)
+
+
+@needs_ffi
 @pytest.mark.parametrize("m,i,v", [(1, 32, 5), (1, 1536, 1000), (2, 100, 37), (3, 1000, 64),
                                    (5, 64, 3), (8, 77, 129), (17, 320, 50)])
 def test_int8_head_kernel_matches_xla_exactly(m, i, v):

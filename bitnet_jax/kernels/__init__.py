@@ -45,6 +45,18 @@ def ternary_matmul(x_q: jax.Array, packed: jax.Array, kernel: str = "auto",
     return ternary_matmul_xla(x_q, packed)
 
 
+def ternary_matmul_many(x_q: jax.Array, packed: list, kernel: str = "auto",
+                        layer=None) -> list:
+    """`ternary_matmul` for several weights sharing x_q; the CPU kernel does them in one call."""
+    if kernel == "auto":
+        kernel = _auto_kernel()
+    if kernel == "ffi":
+        from bitnet_jax.kernels import cpu_ffi
+
+        return cpu_ffi.ternary_matmul_many_ffi(x_q, packed, layer)
+    return [ternary_matmul(x_q, w, kernel, layer) for w in packed]
+
+
 def int8_matmul(x_q: jax.Array, w: jax.Array, kernel: str = "auto") -> jax.Array:
     """[M, I] int8 x [V, I] int8 -> [M, V] int32: the CPU kernel for "ffi" (and "auto" on CPU),
     XLA's int8 dot otherwise."""

@@ -223,34 +223,33 @@ def _layer_operand(layer) -> jax.Array:
     return jnp.zeros((), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32)
 
 
-def _ffi_matmul(x_q: jax.Array, packed: jax.Array, layer: jax.Array) -> jax.Array:
-    """One custom call [M, I] x [(L,) O/4, I] -> [M, O] int32 (no fallback, no batching rule)."""
-    m, r = x_q.shape[0], packed.shape[-2]
-    if m == 0 or r == 0:
-        return jnp.zeros((m, 4 * r), jnp.int32)
-    out = jax.ShapeDtypeStruct((m, 4 * r), jnp.int32)
-    return jax.ffi.ffi_call(TARGET, out)(x_q, packed, layer)
+def _ffi_matmul(x_q: jax.Array, layer: jax.Array, *packed: jax.Array) -> tuple:
+    """One custom call: x [M, I] times each [(L,) O_j/4, I] -> tuple of [M, O_j] int32."""
+    m = x_q.shape[0]
+    outs = tuple(jax.ShapeDtypeStruct((m, 4 * w.shape[-2]), jnp.int32) for w in packed)
+    if m == 0 or any(w.shape[-2] == 0 for w in packed):
+        return tuple(jnp.zeros(o.shape, jnp.int32) for o in outs)
+    return tuple(jax.ffi.ffi_call(TARGET, outs)(x_q, layer, *packed))
 
 
 @jax.custom_batching.custom_vmap
-def _batchable(x_q: jax.Array, packed: jax.Array, layer: jax.Array) -> jax.Array:
-    return _ffi_matmul(x_q, packed, layer)
+def _batchable(x_q: jax.Array, layer: jax.Array, *packed: jax.Array) -> tuple:
+    return _ffi_matmul(x_q, layer, *packed)
 
 
 @_batchable.def_vmap
-def _batchable_vmap(axis_size, in_batched, x_q, packed, layer):
+def _batchable_vmap(axis_size, in_batched, x_q, layer, *packed):
     # custom_vmap hands batched operands with the batch axis first.
-    x_batched, w_batched, l_batched = in_batched
-    if w_batched or l_batched:
-        # Per-example weights (rare: vmap over layers) cannot share a call; loop.
-        x_q, packed, layer = (
-            a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
-            for a, batched in zip((x_q, packed, layer), in_batched)
-        )
-        return jax.lax.map(lambda args: _batchable(*args), (x_q, packed, layer)), True
+    x_batched, l_batched, *w_batched = in_batched
+    flags = tuple(True for _ in packed)
+    if l_batched or any(w_batched):
+        # Per-example weights or layers (rare: vmap over layers) cannot share a call; loop.
+        args = [a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+                for a, batched in zip((x_q, layer, *packed), in_batched)]
+        return jax.lax.map(lambda a: _batchable(*a), tuple(args)), flags
     b, m, i = x_q.shape
-    out = _batchable(x_q.reshape(b * m, i), packed, layer)
-    return out.reshape(b, m, out.shape[-1]), True
+    outs = _batchable(x_q.reshape(b * m, i), layer, *packed)
+    return tuple(o.reshape(b, m, o.shape[-1]) for o in outs), flags
 
 
 def ternary_matmul_kernel(x_q: jax.Array, packed: jax.Array, layer=None) -> jax.Array:
@@ -266,7 +265,7 @@ def ternary_matmul_kernel(x_q: jax.Array, packed: jax.Array, layer=None) -> jax.
     """
     _check(x_q, packed, layer)
     _require_lib()
-    return _batchable(x_q, packed, _layer_operand(layer))
+    return _batchable(x_q, _layer_operand(layer), packed)[0]
 
 
 def ternary_matmul_ffi(x_q: jax.Array, packed: jax.Array, layer=None) -> jax.Array:
@@ -285,12 +284,27 @@ def ternary_matmul_ffi(x_q: jax.Array, packed: jax.Array, layer=None) -> jax.Arr
     Returns:
       [M, O] int32 = x_q · tᵀ.
     """
-    _check(x_q, packed, layer)
+    return ternary_matmul_many_ffi(x_q, [packed], layer)[0]
+
+
+def ternary_matmul_many_ffi(x_q: jax.Array, packed: list, layer=None) -> list:
+    """`ternary_matmul_ffi` for several weights that share x_q (q/k/v, gate/up) in one call.
+
+    Args:
+      x_q: [M, I] int8 activations.
+      packed: list of [O_j/4, I] (or [L, O_j/4, I] with `layer`) uint8 weights.
+      layer: int32 scalar or None, as in `ternary_matmul_ffi`.
+
+    Returns:
+      list of [M, O_j] int32.
+    """
+    for w in packed:
+        _check(x_q, w, layer)
     if not available():
         if layer is not None:
-            packed = jax.lax.dynamic_index_in_dim(packed, layer, 0, keepdims=False)
-        return ternary_matmul_xla(x_q, packed)
-    return _batchable(x_q, packed, _layer_operand(layer))
+            packed = [jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False) for w in packed]
+        return [ternary_matmul_xla(x_q, w) for w in packed]
+    return list(_batchable(x_q, _layer_operand(layer), *packed))
 
 
 # ------------------------------------------------------------------------------------------------
