@@ -70,8 +70,10 @@ def read_bandwidth(threads: int, mb: int = 1024, reps: int = 5) -> float:
     return best
 
 
-def bytes_per_token(path: Path, lm_head_bytes_per_weight: float, ctx: int) -> dict:
-    """Bytes one decode step reads: packed linears, LM head, KV cache at context `ctx`."""
+def bytes_per_token(path: Path, lm_head_bytes_per_weight: float, ctx: int,
+                    kv_bytes_per_value: int = 2) -> dict:
+    """Bytes one decode step reads: packed linears, LM head, KV cache at context `ctx`
+    (f16 in llama.cpp; bitnet_jax's CPU policy keeps it in float32)."""
     from bitnet_jax.gguf.reader import read_gguf
 
     g = read_gguf(path)
@@ -87,7 +89,7 @@ def bytes_per_token(path: Path, lm_head_bytes_per_weight: float, ctx: int) -> di
     layers = g.metadata[f"{arch}.block_count"]
     kv = g.metadata.get(f"{arch}.attention.head_count_kv", g.metadata[f"{arch}.attention.head_count"])
     heads = g.metadata[f"{arch}.attention.head_count"]
-    kv_bytes = 2 * layers * ctx * kv * (d // heads) * 2  # K and V, f16 in llama.cpp
+    kv_bytes = 2 * layers * ctx * kv * (d // heads) * kv_bytes_per_value  # K and V
     return {"linear": lin, "lm_head": int(emb * lm_head_bytes_per_weight), "kv": kv_bytes}
 
 
@@ -159,8 +161,10 @@ def main(argv=None) -> int:
                                       "batch": batch, **ours[-1]}), flush=True)
                 best = {k: max(r[k] for r in ours)
                         for k in ("decode_tokens_per_s", "prefill_tokens_per_s")}
-                ctx = args.prompt_tokens + args.gen_tokens
-                ours_bytes = bytes_per_token(path, 1.0 if ours[-1].get("lm_head") == "int8" else 2.0, ctx)
+                ctx = args.prompt_tokens + args.gen_tokens // 2  # mean context while decoding
+                ours_bytes = bytes_per_token(
+                    path, 1.0 if ours[-1].get("lm_head") == "int8" else 2.0, ctx,
+                    4 if ours[-1].get("policy") == "float32" else 2)
                 peer_bytes = bytes_per_token(path, 2.0, ctx)
                 roof_ours = bw[threads] * 1e9 / sum(ours_bytes.values())
                 roof_peer = bw[threads] * 1e9 / sum(peer_bytes.values())

@@ -1,11 +1,15 @@
-// XLA FFI handler for the packed ternary x int8 matmul (kernels in ternary_cpu.h).
+// XLA FFI handlers for bitnet_jax's CPU kernels:
+//
+//   bitnet_ternary_matmul  packed ternary x int8 matmul, one or several weights (ternary_cpu.h)
+//   bitnet_int8_matmul     int8 x int8 LM head (ternary_cpu.h)
+//   bitnet_attention       attention over the stacked float32 KV cache (attention_cpu.h)
 //
 // Built by setup.py against the FFI headers shipped in jaxlib (jax.ffi.include_dir()) into
-// bitnet_jax/kernels/_ternary_cpu*.so, loaded with ctypes and registered as the CPU target
-// "bitnet_ternary_matmul" by bitnet_jax/kernels/cpu_ffi.py (jax-notes §2.2).
+// bitnet_jax/kernels/_ternary_cpu*.so, loaded with ctypes and registered as CPU targets by
+// bitnet_jax/kernels/cpu_ffi.py (jax-notes §2.2).
 //
-// Threading: the handler takes XLA's intra-op thread pool from the call context, schedules
-// workers that pull chunks of packed rows from an atomic counter, runs one worker itself, and
+// Threading: each handler takes XLA's intra-op thread pool from the call context, schedules
+// workers that pull chunks of rows from an atomic counter, runs one worker itself, and
 // returns an ffi::Future that a CountDownPromise completes when the last worker finishes.
 // Nothing ever waits on another task, so a pool thread is never blocked (the Eigen-pool
 // deadlock of jax-notes §2.2 pitfall 2), and no OpenMP competes with XLA for the cores.
