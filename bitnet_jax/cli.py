@@ -103,6 +103,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="where to run (default: a GPU when JAX sees one)")
     p.add_argument("--lm-head", choices=("auto", "float", "int8"), default="auto",
                    help="LM head precision: int8 per-row copy (fast; auto on CPU) or float")
+    p.add_argument("--kv-cache", choices=("auto", "float32", "float16", "bfloat16"),
+                   default="auto", help="KV cache dtype (auto: float16 on CPU, as llama.cpp; "
+                   "the compute dtype on GPU)")
 
 
 def _policy(args, model):
@@ -114,7 +117,10 @@ def _policy(args, model):
     head = args.lm_head
     if head == "auto":
         head = "int8" if device.platform == "cpu" and model.config.quantized else "float"
-    return policy.replace(lm_head=head)
+    kv = args.kv_cache
+    if kv == "auto":
+        kv = "float16" if device.platform == "cpu" else None
+    return policy.replace(lm_head=head, kv_cache_dtype=kv)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -235,9 +241,11 @@ def _bench(args) -> int:
     from bitnet_jax.generate import benchmark
 
     model = _load(args)
+    policy = _policy(args, model)
     stats = benchmark(model, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
-                      batch=args.batch, backend=args.backend, policy=_policy(args, model))
-    stats["lm_head"] = _policy(args, model).lm_head
+                      batch=args.batch, backend=args.backend, policy=policy)
+    stats["lm_head"] = policy.lm_head
+    stats["kv_cache"] = policy.kv_cache.name
     stats["model"] = str(model.source or args.model)
     stats["peak_rss_mb"] = _peak_rss_mb()
     if args.json:

@@ -406,7 +406,7 @@ def _run_batch(req: _Request, lo: int, hi: int):
     clock = _Clock()
 
     if not done[:n].all():
-        state = engine.new_state(cfg, starts, done, s, policy.compute, device)
+        state = engine.new_state(cfg, starts, done, s, policy.kv_cache, device)
         for start, t in engine.prefill_chunks(end, b, s):
             chunk = np.full((b, t), engine.PAD_ID, np.int32)
             width = min(t, end - start)

@@ -2,10 +2,15 @@
 
 A `Policy` mirrors jmp's three-dtype API. Norm statistics, softmax, quantisation scales and
 logits always run in float32 whatever the policy says (spec §1.1; MaxText `cast_logits_to_fp32`).
-float16 is refused: BitNet-2B4T's relu² overflows its range.
+float16 is refused for parameters, activations and outputs: BitNet-2B4T's relu² overflows its range.
 
 `kernel` picks the ternary matmul implementation: "auto" (FFI on CPU when built, Pallas on
 GPU, XLA otherwise), "xla", "ffi" or "pallas". It is resolved at trace time.
+
+`kv_cache_dtype` is the KV cache's dtype: None (the default) keeps it in the compute dtype;
+"float16" or "bfloat16" halve a float32 cache's memory and the bytes each decode step reads
+(the CPU attention kernel widens the values to float32; the CLI uses float16 on CPU, as
+llama.cpp does). float16 is fine here: cached keys/values are projections, not relu² outputs.
 
 `lm_head` is "float" (exact, the default) or "int8": the engine then keeps an int8 per-row copy
 of the LM head (and of the embedding, when tied), which halves or quarters the bytes a decode
@@ -34,6 +39,7 @@ class Policy:
       output_dtype: dtype of the logits.
       kernel: ternary matmul implementation ("auto", "xla", "ffi", "pallas").
       lm_head: "float" or "int8" (int8 per-row copy of the LM head, placed by the engine).
+      kv_cache_dtype: None (compute dtype), "float32", "float16" or "bfloat16".
     """
 
     param_dtype: str = "float32"
@@ -41,6 +47,7 @@ class Policy:
     output_dtype: str = "float32"
     kernel: str = "auto"
     lm_head: str = "float"
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self):
         for field in ("param_dtype", "compute_dtype", "output_dtype"):
@@ -53,6 +60,12 @@ class Policy:
             object.__setattr__(self, field, name)
         if self.kernel not in _KERNELS:
             raise ConfigError(f"Policy.kernel={self.kernel!r} is unknown; use one of {_KERNELS}.")
+        if self.kv_cache_dtype is not None:
+            name = jnp.dtype(self.kv_cache_dtype).name
+            if name not in ("float32", "float16", "bfloat16"):
+                raise ConfigError(f"Policy.kv_cache_dtype={name} is not supported; use float32, "
+                                  "float16 or bfloat16.")
+            object.__setattr__(self, "kv_cache_dtype", name)
         if self.lm_head not in _LM_HEADS:
             raise ConfigError(f"Policy.lm_head={self.lm_head!r} is unknown; use one of {_LM_HEADS}.")
 
@@ -63,6 +76,11 @@ class Policy:
     @property
     def compute(self):
         return jnp.dtype(self.compute_dtype)
+
+    @property
+    def kv_cache(self):
+        """The KV cache dtype (the compute dtype unless kv_cache_dtype says otherwise)."""
+        return jnp.dtype(self.kv_cache_dtype or self.compute_dtype)
 
     @property
     def output(self):

@@ -127,8 +127,10 @@ ATTN_CASES = [
 ]
 
 
+@pytest.mark.parametrize("cache_dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("n,k,h,b,t,s,index,starts", ATTN_CASES)
-def test_cached_attention_cpu_kernel_matches_xla(n, k, h, b, t, s, index, starts):
+def test_cached_attention_cpu_kernel_matches_xla(n, k, h, b, t, s, index, starts, cache_dtype):
+    # Both paths read the same (possibly 16-bit) cache values widened to float32.
     from bitnet_jax.config import ModelConfig
     from bitnet_jax.kernels import cpu_ffi
 
@@ -140,8 +142,8 @@ def test_cached_attention_cpu_kernel_matches_xla(n, k, h, b, t, s, index, starts
     q = jnp.asarray(rng.normal(size=(b, t, n, h)) * 2, jnp.float32)
     knew = jnp.asarray(rng.normal(size=(b, k, t, h)), jnp.float32)
     vnew = jnp.asarray(rng.normal(size=(b, k, t, h)), jnp.float32)
-    cache = {"k": jnp.asarray(rng.normal(size=(3, b, k, s, h)), jnp.float32),
-             "v": jnp.asarray(rng.normal(size=(3, b, k, s, h)), jnp.float32)}
+    cache = {"k": jnp.asarray(rng.normal(size=(3, b, k, s, h)), cache_dtype),
+             "v": jnp.asarray(rng.normal(size=(3, b, k, s, h)), cache_dtype)}
     starts = jnp.asarray(starts, jnp.int32)
     mask = attention_mask(starts, jnp.int32(index), t, s)
 
@@ -150,9 +152,17 @@ def test_cached_attention_cpu_kernel_matches_xla(n, k, h, b, t, s, index, starts
                                 Policy(kernel=kernel))
 
     run = jax.jit(run, static_argnums=2)
-    for layer in (0, 2):
-        out_x, cache_x = run(cache, jnp.int32(layer), "xla")
-        out_f, cache_f = run(cache, jnp.int32(layer), "ffi")
-        np.testing.assert_allclose(np.asarray(out_f), np.asarray(out_x), rtol=1e-5, atol=LEAF_TOL)
-        for name in ("k", "v"):
-            np.testing.assert_array_equal(np.asarray(cache_f[name]), np.asarray(cache_x[name]))
+    previous = cpu_ffi.isa()
+    try:
+        for isa in sorted({previous, "scalar"}):  # the SIMD path and the portable one
+            cpu_ffi.set_isa(isa)
+            for layer in (0, 2):
+                out_x, cache_x = run(cache, jnp.int32(layer), "xla")
+                out_f, cache_f = run(cache, jnp.int32(layer), "ffi")
+                np.testing.assert_allclose(np.asarray(out_f), np.asarray(out_x), rtol=1e-5,
+                                           atol=LEAF_TOL, err_msg=isa)
+                for name in ("k", "v"):
+                    np.testing.assert_array_equal(np.asarray(cache_f[name]),
+                                                  np.asarray(cache_x[name]))
+    finally:
+        cpu_ffi.set_isa(previous)

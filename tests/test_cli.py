@@ -79,13 +79,15 @@ def test_bench_json_line(model_dir, capsys):
         assert key in stats
     assert stats["batch"] == 2 and stats["backend"] == "cpu"
     assert stats["decode_tokens_per_s"] > 0 and stats["prefill_tokens_per_s"] > 0
+    assert stats["kv_cache"] == "float16"  # the CLI's CPU default, as llama.cpp
 
 
 def test_chat_keeps_the_conversation_and_resets(model_dir, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/reset\nhi again\n/exit\n"))
-    # --lm-head float: the Python API's default precision, so the replies compare exactly.
+    # --lm-head float --kv-cache float32: the Python API's default precision, so the replies
+    # compare exactly.
     args = ["chat", "--model", str(model_dir), "--max-tokens", "3", "--temperature", "0",
-            "--lm-head", "float"]
+            "--lm-head", "float", "--kv-cache", "float32"]
     assert cli.main(args) == 0
     out, err = capsys.readouterr()
     assert "conversation cleared" in err

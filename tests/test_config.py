@@ -188,6 +188,15 @@ def test_policy_refuses_float16(field):
         Policy(**{field: jnp.float16})
 
 
+def test_policy_kv_cache_dtype():
+    # float16 is allowed for the KV cache only (cached projections, no relu² in them).
+    assert Policy().kv_cache == jnp.float32 and get_policy("gpu").kv_cache == jnp.bfloat16
+    p = Policy(kv_cache_dtype=jnp.float16)
+    assert p.kv_cache_dtype == "float16" and p.kv_cache == jnp.float16 and p.compute == jnp.float32
+    with pytest.raises(ConfigError, match="kv_cache_dtype=int8"):
+        Policy(kv_cache_dtype="int8")
+
+
 def test_policy_presets_and_normalisation():
     assert get_policy(None) == POLICIES["cpu"] == Policy()
     assert get_policy("gpu").compute == jnp.bfloat16 and get_policy("gpu").output == jnp.float32

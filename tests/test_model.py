@@ -324,3 +324,29 @@ def test_cpu_kernels_give_the_xla_logits(tiny_cfg, tiny_packed_params):
             outs[name] = np.stack(steps, axis=1)
         np.testing.assert_array_equal(outs["ffi"].argmax(-1), outs["xla"].argmax(-1))
         np.testing.assert_allclose(outs["ffi"], outs["xla"], rtol=0, atol=MODEL_TOL)
+
+
+@pytest.mark.parametrize("cache_dtype", ["float16", "bfloat16"])
+def test_16bit_kv_cache_stays_close_to_float32(tiny_cfg, tiny_packed_params, cache_dtype):
+    # Policy.kv_cache_dtype: the cache rounds keys/values to 16 bits. Most logits move by that
+    # rounding only; where it tips an int8 activation over a rounding step (conftest) a logit
+    # moves by a few 1e-2 of the logit scale. A cache read wrongly would move everything O(1).
+    cfg, params = tiny_cfg, tiny_packed_params
+    tokens = _tokens(cfg.vocab_size, seed=9)
+    outs = {}
+    for dtype in ("float32", cache_dtype):
+        cache = init_cache(cfg, B, S, dtype)
+        logits, cache = jit_logits(params, tokens[:, :4], cfg, cache, jnp.int32(0), NO_PAD)
+        steps = [logits]
+        for i in range(4, T):
+            logits, cache = jit_logits(params, tokens[:, i:i + 1], cfg, cache, jnp.int32(i),
+                                       NO_PAD)
+            steps.append(logits)
+        assert cache["k"].dtype == jnp.dtype(dtype)
+        outs[dtype] = np.concatenate(steps, axis=1)
+    ref, got = outs["float32"], outs[cache_dtype]
+    scale = np.abs(ref).max()
+    err = np.abs(got - ref)
+    assert np.median(err) <= (6e-3 if cache_dtype == "bfloat16" else 5e-4) * scale
+    assert err.max() <= 0.05 * scale
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9

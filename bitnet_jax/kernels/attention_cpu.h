@@ -1,8 +1,9 @@
 // Decode/prefill attention over the stacked float32 KV cache, read in place (CPU).
 //
 //   q:      f32 [B, T, N, H]          this call's queries, RoPE applied
-//   k, v:   f32 [L, B, K, S, H]       the whole cache (attention.py layout), this call's keys and
-//                                     values already written at slots index..index+T-1
+//   k, v:   [L, B, K, S, H]           the whole cache (attention.py layout) in float32, float16
+//                                     or bfloat16, this call's keys and values already written at
+//                                     slots index..index+T-1; each value is widened to float32
 //   out:    f32 [B, T, N, H]
 //
 // Query t of row b sits in slot index+t and sees the slots starts[b] <= s <= index+t (left
@@ -20,6 +21,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
@@ -31,38 +33,94 @@
 
 namespace bitnet_attention {
 
+// Cache element types: float32, IEEE float16 and bfloat16 (raw 16-bit patterns).
+enum CacheType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
 struct Problem {
   const float* q;       // [B, T, N, H]
-  const float* k;       // [B, K, S, H] of the selected layer
-  const float* v;       // [B, K, S, H]
+  const void* k;        // [B, K, S, H] of the selected layer, element type `cache`
+  const void* v;        // [B, K, S, H]
   const int32_t* starts;  // [B]
   float* out;           // [B, T, N, H]
   int64_t b, t, n, kh, s, h;
   int64_t index;
-  bool avx2;            // use the AVX2+FMA dot / axpy
+  int cache;            // CacheType
+  bool avx2;            // use the AVX2+FMA(+F16C) dot / axpy
 };
 
-inline float DotScalar(const float* a, const float* b, int64_t h) {
+// One cached value as float32.
+inline float HalfToFloat(uint16_t h) {  // IEEE binary16, subnormals and inf/nan included
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    exp = 113;
+    while ((man & 0x400u) == 0) {
+      man <<= 1;
+      --exp;
+    }
+    bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float Bf16ToFloat(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+template <int C>
+inline float LoadOne(const void* base, int64_t at) {
+  if constexpr (C == kF32) return static_cast<const float*>(base)[at];
+  if constexpr (C == kF16) return HalfToFloat(static_cast<const uint16_t*>(base)[at]);
+  return Bf16ToFloat(static_cast<const uint16_t*>(base)[at]);
+}
+
+// q . cache[at : at + h]
+template <int C>
+inline float DotScalar(const float* a, const void* b, int64_t at, int64_t h) {
   float s = 0.f;
-  for (int64_t i = 0; i < h; ++i) s += a[i] * b[i];
+  for (int64_t i = 0; i < h; ++i) s += a[i] * LoadOne<C>(b, at + i);
   return s;
 }
 
-inline void AxpyScalar(float p, const float* x, float* y, int64_t h) {
-  for (int64_t i = 0; i < h; ++i) y[i] += p * x[i];
+// y += p * cache[at : at + h]
+template <int C>
+inline void AxpyScalar(float p, const void* x, int64_t at, float* y, int64_t h) {
+  for (int64_t i = 0; i < h; ++i) y[i] += p * LoadOne<C>(x, at + i);
 }
 
 #if BITNET_ATTN_X86
-__attribute__((target("avx2,fma"))) inline float DotAvx2(const float* a, const float* b,
-                                                         int64_t h) {
+#define BITNET_ATTN_TARGET __attribute__((target("avx2,fma,f16c")))
+
+template <int C>
+BITNET_ATTN_TARGET inline __m256 Load8(const void* base, int64_t at) {
+  if constexpr (C == kF32) return _mm256_loadu_ps(static_cast<const float*>(base) + at);
+  const __m128i raw =
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + at));
+  if constexpr (C == kF16) return _mm256_cvtph_ps(raw);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+template <int C>
+BITNET_ATTN_TARGET inline float DotAvx2(const float* a, const void* b, int64_t at, int64_t h) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= h; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), Load8<C>(b, at + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), Load8<C>(b, at + i + 8), acc1);
   }
   if (i + 8 <= h) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), Load8<C>(b, at + i), acc0);
     i += 8;
   }
   const __m256 acc = _mm256_add_ps(acc0, acc1);
@@ -70,46 +128,48 @@ __attribute__((target("avx2,fma"))) inline float DotAvx2(const float* a, const f
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   float out = _mm_cvtss_f32(s);
-  for (; i < h; ++i) out += a[i] * b[i];
+  for (; i < h; ++i) out += a[i] * LoadOne<C>(b, at + i);
   return out;
 }
 
-__attribute__((target("avx2,fma"))) inline void AxpyAvx2(float p, const float* x, float* y,
-                                                         int64_t h) {
+template <int C>
+BITNET_ATTN_TARGET inline void AxpyAvx2(float p, const void* x, int64_t at, float* y, int64_t h) {
   const __m256 pv = _mm256_set1_ps(p);
   int64_t i = 0;
   for (; i + 8 <= h; i += 8) {
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(pv, Load8<C>(x, at + i), _mm256_loadu_ps(y + i)));
   }
-  for (; i < h; ++i) y[i] += p * x[i];
+  for (; i < h; ++i) y[i] += p * LoadOne<C>(x, at + i);
 }
 #endif
 
-inline float Dot(bool avx2, const float* a, const float* b, int64_t h) {
+template <int C>
+inline float Dot(bool avx2, const float* a, const void* b, int64_t at, int64_t h) {
 #if BITNET_ATTN_X86
-  if (avx2) return DotAvx2(a, b, h);
+  if (avx2) return DotAvx2<C>(a, b, at, h);
 #endif
   (void)avx2;
-  return DotScalar(a, b, h);
+  return DotScalar<C>(a, b, at, h);
 }
 
-inline void Axpy(bool avx2, float p, const float* x, float* y, int64_t h) {
+template <int C>
+inline void Axpy(bool avx2, float p, const void* x, int64_t at, float* y, int64_t h) {
 #if BITNET_ATTN_X86
-  if (avx2) return AxpyAvx2(p, x, y, h);
+  if (avx2) return AxpyAvx2<C>(p, x, at, y, h);
 #endif
   (void)avx2;
-  AxpyScalar(p, x, y, h);
+  AxpyScalar<C>(p, x, at, y, h);
 }
 
 // One work unit: row bi, kv head ki, query t; all G query heads of that kv head together, so
 // each cached key/value row is loaded once for the G heads.
-inline void RunUnit(const Problem& p, int64_t unit, std::vector<float>& scores) {
+template <int C>
+inline void RunUnitT(const Problem& p, int64_t unit, std::vector<float>& scores) {
   const int64_t g = p.n / p.kh;
   const int64_t t = unit % p.t;
   const int64_t ki = (unit / p.t) % p.kh;
   const int64_t bi = unit / (p.t * p.kh);
-  const float* kc = p.k + (bi * p.kh + ki) * p.s * p.h;
-  const float* vc = p.v + (bi * p.kh + ki) * p.s * p.h;
+  const int64_t base = (bi * p.kh + ki) * p.s * p.h;  // element offset of this (row, head)
   const float scale = 1.0f / std::sqrt(static_cast<float>(p.h));
   int64_t lo = p.starts[bi], hi = p.index + t;  // visible slots [lo, hi]
   if (lo < 0) lo = 0;
@@ -126,7 +186,7 @@ inline void RunUnit(const Problem& p, int64_t unit, std::vector<float>& scores) 
     float* sc = scores.data() + gi * len;
     float mx = -INFINITY;
     for (int64_t s = 0; s < len; ++s) {
-      sc[s] = none ? 0.f : Dot(p.avx2, qv, kc + (lo + s) * p.h, p.h) * scale;
+      sc[s] = none ? 0.f : Dot<C>(p.avx2, qv, p.k, base + (lo + s) * p.h, p.h) * scale;
       mx = sc[s] > mx ? sc[s] : mx;
     }
     float sum = 0.f;
@@ -142,17 +202,25 @@ inline void RunUnit(const Problem& p, int64_t unit, std::vector<float>& scores) 
     for (int64_t i = 0; i < p.h; ++i) o[i] = 0.f;
   }
   for (int64_t s = 0; s < len; ++s) {
-    const float* vr = vc + (lo + s) * p.h;
     for (int64_t gi = 0; gi < g; ++gi) {
       float* o = p.out + ((bi * p.t + t) * p.n + ki * g + gi) * p.h;
-      Axpy(p.avx2, scores[gi * len + s], vr, o, p.h);
+      Axpy<C>(p.avx2, scores[gi * len + s], p.v, base + (lo + s) * p.h, o, p.h);
     }
+  }
+}
+
+inline void RunUnit(const Problem& p, int64_t unit, std::vector<float>& scores) {
+  switch (p.cache) {
+    case kF16: return RunUnitT<kF16>(p, unit, scores);
+    case kBF16: return RunUnitT<kBF16>(p, unit, scores);
+    default: return RunUnitT<kF32>(p, unit, scores);
   }
 }
 
 inline bool HasAvx2Fma() {
 #if BITNET_ATTN_X86
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
 #else
   return false;
 #endif

@@ -11,8 +11,8 @@ otherwise copy each layer's slice before the custom call (7 MB per layer of the 
 (params.quantize_lm_head), exact and equal to XLA's int8 dot.
 
 `attention_ffi(q, k, v, layer, index, starts)` attends over the visible slots of one layer of the
-stacked float32 KV cache in place (attention_cpu.h); it equals attention.attend up to float
-rounding.
+stacked KV cache (float32, float16 or bfloat16) in place (attention_cpu.h); it equals
+attention.attend on the same cache up to float rounding.
 
 The shared object `_ternary_cpu*.so` is built by setup.py at `pip install` time. Nothing is
 loaded when bitnet_jax is imported: the first `available()` call loads it with ctypes and
@@ -362,8 +362,10 @@ def int8_matmul_ffi(x_q: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def attention_usable(q: jax.Array, cache_k: jax.Array) -> bool:
-    """True if attention_ffi handles these operands here (float32, CPU, extension loaded)."""
-    return (q.dtype == jnp.float32 and cache_k.dtype == jnp.float32
+    """True if attention_ffi handles these operands here (float32 queries; a float32, float16 or
+    bfloat16 cache; CPU; extension loaded)."""
+    return (q.dtype == jnp.float32
+            and cache_k.dtype in (jnp.float32, jnp.float16, jnp.bfloat16)
             and jax.default_backend() == "cpu" and available())
 
 
@@ -373,7 +375,8 @@ def attention_ffi(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer, i
 
     Args:
       q: [B, T, N, H] float32 queries (RoPE applied), for slots index..index+T-1.
-      cache_k, cache_v: [L, B, K, S, H] float32, this call's keys/values already written.
+      cache_k, cache_v: [L, B, K, S, H] float32, float16 or bfloat16, this call's keys/values
+        already written.
       layer, index: int32 scalars.
       starts: [B] int32, first visible slot per row.
 

@@ -231,11 +231,11 @@ ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer
   return Run(pool, job, v, ChunkRows(i, v), m * v * i);
 }
 
-// q [B, T, N, H], k/v caches [L, B, K, S, H] (float32), layer and index int32 scalars, starts
-// [B] int32 -> out [B, T, N, H]: attention over the visible slots of layer `layer`
-// (attention_cpu.h). One work unit per (row, kv head, query).
-ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                      ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> layer,
+// q [B, T, N, H] float32, k/v caches [L, B, K, S, H] (float32, float16 or bfloat16), layer
+// and index int32 scalars, starts [B] int32 -> out [B, T, N, H]: attention over the visible
+// slots of layer `layer` (attention_cpu.h). One work unit per (row, kv head, query).
+ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
+                      ffi::AnyBuffer v, ffi::Buffer<ffi::S32> layer,
                       ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::S32> starts,
                       ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions();
@@ -248,6 +248,18 @@ ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
         "bitnet_attention expects q [B, T, N, H], caches [L, B, K, S, H] with N % K == 0, "
         "scalar layer and index, starts [B]; got q " + Dims(qd) + ", k " + Dims(kd)));
   }
+  int cache;
+  switch (k.element_type()) {
+    case ffi::DataType::F32: cache = ba::kF32; break;
+    case ffi::DataType::F16: cache = ba::kF16; break;
+    case ffi::DataType::BF16: cache = ba::kBF16; break;
+    default:
+      return ReadyFuture(ffi::Error::InvalidArgument(
+          "bitnet_attention caches must be float32, float16 or bfloat16"));
+  }
+  if (v.element_type() != k.element_type()) {
+    return ReadyFuture(ffi::Error::InvalidArgument("bitnet_attention k and v dtypes differ"));
+  }
   const int64_t l = kd[0], b = qd[0], t = qd[1], n = qd[2], kh = kd[2], s = kd[3], h = qd[3];
   const int64_t at = layer.typed_data()[0], idx = index.typed_data()[0];
   if (at < 0 || at >= l || idx < 0 || idx + t > s) {
@@ -256,10 +268,11 @@ ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
         ".." + std::to_string(idx + t) + " outside the cache " + Dims(kd)));
   }
   if (b == 0 || t == 0 || n == 0 || h == 0) return ReadyFuture();
-  const int64_t per_layer = b * kh * s * h;
-  const ba::Problem problem{q.typed_data(), k.typed_data() + at * per_layer,
-                            v.typed_data() + at * per_layer, starts.typed_data(),
-                            out->typed_data(), b, t, n, kh, s, h, idx,
+  const int64_t per_layer = b * kh * s * h * (cache == ba::kF32 ? 4 : 2);  // bytes
+  const ba::Problem problem{q.typed_data(),
+                            static_cast<const char*>(k.untyped_data()) + at * per_layer,
+                            static_cast<const char*>(v.untyped_data()) + at * per_layer,
+                            starts.typed_data(), out->typed_data(), b, t, n, kh, s, h, idx, cache,
                             g_isa.load(std::memory_order_relaxed) != bt::kScalar &&
                                 ba::HasAvx2Fma()};
   auto job = std::make_shared<Job>();
@@ -269,7 +282,7 @@ ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer
   };
   const int64_t units = b * kh * t;
   // Work ~ bytes of cache read: (idx + t) visible slots of k and v per unit.
-  return Run(pool, job, units, 1, units * (idx + t) * h * 8);
+  return Run(pool, job, units, 1, units * (idx + t) * h * (cache == ba::kF32 ? 8 : 4));
 }
 
 }  // namespace
@@ -295,8 +308,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetAttention, Attention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
