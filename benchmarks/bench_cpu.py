@@ -73,7 +73,7 @@ def read_bandwidth(threads: int, mb: int = 1024, reps: int = 5) -> float:
 def bytes_per_token(path: Path, lm_head_bytes_per_weight: float, ctx: int,
                     kv_bytes_per_value: int = 2) -> dict:
     """Bytes one decode step reads: packed linears, LM head, KV cache at context `ctx`
-    (f16 in llama.cpp; bitnet_jax's CPU policy keeps it in float32)."""
+    (float16 in llama.cpp and in bitnet-jax's CLI on CPU)."""
     from bitnet_jax.gguf.reader import read_gguf
 
     g = read_gguf(path)
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
                 ctx = args.prompt_tokens + args.gen_tokens // 2  # mean context while decoding
                 ours_bytes = bytes_per_token(
                     path, 1.0 if ours[-1].get("lm_head") == "int8" else 2.0, ctx,
-                    4 if ours[-1].get("policy") == "float32" else 2)
+                    4 if ours[-1].get("kv_cache", ours[-1].get("policy")) == "float32" else 2)
                 peer_bytes = bytes_per_token(path, 2.0, ctx)
                 roof_ours = bw[threads] * 1e9 / sum(ours_bytes.values())
                 roof_peer = bw[threads] * 1e9 / sum(peer_bytes.values())
