@@ -82,7 +82,8 @@ setup(
         Extension(
             KERNEL,
             sources=["bitnet_jax/kernels/ternary_cpu.cc"],
-            depends=["bitnet_jax/kernels/ternary_cpu.h", "bitnet_jax/kernels/attention_cpu.h"],
+            depends=["bitnet_jax/kernels/ternary_cpu.h", "bitnet_jax/kernels/int8_cpu.h",
+                     "bitnet_jax/kernels/attention_cpu.h"],
             language="c++",
             # Lets setuptools skip copying a missing .so into the tree for editable installs.
             optional=True,

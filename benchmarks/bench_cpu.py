@@ -142,10 +142,13 @@ def main(argv=None) -> int:
 
     CACHE.mkdir(parents=True, exist_ok=True)
     for shape in args.shapes:
-        path = CACHE / f"random-{shape}-tq2_0.gguf"
+        # llama.cpp's `bitnet` graph for every shape: upstream llama.cpp loads no other BitNet
+        # architecture name (the 2b4t shape then has a SiLU FFN; sizes are 2B4T's).
+        path = CACHE / f"random-{shape}-bitnet-tq2_0.gguf"
         if not path.exists():
             subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_random_gguf.py"),
-                            str(path), "--shape", shape, "--type", "tq2_0"], check=True)
+                            str(path), "--shape", shape, "--type", "tq2_0", "--arch", "bitnet"],
+                           check=True)
         size_mb = path.stat().st_size / 1e6
         for threads in args.threads:
             for batch in args.batch:

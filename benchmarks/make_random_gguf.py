@@ -9,6 +9,10 @@ Shapes (bitnet-spec §1.2, §1.4):
   2b4t   BitNet-b1.58-2B-4T: D=2560, L=30, F=6912, 20/5 heads, V=128256, relu², arch
          `bitnet-b1.58` (bitnet.cpp's graph), llama3 BPE vocabulary.
 
+`--arch bitnet` writes any shape with llama.cpp's `bitnet` graph (SiLU FFN; same tensors and
+sizes), which upstream llama.cpp loads: benchmarks/bench_cpu.py uses it for the 2b4t shape, since
+upstream llama.cpp does not know bitnet.cpp's `bitnet-b1.58` architecture name.
+
 Linear weights are random codes in {-1, 0, 1} with a per-matrix σ = 1/sqrt(2I/3) (unit-variance
 outputs), written TQ2_0 / TQ1_0 / I2_S; token_embd is F16 N(0, 1), norms are F32 ones. The
 vocabulary comes from llama.cpp's vocab-only GGUFs in ../shared/data/llama-vocab when present
@@ -50,10 +54,12 @@ DEFAULT_VOCAB_DIR = ROOT.parent / "shared" / "data" / "llama-vocab"
 _EMBED_ROWS = 4096  # rows of the F16 embedding generated per chunk
 
 
-def shape_config(shape: str, layers: int | None = None) -> ModelConfig:
+def shape_config(shape: str, layers: int | None = None, arch: str | None = None) -> ModelConfig:
     kw = dict(SHAPES[shape]["cfg"])
     if layers is not None:
         kw["num_hidden_layers"] = layers
+    if arch == "bitnet":  # llama.cpp's graph: SiLU gate (the 1bitLLM models)
+        kw.update(hidden_act="silu", architecture="BitnetForCausalLM")
     return ModelConfig(**kw, tie_word_embeddings=True, use_sub_norms=True, model_type="bitnet",
                        linear_class="autobitlinear")
 
@@ -132,11 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--type", dest="qtype", choices=("tq2_0", "tq1_0", "i2_s"),
                         default="tq2_0")
     parser.add_argument("--layers", type=int, help="override the layer count (smaller files)")
+    parser.add_argument("--arch", choices=("bitnet", "bitnet-b1.58"),
+                        help="GGUF architecture (default: the shape's own; bitnet = llama.cpp's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-dir", type=Path, default=DEFAULT_VOCAB_DIR)
     args = parser.parse_args(argv)
-    cfg = shape_config(args.shape, args.layers)
-    arch = SHAPES[args.shape]["arch"]
+    arch = args.arch or SHAPES[args.shape]["arch"]
+    cfg = shape_config(args.shape, args.layers, arch)
     meta = metadata_for_config(cfg, arch, f"random-{args.shape}-{args.qtype}")
     meta["general.file_type"] = FILE_TYPES[args.qtype]
     meta["general.quantization_version"] = 2

@@ -1,7 +1,7 @@
 // XLA FFI handlers for bitnet_jax's CPU kernels:
 //
 //   bitnet_ternary_matmul  packed ternary x int8 matmul, one or several weights (ternary_cpu.h)
-//   bitnet_int8_matmul     int8 x int8 LM head (ternary_cpu.h)
+//   bitnet_int8_matmul     int8 x int8 LM head (int8_cpu.h)
 //   bitnet_attention       attention over the stacked float32 KV cache (attention_cpu.h)
 //
 // Built by setup.py against the FFI headers shipped in jaxlib (jax.ffi.include_dir()) into
@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "attention_cpu.h"
+#include "int8_cpu.h"
 #include "ternary_cpu.h"
 #include "xla/ffi/api/ffi.h"
 

@@ -1,0 +1,182 @@
+// int8 x int8 -> int32 matmul for the row-scaled int8 LM head, on the loop skeleton, paths and
+// dispatch of ternary_cpu.h.
+
+#ifndef BITNET_JAX_KERNELS_INT8_CPU_H_
+#define BITNET_JAX_KERNELS_INT8_CPU_H_
+
+#include <cstdint>
+
+#include "ternary_cpu.h"
+
+namespace bitnet_ternary {
+
+// int8 x int8 -> int32 matmul for the row-scaled int8 LM head (params.quantize_lm_head):
+//
+//   out[m, v] = sum_k x[m, k] * w[v, k]       x: int8 [M, I], w: int8 [V, I], out: int32 [M, V]
+//
+// The SIMD paths multiply |x| (u8, precomputed once per call in xabs) by sign(w, x) (s8), so w
+// must not hold -128 (row_int8 quantizes to [-127, 127]); pairs then fit int16 (<= 32512) and
+// are widened to int32 at once. XLA:CPU's int8 dot moved the 49 MB head of the large model at
+// 6-7 GB/s; this streams it at memory speed.
+
+struct Int8Problem {
+  const int8_t* x;     // [M, I]
+  const uint8_t* xabs; // [M, I], |x| (x = -128 gives 128)
+  const int8_t* w;     // [R, I]
+  int32_t* out;        // [M, R]
+  int64_t m, i, r;
+};
+
+inline int32_t Int8DotTail(const int8_t* w, const int8_t* x, int64_t k0, int64_t k1) {
+  int32_t s = 0;
+  for (int64_t k = k0; k < k1; ++k) s += static_cast<int32_t>(w[k]) * x[k];
+  return s;
+}
+
+template <int MB>
+struct ScalarInt8Row {
+  static void Run(const Int8Problem& p, int64_t m0, int64_t row) {
+    const int8_t* w = p.w + row * p.i;
+    for (int64_t mm = 0; mm < MB; ++mm) {
+      p.out[(m0 + mm) * p.r + row] = Int8DotTail(w, p.x + (m0 + mm) * p.i, 0, p.i);
+    }
+  }
+};
+
+#if BITNET_TERNARY_X86
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+BITNET_AVX2 inline int32_t Sum8(__m256i a) {
+  const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+  const __m128i t = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1)));
+}
+
+template <int MB>
+struct Avx2Int8Row {
+  BITNET_AVX2 static void Run(const Int8Problem& p, int64_t m0, int64_t row) {
+    const int8_t* w = p.w + row * p.i;
+    const int64_t kv = p.i & ~int64_t{31};
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[MB];
+    for (int mm = 0; mm < MB; ++mm) acc[mm] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < kv; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetch), _MM_HINT_T0);
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+      for (int mm = 0; mm < MB; ++mm) {
+        const int64_t at = (m0 + mm) * p.i + k;
+        const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xabs + at));
+        const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.x + at));
+        const __m256i pairs = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(wv, xs));
+        acc[mm] = _mm256_add_epi32(acc[mm], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+    for (int mm = 0; mm < MB; ++mm) {
+      p.out[(m0 + mm) * p.r + row] =
+          Sum8(acc[mm]) + Int8DotTail(w, p.x + (m0 + mm) * p.i, kv, p.i);
+    }
+  }
+};
+
+#if BITNET_TERNARY_AVXVNNI
+template <int MB>
+struct AvxVnniInt8Row {
+  BITNET_AVXVNNI static void Run(const Int8Problem& p, int64_t m0, int64_t row) {
+    const int8_t* w = p.w + row * p.i;
+    const int64_t kv = p.i & ~int64_t{31};
+    __m256i acc[MB];
+    for (int mm = 0; mm < MB; ++mm) acc[mm] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < kv; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetch), _MM_HINT_T0);
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+      for (int mm = 0; mm < MB; ++mm) {
+        const int64_t at = (m0 + mm) * p.i + k;
+        const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xabs + at));
+        const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.x + at));
+        acc[mm] = _mm256_dpbusd_avx_epi32(acc[mm], xa, _mm256_sign_epi8(wv, xs));
+      }
+    }
+    for (int mm = 0; mm < MB; ++mm) {
+      p.out[(m0 + mm) * p.r + row] =
+          Sum8(acc[mm]) + Int8DotTail(w, p.x + (m0 + mm) * p.i, kv, p.i);
+    }
+  }
+};
+#endif  // BITNET_TERNARY_AVXVNNI
+
+// AVX-512 has no 512-bit sign_epi8: negate w where x < 0 with a masked subtract instead.
+template <int MB>
+struct Avx512VnniInt8Row {
+  BITNET_AVX512 static void Run(const Int8Problem& p, int64_t m0, int64_t row) {
+    const int8_t* w = p.w + row * p.i;
+    const __m512i zero = _mm512_setzero_si512();
+    __m512i acc[MB];
+    for (int mm = 0; mm < MB; ++mm) acc[mm] = zero;
+    for (int64_t k = 0; k < p.i; k += 64) {
+      const __mmask64 mask = p.i - k >= 64 ? ~uint64_t{0} : (~uint64_t{0}) >> (64 - (p.i - k));
+      _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetch), _MM_HINT_T0);
+      const __m512i wv = _mm512_maskz_loadu_epi8(mask, w + k);
+      for (int mm = 0; mm < MB; ++mm) {
+        const int64_t at = (m0 + mm) * p.i + k;
+        const __m512i xa = _mm512_maskz_loadu_epi8(mask, p.xabs + at);
+        const __m512i xs = _mm512_maskz_loadu_epi8(mask, p.x + at);
+        const __m512i ws = _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(xs), zero, wv);
+        acc[mm] = _mm512_dpbusd_epi32(acc[mm], xa, ws);
+      }
+    }
+    for (int mm = 0; mm < MB; ++mm) {
+      p.out[(m0 + mm) * p.r + row] = _mm512_reduce_add_epi32(acc[mm]);
+    }
+  }
+};
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+BITNET_AVX2 inline void RunAvx2Int8(const Int8Problem& p, int64_t r0, int64_t r1) {
+  RunTiled<2, Avx2Int8Row>(p, r0, r1);
+}
+#if BITNET_TERNARY_AVXVNNI
+BITNET_AVXVNNI inline void RunAvxVnniInt8(const Int8Problem& p, int64_t r0, int64_t r1) {
+  RunTiled<2, AvxVnniInt8Row>(p, r0, r1);
+}
+#endif
+BITNET_AVX512 inline void RunAvx512VnniInt8(const Int8Problem& p, int64_t r0, int64_t r1) {
+  RunTiled<4, Avx512VnniInt8Row>(p, r0, r1);
+}
+
+#endif  // BITNET_TERNARY_X86
+
+// Compute weight rows [r0, r1) of the int8 matmul for every token with path `isa`.
+inline void RunInt8Rows(int isa, const Int8Problem& p, int64_t r0, int64_t r1) {
+#if BITNET_TERNARY_X86
+  switch (isa) {
+    case kAvx512Vnni: RunAvx512VnniInt8(p, r0, r1); return;
+#if BITNET_TERNARY_AVXVNNI
+    case kAvxVnni: RunAvxVnniInt8(p, r0, r1); return;
+#endif
+    case kAvx2: RunAvx2Int8(p, r0, r1); return;
+    default: break;
+  }
+#else
+  (void)isa;
+#endif
+  RunTiled<1, ScalarInt8Row>(p, r0, r1);
+}
+
+// |x| as u8 for the SIMD int8 paths (-128 -> 128).
+inline void AbsBytes(const int8_t* x, int64_t n, uint8_t* out) {
+  for (int64_t k = 0; k < n; ++k) {
+    out[k] = static_cast<uint8_t>(x[k] < 0 ? -static_cast<int32_t>(x[k]) : x[k]);
+  }
+}
+
+}  // namespace bitnet_ternary
+
+#endif  // BITNET_JAX_KERNELS_INT8_CPU_H_
