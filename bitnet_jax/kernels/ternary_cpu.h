@@ -186,9 +186,13 @@ inline void RunScalar(const Problem& p, int64_t r0, int64_t r1) {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
+// Overridable so that tests/test_kernels_emulated.py can build every path on a CPU without
+// it, with SIMDe's portable intrinsics and no target attributes.
+#ifndef BITNET_AVX2
 #define BITNET_AVX2 __attribute__((target("avx2")))
 #define BITNET_AVXVNNI __attribute__((target("avx2,avxvnni")))
 #define BITNET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#endif
 
 // Software prefetch distance in packed bytes. Rows are contiguous, so this runs into the next
 // row; it helped decode from DRAM by ~10-15% on Zen 3 (best of noisy runs), and prefetching

@@ -1,0 +1,34 @@
+// Test shim (tests/test_kernels_emulated.py): SIMDe's portable implementations under the Intel
+// intrinsic names, so the AVX2 / AVX-VNNI / AVX-512 VNNI kernel paths run on any CPU. Fills the
+// few intrinsics SIMDe 0.7 lacks with plain loops.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#include <simde/x86/f16c.h>
+#include <simde/x86/fma.h>
+#ifndef _mm256_dpbusd_avx_epi32
+#define _mm256_dpbusd_avx_epi32(a, b, c) simde_mm256_dpbusd_epi32(a, b, c)
+#endif
+#ifndef _MM_HINT_T0
+#define _MM_HINT_T0 SIMDE_MM_HINT_T0
+#endif
+typedef simde__mmask64 __mmask64;
+static inline simde__m512i bitnet_shim_maskz_loadu_epi8(simde__mmask64 k, const void* p) {
+  int8_t buf[64] = {0};
+  for (int j = 0; j < 64; ++j)
+    if ((k >> j) & 1) buf[j] = static_cast<const int8_t*>(p)[j];
+  simde__m512i out;
+  std::memcpy(&out, buf, 64);
+  return out;
+}
+#define _mm512_maskz_loadu_epi8(k, p) bitnet_shim_maskz_loadu_epi8(k, p)
+static inline int32_t bitnet_shim_reduce_add_epi32(simde__m512i a) {
+  int32_t v[16];
+  std::memcpy(v, &a, 64);
+  int32_t s = 0;
+  for (int j = 0; j < 16; ++j) s += v[j];
+  return s;
+}
+#define _mm512_reduce_add_epi32(a) bitnet_shim_reduce_add_epi32(a)
