@@ -2,7 +2,8 @@
 
 Cache layout (one dict, stacked by layer, returned new and donated by callers):
 
-  {"k": [L, B, K, S, H], "v": [L, B, K, S, H]}   in the compute dtype
+  {"k": [L, B, K, S, H], "v": [L, B, K, S, H]}   in policy.kv_cache (the compute dtype unless
+                                                 Policy.kv_cache_dtype says float16/bfloat16)
 
 Heads come before positions so that, per (row, kv head), the S cached keys are one contiguous
 [S, H] matrix: with the [B, S, K, H] order XLA:CPU's decode attention was 10x slower (8.9 ms vs

@@ -3,7 +3,7 @@
 Decode state (a dict pytree, donated on every call so the KV cache is updated in place,
 jax-notes §5):
 
-  cache     {"k", "v"}: [L, B, K, S, H] in the compute dtype (attention.py layout)
+  cache     {"k", "v"}: [L, B, K, S, H] in policy.kv_cache (attention.py layout)
   index     int32 []     shared write cursor: the next free cache slot
   starts    int32 [B]    first valid slot of each row (rows are left-padded, right-aligned)
   token     int32 [B]    last sampled token: the next decode step's input
