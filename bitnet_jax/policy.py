@@ -2,7 +2,8 @@
 
 A `Policy` mirrors jmp's three-dtype API. Norm statistics, softmax, quantisation scales and
 logits always run in float32 whatever the policy says (spec §1.1; MaxText `cast_logits_to_fp32`).
-float16 is refused for parameters, activations and outputs: BitNet-2B4T's relu² overflows its range.
+float16 is refused for parameters, activations and outputs: BitNet-2B4T's relu² overflows
+its range.
 
 `kernel` picks the ternary matmul implementation: "auto" (FFI on CPU when built, Pallas on
 GPU, XLA otherwise), "xla", "ffi" or "pallas". It is resolved at trace time.
