@@ -237,19 +237,26 @@ def _batchable(x_q: jax.Array, layer: jax.Array, *packed: jax.Array) -> tuple:
     return _ffi_matmul(x_q, layer, *packed)
 
 
-@_batchable.def_vmap
-def _batchable_vmap(axis_size, in_batched, x_q, layer, *packed):
-    # custom_vmap hands batched operands with the batch axis first.
-    x_batched, l_batched, *w_batched = in_batched
-    flags = tuple(True for _ in packed)
-    if l_batched or any(w_batched):
-        # Per-example weights or layers (rare: vmap over layers) cannot share a call; loop.
-        args = [a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
-                for a, batched in zip((x_q, layer, *packed), in_batched)]
-        return jax.lax.map(lambda a: _batchable(*a), tuple(args)), flags
-    b, m, i = x_q.shape
-    outs = _batchable(x_q.reshape(b * m, i), layer, *packed)
-    return tuple(o.reshape(b, m, o.shape[-1]) for o in outs), flags
+def _rows_vmap_rule(kernel):
+    """custom_vmap rule for a kernel whose first operand is x [M, I] and whose outputs are
+    [M, ...] (one array or a tuple): batch axes of x fold into M, so one call serves the whole
+    batch. Batched weights (or layer index) cannot share a call: one call per example."""
+    def rule(axis_size, in_batched, x, *rest):
+        # custom_vmap hands batched operands with the batch axis first.
+        if any(in_batched[1:]):
+            args = [a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+                    for a, batched in zip((x, *rest), in_batched)]
+            outs = jax.lax.map(lambda a: kernel(*a), tuple(args))
+        else:
+            b, m, i = x.shape
+            outs = jax.tree.map(lambda o: o.reshape(b, m, o.shape[-1]),
+                                kernel(x.reshape(b * m, i), *rest))
+        return outs, jax.tree.map(lambda _: True, outs)
+
+    return rule
+
+
+_batchable.def_vmap(_rows_vmap_rule(_batchable))
 
 
 def ternary_matmul_kernel(x_q: jax.Array, packed: jax.Array, layer=None) -> jax.Array:
@@ -323,15 +330,7 @@ def _int8_batchable(x_q: jax.Array, w: jax.Array) -> jax.Array:
     return _ffi_int8(x_q, w)
 
 
-@_int8_batchable.def_vmap
-def _int8_batchable_vmap(axis_size, in_batched, x_q, w):
-    x_batched, w_batched = in_batched
-    if w_batched:
-        if not x_batched:
-            x_q = jnp.broadcast_to(x_q, (axis_size, *x_q.shape))
-        return jax.lax.map(lambda xw: _int8_batchable(*xw), (x_q, w)), True
-    b, m, i = x_q.shape
-    return _int8_batchable(x_q.reshape(b * m, i), w).reshape(b, m, -1), True
+_int8_batchable.def_vmap(_rows_vmap_rule(_int8_batchable))
 
 
 def int8_matmul_ffi(x_q: jax.Array, w: jax.Array) -> jax.Array:

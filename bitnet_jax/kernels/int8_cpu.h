@@ -1,5 +1,5 @@
 // int8 x int8 -> int32 matmul for the row-scaled int8 LM head, on the loop skeleton, paths and
-// dispatch of ternary_cpu.h.
+// dispatch (RunRows) of ternary_cpu.h.
 
 #ifndef BITNET_JAX_KERNELS_INT8_CPU_H_
 #define BITNET_JAX_KERNELS_INT8_CPU_H_
@@ -139,34 +139,22 @@ struct Avx512VnniInt8Row {
 #pragma GCC diagnostic pop
 #endif
 
-BITNET_AVX2 inline void RunAvx2Int8(const Int8Problem& p, int64_t r0, int64_t r1) {
+BITNET_AVX2 inline void RunAvx2(const Int8Problem& p, int64_t r0, int64_t r1) {
   RunTiled<2, Avx2Int8Row>(p, r0, r1);
 }
 #if BITNET_TERNARY_AVXVNNI
-BITNET_AVXVNNI inline void RunAvxVnniInt8(const Int8Problem& p, int64_t r0, int64_t r1) {
+BITNET_AVXVNNI inline void RunAvxVnni(const Int8Problem& p, int64_t r0, int64_t r1) {
   RunTiled<2, AvxVnniInt8Row>(p, r0, r1);
 }
 #endif
-BITNET_AVX512 inline void RunAvx512VnniInt8(const Int8Problem& p, int64_t r0, int64_t r1) {
+BITNET_AVX512 inline void RunAvx512Vnni(const Int8Problem& p, int64_t r0, int64_t r1) {
   RunTiled<4, Avx512VnniInt8Row>(p, r0, r1);
 }
 
 #endif  // BITNET_TERNARY_X86
 
-// Compute weight rows [r0, r1) of the int8 matmul for every token with path `isa`.
-inline void RunInt8Rows(int isa, const Int8Problem& p, int64_t r0, int64_t r1) {
-#if BITNET_TERNARY_X86
-  switch (isa) {
-    case kAvx512Vnni: RunAvx512VnniInt8(p, r0, r1); return;
-#if BITNET_TERNARY_AVXVNNI
-    case kAvxVnni: RunAvxVnniInt8(p, r0, r1); return;
-#endif
-    case kAvx2: RunAvx2Int8(p, r0, r1); return;
-    default: break;
-  }
-#else
-  (void)isa;
-#endif
+// The portable path; RunRows (ternary_cpu.h) dispatches to these overloads for Int8Problem.
+inline void RunScalar(const Int8Problem& p, int64_t r0, int64_t r1) {
   RunTiled<1, ScalarInt8Row>(p, r0, r1);
 }
 

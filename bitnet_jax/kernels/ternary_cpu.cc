@@ -228,7 +228,7 @@ ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer
   const bt::Int8Problem problem{x.typed_data(), job->xabs.data(), w.typed_data(),
                                 out->typed_data(), m, i, v};
   const int isa = g_isa.load(std::memory_order_relaxed);
-  job->rows = [problem, isa](int64_t r0, int64_t r1) { bt::RunInt8Rows(isa, problem, r0, r1); };
+  job->rows = [problem, isa](int64_t r0, int64_t r1) { bt::RunRows(isa, problem, r0, r1); };
   return Run(pool, job, v, ChunkRows(i, v), m * v * i);
 }
 

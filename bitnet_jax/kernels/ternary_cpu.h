@@ -228,6 +228,17 @@ inline void FixScaled(int32_t s[4]) {
   s[3] >>= 2;
 }
 
+// The end of one packed row for one token on the 256-bit paths: reduce the four plane
+// accumulators, undo the x4 planes, add the columns [kv, I) past the last full vector and store.
+BITNET_AVX2 inline void FinishRow(const Problem& p, int64_t m, int64_t row, const uint8_t* w,
+                                  const int8_t* x, int64_t kv, const __m256i acc[4]) {
+  alignas(16) int32_t s[4];
+  _mm_store_si128(reinterpret_cast<__m128i*>(s), Sum4x8(acc[0], acc[1], acc[2], acc[3]));
+  FixScaled(s);
+  CodeDotTail(w, x, kv, p.i, s);
+  StoreRow(p, m, row, s);
+}
+
 // AVX2: maddubs(u8 code, s8 x) gives pairs in [-2048, 2032] for the x4 planes, so int16 lanes
 // can add 16 of them without overflowing; we add 16 (512 columns), then widen with madd(., 1).
 template <int MB>
@@ -261,14 +272,7 @@ struct Avx2Row {
         for (int j = 0; j < 4; ++j)
           acc[mm][j] = _mm256_add_epi32(acc[mm][j], _mm256_madd_epi16(a16[mm][j], ones));
     }
-    for (int mm = 0; mm < MB; ++mm) {
-      alignas(16) int32_t s[4];
-      _mm_store_si128(reinterpret_cast<__m128i*>(s),
-                      Sum4x8(acc[mm][0], acc[mm][1], acc[mm][2], acc[mm][3]));
-      FixScaled(s);
-      CodeDotTail(w, x + mm * p.i, kv, p.i, s);
-      StoreRow(p, m0 + mm, row, s);
-    }
+    for (int mm = 0; mm < MB; ++mm) FinishRow(p, m0 + mm, row, w, x + mm * p.i, kv, acc[mm]);
   }
 };
 
@@ -297,14 +301,7 @@ struct AvxVnniRow {
         for (int j = 0; j < 4; ++j) acc[mm][j] = _mm256_dpbusd_avx_epi32(acc[mm][j], pl[j], xv);
       }
     }
-    for (int mm = 0; mm < MB; ++mm) {
-      alignas(16) int32_t s[4];
-      _mm_store_si128(reinterpret_cast<__m128i*>(s),
-                      Sum4x8(acc[mm][0], acc[mm][1], acc[mm][2], acc[mm][3]));
-      FixScaled(s);
-      CodeDotTail(w, x + mm * p.i, kv, p.i, s);
-      StoreRow(p, m0 + mm, row, s);
-    }
+    for (int mm = 0; mm < MB; ++mm) FinishRow(p, m0 + mm, row, w, x + mm * p.i, kv, acc[mm]);
   }
 };
 
@@ -379,8 +376,11 @@ BITNET_AVX512 inline void RunAvx512Vnni(const Problem& p, int64_t r0, int64_t r1
 
 #endif  // BITNET_TERNARY_X86
 
-// Compute packed rows [r0, r1) for every token with path `isa` (which must be supported).
-inline void RunRows(int isa, const Problem& p, int64_t r0, int64_t r1) {
+// Compute weight rows [r0, r1) for every token with path `isa` (which must be supported), for
+// either kernel: the Run* overloads for Int8Problem (int8_cpu.h) are found by argument-dependent
+// lookup when this is instantiated.
+template <class P>
+inline void RunRows(int isa, const P& p, int64_t r0, int64_t r1) {
 #if BITNET_TERNARY_X86
   switch (isa) {
     case kAvx512Vnni: RunAvx512Vnni(p, r0, r1); return;

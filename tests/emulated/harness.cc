@@ -34,11 +34,11 @@ int main() {
     bt::AbsBytes(x.data(), m * i, xa.data());
     std::vector<int32_t> r8(m * v), g8(m * v);
     bt::Int8Problem p8{x.data(), xa.data(), w8.data(), r8.data(), m, i, v};
-    bt::RunInt8Rows(bt::kScalar, p8, 0, v);
+    bt::RunRows(bt::kScalar, p8, 0, v);
     for (int isa : {bt::kAvx2, bt::kAvxVnni, bt::kAvx512Vnni}) {
       bt::Int8Problem q8 = p8; q8.out = g8.data();
       std::fill(g8.begin(), g8.end(), -7);
-      bt::RunInt8Rows(isa, q8, 0, v);
+      bt::RunRows(isa, q8, 0, v);
       ++cases; if (g8 != r8) { ++bad; std::printf("int8 mismatch isa=%d m=%ld i=%ld v=%ld\n", isa, m, i, v); }
     }
   }
