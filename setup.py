@@ -1,9 +1,9 @@
-"""Build step for the optional packed-ternary CPU kernel (bitnet_jax/kernels/ternary_cpu.cc).
+"""Build step for the optional packed-ternary CPU kernel (bitnet_jax/kernels/cpu/ternary_cpu.cc).
 
 All package metadata lives in pyproject.toml; this file only adds the C++ extension. It is
 compiled against the XLA FFI headers that jaxlib ships (`jaxlib/include`, the directory
 `jax.ffi.include_dir()` returns), which is why jaxlib is in [build-system] requires. The result
-is bitnet_jax/kernels/_ternary_cpu<EXT_SUFFIX> (a plain shared object loaded with ctypes, not a
+is bitnet_jax/kernels/cpu/_ternary_cpu<EXT_SUFFIX> (a plain shared object loaded with ctypes, not a
 Python module). Works for `pip install .`, `pip install -e .` and
 `python setup.py build_ext --inplace`.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNEL = "bitnet_jax.kernels._ternary_cpu"
+KERNEL = "bitnet_jax.kernels.cpu._ternary_cpu"
 
 
 def _jaxlib_include_dir() -> str:
@@ -52,7 +52,7 @@ class OptionalBuildExt(build_ext):
             if ctype == "msvc":
                 raise RuntimeError("MSVC builds are not supported (the kernel uses GCC/Clang "
                                    "target attributes)")
-            # cpu_ffi.py compares this with the jaxlib it runs under (FFI headers only work on
+            # kernels/cpu/ffi.py compares this with the jaxlib it runs under (FFI headers only work on
             # the same or newer XLA).
             ext.define_macros.append(
                 ("BITNET_JAXLIB_VERSION", f'"{importlib.metadata.version("jaxlib")}"'))
@@ -81,9 +81,9 @@ setup(
     ext_modules=[
         Extension(
             KERNEL,
-            sources=["bitnet_jax/kernels/ternary_cpu.cc"],
-            depends=["bitnet_jax/kernels/ternary_cpu.h", "bitnet_jax/kernels/int8_cpu.h",
-                     "bitnet_jax/kernels/attention_cpu.h"],
+            sources=["bitnet_jax/kernels/cpu/ternary_cpu.cc"],
+            depends=["bitnet_jax/kernels/cpu/ternary_cpu.h", "bitnet_jax/kernels/cpu/int8_cpu.h",
+                     "bitnet_jax/kernels/cpu/attention_cpu.h"],
             language="c++",
             # Lets setuptools skip copying a missing .so into the tree for editable installs.
             optional=True,

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax.bitlinear import unpack_ternary
-from bitnet_jax.kernels import cpu_ffi
+from bitnet_jax.quant import unpack_ternary
+from bitnet_jax.kernels.cpu import ffi as cpu_ffi
 from bitnet_jax.kernels.xla import ternary_matmul_xla
 
 SHAPES = ["2560x6912", "6912x2560", "1536x4096", "4096x1536"]

@@ -74,7 +74,7 @@ def bytes_per_token(path: Path, lm_head_bytes_per_weight: float, ctx: int,
                     kv_bytes_per_value: int = 2) -> dict:
     """Bytes one decode step reads: packed linears, LM head, KV cache at context `ctx`
     (float16 in llama.cpp and in bitnet-jax's CLI on CPU)."""
-    from bitnet_jax.gguf.reader import read_gguf
+    from bitnet_jax.formats.gguf.reader import read_gguf
 
     g = read_gguf(path)
     lin = emb = 0

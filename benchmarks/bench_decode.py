@@ -32,11 +32,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bitnet_jax.config import ModelConfig, load_config  # noqa: E402
-from bitnet_jax.devices import resolve_device, resolve_policy  # noqa: E402
-from bitnet_jax.generate import benchmark  # noqa: E402
-from bitnet_jax.loading import Model, load_model  # noqa: E402
-from bitnet_jax.params import linear_shapes, param_shapes  # noqa: E402
+from bitnet_jax.model.config import ModelConfig, load_config  # noqa: E402
+from bitnet_jax.runtime.placement import resolve_device, resolve_policy  # noqa: E402
+from bitnet_jax.runtime.generate import benchmark  # noqa: E402
+from bitnet_jax.formats.loader import Model, load_model  # noqa: E402
+from bitnet_jax.model.params import linear_shapes, param_shapes  # noqa: E402
 
 
 def random_packed_params(cfg: ModelConfig, seed: int = 0) -> dict:

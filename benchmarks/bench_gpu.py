@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax.bitlinear import unpack_ternary
-from bitnet_jax.kernels import pallas_gpu
+from bitnet_jax.quant import unpack_ternary
+from bitnet_jax.kernels.gpu import pallas as pallas_gpu
 from bitnet_jax.kernels.xla import ternary_matmul_xla
 
 REPO = Path(__file__).resolve().parents[1]
@@ -305,7 +305,7 @@ def cmd_env(args) -> None:
 
 
 def _policy(name: str, kernel: str):
-    from bitnet_jax.policy import Policy
+    from bitnet_jax.model.policy import Policy
 
     dtype = {"bf16": "bfloat16", "f32": "float32"}[name]
     return Policy(param_dtype=dtype, compute_dtype=dtype, output_dtype="float32", kernel=kernel)
@@ -324,10 +324,10 @@ def _random_model(config_path: str, layers: int | None, policy, seed: int = 0):
 def cmd_decode(args) -> None:
     """Greedy decode tokens/s with random weights: prefill, then `new` steps in one jitted scan."""
     _check_backend(args.allow_cpu)
-    from bitnet_jax.attention import init_cache
-    from bitnet_jax.model import apply, unembed
+    from bitnet_jax.model.attention import init_cache
+    from bitnet_jax.model.transformer import apply, unembed
 
-    # TODO(lead): switch to the shipped loop (bitnet_jax.generate.benchmark(model, prompt_tokens=,
+    # TODO(lead): switch to the shipped loop (bitnet_jax.runtime.generate.benchmark(model, prompt_tokens=,
     # gen_tokens=, batch=) was landing as this was written) so this measures sampling, stop
     # tokens and donation too; this stand-in is a greedy scan over model.apply + unembed.
     for pol_name in args.policies.split(","):
@@ -386,7 +386,7 @@ def cmd_decode(args) -> None:
 
 def _cast_float_params(params, dtype):
     """Cast float leaves (embeddings, norms) to `dtype`; packed leaves, scales included, stay."""
-    from bitnet_jax.bitlinear import is_packed
+    from bitnet_jax.quant import is_packed
 
     def cast(a):
         if is_packed(a) or not jnp.issubdtype(a.dtype, jnp.floating):

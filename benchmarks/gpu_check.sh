@@ -107,7 +107,7 @@ for s in "${STAGES[@]}"; do
       stage kernels "${T_KERNELS:-150}" python3 -m benchmarks.bench_gpu kernels
       ;;
     decode)
-      # TODO(lead): extend once bitnet_jax.generate lands (see bench_gpu.cmd_decode).
+      # TODO(lead): extend once bitnet_jax.runtime.generate lands (see bench_gpu.cmd_decode).
       stage decode "${T_DECODE:-150}" bash -c '
         python3 -m benchmarks.bench_gpu decode --policies bf16 --kernels pallas,xla --batch 1,8,32,64 &&
         python3 -m benchmarks.bench_gpu decode --policies f32 --kernels pallas --batch 1,64'

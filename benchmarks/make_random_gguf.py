@@ -31,12 +31,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bitnet_jax.config import ModelConfig  # noqa: E402
-from bitnet_jax.gguf.arch import (  # noqa: E402
+from bitnet_jax.model.config import ModelConfig  # noqa: E402
+from bitnet_jax.formats.gguf.arch import (  # noqa: E402
     LINEAR_NAMES, NORM_NAMES, block_tensor, metadata_for_config)
-from bitnet_jax.gguf.reader import read_gguf  # noqa: E402
-from bitnet_jax.gguf.write import FILE_TYPES, TensorEntry, ternary_entry, write_gguf  # noqa: E402
-from bitnet_jax.params import linear_shapes  # noqa: E402
+from bitnet_jax.formats.gguf.reader import read_gguf  # noqa: E402
+from bitnet_jax.formats.gguf.write import FILE_TYPES, TensorEntry, ternary_entry, write_gguf  # noqa: E402
+from bitnet_jax.model.params import linear_shapes  # noqa: E402
 
 SHAPES = {
     "large": dict(arch="bitnet", vocab="ggml-vocab-llama-spm.gguf", cfg=dict(

@@ -1,42 +1,63 @@
 """bitnet_jax: BitNet b1.58 language models as pure JAX functions.
 
 Public API (everything else is an implementation detail):
-  load_model(path) -> Model          HF directory or GGUF file
+  load_model(path) -> Model          HF directory, GGUF file or llama2.c .bin
   forward(params, tokens, config)    [B, T] int32 -> [B, T, V] float32 logits
   load_tokenizer(path) -> Tokenizer
-  generate(model, prompts, ...) / stream(model, prompt, ...)
-  ModelConfig, Policy, BitNetError
+  generate(model, prompts, ...) / stream(model, prompt, ...) / warmup(model, ...)
+  ModelConfig, Policy, SamplingParams, BitNetError, DEFAULT_MODEL (the bundled model)
+
+The names are imported on first use (PEP 562), so `import bitnet_jax` does not import JAX: the
+`bitnet-jax` command installs its Ctrl-C handling before anything heavy loads, and
+`bitnet-jax --version` answers at once. Each name lives in exactly one module, listed here.
 """
 
-from bitnet_jax.config import ModelConfig, from_hf, load_config
-from bitnet_jax.errors import BitNetError
-from bitnet_jax.generate import Result, SamplingParams, generate, stream, warmup
-from bitnet_jax.loading import Model, load_model
-from bitnet_jax.model import apply, forward, unembed
-from bitnet_jax.params import init_params, pack_params
-from bitnet_jax.policy import POLICIES, Policy, get_policy
-from bitnet_jax.tokenizer import Tokenizer, load_tokenizer
+from __future__ import annotations
 
-__all__ = [
-    "BitNetError",
-    "Model",
-    "ModelConfig",
-    "POLICIES",
-    "Policy",
-    "Result",
-    "SamplingParams",
-    "Tokenizer",
-    "apply",
-    "forward",
-    "from_hf",
-    "generate",
-    "get_policy",
-    "init_params",
-    "load_config",
-    "load_model",
-    "load_tokenizer",
-    "pack_params",
-    "stream",
-    "unembed",
-    "warmup",
-]
+import importlib
+import importlib.metadata
+
+try:
+    __version__ = importlib.metadata.version("bitnet-jax")
+except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
+
+_EXPORTS = {
+    "BitNetError": "bitnet_jax.errors",
+    "DEFAULT_MODEL": "bitnet_jax.formats.loader",
+    "Model": "bitnet_jax.formats.loader",
+    "load_model": "bitnet_jax.formats.loader",
+    "ModelConfig": "bitnet_jax.model.config",
+    "from_hf": "bitnet_jax.model.config",
+    "load_config": "bitnet_jax.model.config",
+    "POLICIES": "bitnet_jax.model.policy",
+    "Policy": "bitnet_jax.model.policy",
+    "get_policy": "bitnet_jax.model.policy",
+    "init_params": "bitnet_jax.model.params",
+    "pack_params": "bitnet_jax.model.params",
+    "apply": "bitnet_jax.model.transformer",
+    "forward": "bitnet_jax.model.transformer",
+    "unembed": "bitnet_jax.model.transformer",
+    "Result": "bitnet_jax.runtime.generate",
+    "generate": "bitnet_jax.runtime.generate",
+    "stream": "bitnet_jax.runtime.generate",
+    "warmup": "bitnet_jax.runtime.generate",
+    "SamplingParams": "bitnet_jax.runtime.sampling",
+    "Tokenizer": "bitnet_jax.tokenizer",
+    "load_tokenizer": "bitnet_jax.formats.tokenizer",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bitnet_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

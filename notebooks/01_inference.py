@@ -27,11 +27,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import bitnet_jax as bj
-from bitnet_jax import bitlinear, layers
-from bitnet_jax import model as M
-from bitnet_jax import params as P
-from bitnet_jax.attention import attention_mask
-from bitnet_jax.cli import DEFAULT_MODEL
+from bitnet_jax import quant
+from bitnet_jax.model import layers
+from bitnet_jax.model import transformer as M
+from bitnet_jax.model import params as P
+from bitnet_jax.model.cache import attention_mask
+from bitnet_jax import DEFAULT_MODEL
 
 path = os.environ.get("BITNET_JAX_NOTEBOOK_MODEL", str(DEFAULT_MODEL))
 model = bj.load_model(path)
@@ -73,7 +74,7 @@ names = [("self_attn", n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
 fractions = {}
 for mod, name in names:
     leaf = p0[mod][name]
-    t = np.asarray(bitlinear.unpack_ternary(leaf["packed"]))
+    t = np.asarray(quant.unpack_ternary(leaf["packed"]))
     fractions[name] = [(t == v).mean() for v in (-1, 0, 1)]
     print(f"{name:10s} {str(t.shape):14s} scale={float(leaf['scale']):.4f} "
           f"-1/0/+1 = {fractions[name][0]:.2f}/{fractions[name][1]:.2f}/{fractions[name][2]:.2f}")
@@ -98,7 +99,7 @@ plt.show()
 policy = bj.get_policy("cpu")
 x = M.embed(model.params, tokens, policy)  # [1, T, D]
 a = layers.rms_norm(x, p0["input_layernorm"], cfg.rms_norm_eps)
-x_q, step = bitlinear.quantize_activations(a)  # int8 [1, T, D], step [1, T, 1]
+x_q, step = quant.quantize_activations(a)  # int8 [1, T, D], step [1, T, 1]
 print("int8 range:", int(x_q.min()), int(x_q.max()))
 
 fig, ax = plt.subplots(1, 2, figsize=(10, 3))
@@ -115,7 +116,7 @@ t = tokens.shape[1]
 positions = jnp.arange(t, dtype=jnp.int32)[None, :]
 cos, sin = layers.rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
 mask = attention_mask(jnp.zeros((1,), jnp.int32), jnp.int32(0), t, t)
-x1 = M.block(p0, x, cos, sin, mask, cfg, policy)  # [1, T, D]: layer 0's output
+x1, _ = M.block(p0, x, cos, sin, mask, cfg, policy)  # [1, T, D]: layer 0's output
 
 # Cross-check: running a one-layer slice of the params through the scanned model gives the same.
 one = {**model.params, "layers": jax.tree.map(lambda w: w[:1], model.params["layers"])}

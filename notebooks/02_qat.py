@@ -28,8 +28,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import bitnet_jax as bj
-from bitnet_jax import train
-from bitnet_jax.cli import DEFAULT_MODEL
+from bitnet_jax.train import loop as train
+from bitnet_jax import DEFAULT_MODEL
 
 path = os.environ.get("BITNET_JAX_NOTEBOOK_MODEL", str(DEFAULT_MODEL))
 model = bj.load_model(path, packed=False)  # latent float weights t·σ, for training

@@ -30,9 +30,9 @@ import numpy as np
 
 import bitnet_jax as bj
 from bitnet_jax import kernels
-from bitnet_jax.bitlinear import pack_ternary
-from bitnet_jax.cli import DEFAULT_MODEL
-from bitnet_jax.kernels import cpu_ffi
+from bitnet_jax.quant import pack_ternary
+from bitnet_jax import DEFAULT_MODEL
+from bitnet_jax.kernels.cpu import ffi as cpu_ffi
 
 print("FFI kernel:", cpu_ffi.available() and cpu_ffi.isa(), cpu_ffi.unavailable_reason() or "")
 impls = ["xla"] + (["ffi"] if cpu_ffi.available() else [])
@@ -85,7 +85,7 @@ plt.show()
 # %%
 path = os.environ.get("BITNET_JAX_NOTEBOOK_MODEL", str(DEFAULT_MODEL))
 model = bj.load_model(path)
-from bitnet_jax.generate import benchmark  # noqa: E402
+from bitnet_jax.runtime.generate import benchmark  # noqa: E402
 
 speed = {k: [] for k in impls}
 batches = [1, 2, 4, 8]

@@ -76,7 +76,7 @@ def _tiny_params(cfg, seed: int):
     Weights are N(0, TINY_STD²) and norm gains 1 + N(0, 0.2²), so a swapped norm changes the
     output. NumPy keeps fixture set-up instant (each new shape of jax.random compiles).
     """
-    from bitnet_jax.params import param_shapes
+    from bitnet_jax.model.params import param_shapes
 
     gen = np.random.default_rng(seed)
     shapes = param_shapes(cfg)
@@ -95,7 +95,7 @@ def _tiny_params(cfg, seed: int):
 @pytest.fixture(scope="session")
 def tiny_cfg():
     """configs/tiny.json: V=61 D=32 F=48 N=4 K=2 H=8 L=2, relu², sub-norms, tied, BitNet."""
-    from bitnet_jax.config import load_config
+    from bitnet_jax.model.config import load_config
 
     return load_config(TINY_CONFIG)
 
@@ -109,7 +109,7 @@ def tiny_params(tiny_cfg):
 @pytest.fixture(scope="session")
 def tiny_packed_params(tiny_cfg, tiny_params):
     """`tiny_params` with every BitLinear leaf ternarised and packed ({"packed", "scale"})."""
-    from bitnet_jax.params import pack_params
+    from bitnet_jax.model.params import pack_params
 
     return pack_params(tiny_params, tiny_cfg)
 

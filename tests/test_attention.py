@@ -7,15 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax.attention import attend, attention, attention_mask, cached_attention, init_cache
-from bitnet_jax.layers import rope_frequencies
-from bitnet_jax.params import layer
-from bitnet_jax.policy import Policy
+from bitnet_jax.model.attention import attend, attention, cached_attention
+from bitnet_jax.model.cache import attention_mask, init_cache
+from bitnet_jax.model.layers import rope_frequencies
+from bitnet_jax.model.params import layer
+from bitnet_jax.model.policy import Policy
 from conftest import LEAF_TOL
 from test_layers import np_rms_norm, np_rope_half
 
 F32 = Policy()
-jit_attention = jax.jit(attention, static_argnums=(5, 6))
+jit_attention = jax.jit(lambda *a: attention(*a)[0], static_argnums=(5, 6))
 
 
 def test_causal_mask_literal():
@@ -94,25 +95,30 @@ def test_gqa_attention_matches_numpy(tiny_cfg, tiny_float_params, tiny_params, r
     assert np.abs(want - wrong).max() > 100 * LEAF_TOL
 
 
-def test_attention_writes_and_reads_through_kv(tiny_cfg, tiny_params, rng):
-    # The `kv` hook receives this call's queries [B, T, N, H] and keys/values [B, K, T, H] and
-    # returns the attention output; attending over exactly those keys gives the uncached result.
+def test_attention_returns_the_cache_it_wrote(tiny_cfg, tiny_params, rng):
+    # With a cache, attention writes this call's keys/values into layer `layer` at the cursor and
+    # returns the new cache; attending over exactly those keys gives the uncached result.
     cfg = tiny_cfg
     p = layer(tiny_params, 0)["self_attn"]
     x = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
     positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
     cos, sin = rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
     mask = attention_mask(jnp.zeros((2,), jnp.int32), jnp.int32(0), 5, 5)
-    seen = []
+    cache = init_cache(cfg, batch=2, length=5)
+    xla = F32.replace(kernel="xla")
 
-    def kv(q, k, v):
-        seen.append((q.shape, k.shape, v.shape))
-        return attend(q, k, v, mask, cfg, F32)
+    @jax.jit
+    def cached(p, x, cache):
+        return attention(p, x, cos, sin, mask, cfg, xla, cache, layer=jnp.int32(1),
+                         index=jnp.int32(0), starts=jnp.zeros((2,), jnp.int32))
 
-    y_kv = jax.jit(lambda p, x: attention(p, x, cos, sin, mask, cfg, F32, kv))(p, x)
-    y = jit_attention(p, x, cos, sin, mask, cfg, F32)
-    assert seen == [((2, 5, 4, 8), (2, 2, 5, 8), (2, 2, 5, 8))]
-    np.testing.assert_array_equal(np.asarray(y_kv), np.asarray(y))
+    y_cached, new = cached(p, x, cache)
+    y, none = jax.jit(lambda p, x: attention(p, x, cos, sin, mask, cfg, xla))(p, x)
+    assert none is None
+    assert new["k"].shape == cache["k"].shape == (cfg.num_hidden_layers, 2, 2, 5, 8)
+    assert float(jnp.abs(new["k"][1]).max()) > 0 and float(jnp.abs(new["v"][1]).max()) > 0
+    assert float(jnp.abs(new["k"][0]).max()) == 0  # other layers untouched
+    np.testing.assert_allclose(np.asarray(y_cached), np.asarray(y), rtol=1e-6, atol=1e-6)
 
 
 # (heads N, kv heads K, head_dim H, batch, new tokens T, cache slots S, write cursor, starts):
@@ -131,8 +137,8 @@ ATTN_CASES = [
 @pytest.mark.parametrize("n,k,h,b,t,s,index,starts", ATTN_CASES)
 def test_cached_attention_cpu_kernel_matches_xla(n, k, h, b, t, s, index, starts, cache_dtype):
     # Both paths read the same (possibly 16-bit) cache values widened to float32.
-    from bitnet_jax.config import ModelConfig
-    from bitnet_jax.kernels import cpu_ffi
+    from bitnet_jax.model.config import ModelConfig
+    from bitnet_jax.kernels.cpu import ffi as cpu_ffi
 
     if jax.default_backend() != "cpu" or not cpu_ffi.available():
         pytest.skip(f"CPU FFI extension not available: {cpu_ffi.unavailable_reason()}")

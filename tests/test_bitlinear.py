@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax.bitlinear import (bitlinear, fake_quantize_activations, is_packed, pack_ternary,
-                                  pack_weights, quantize_activations, quantize_weights,
-                                  unpack_ternary, unpack_weights)
-from bitnet_jax.checkpoint import pack_ternary_np, unpack_ternary_np
+from bitnet_jax.model.bitlinear import bitlinear
+from bitnet_jax.quant import (fake_quantize_activations, is_packed, pack_ternary, pack_ternary_np,
+                              pack_weights, quantize_activations, quantize_weights,
+                              unpack_ternary, unpack_ternary_np, unpack_weights)
 from bitnet_jax.kernels.xla import ternary_matmul_xla
-from bitnet_jax.policy import Policy
+from bitnet_jax.model.policy import Policy
 from conftest import LEAF_TOL
 
 F32 = Policy()

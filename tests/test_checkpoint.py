@@ -18,11 +18,12 @@ import pytest
 from safetensors.numpy import save_file
 
 from bitnet_jax import load_model
-from bitnet_jax.bitlinear import is_packed
-from bitnet_jax.checkpoint import load_hf, save_hf, unpack_ternary_np
+from bitnet_jax.quant import is_packed
+from bitnet_jax.formats.hf import load_hf, save_hf
+from bitnet_jax.quant import unpack_ternary_np
 from bitnet_jax.errors import BitNetError, CheckpointError, ConfigError
-from bitnet_jax.params import BITLINEAR_PATHS
-from bitnet_jax.safetensors_io import read_safetensors, write_safetensors
+from bitnet_jax.model.params import BITLINEAR_PATHS
+from bitnet_jax.formats.safetensors import read_safetensors, write_safetensors
 from conftest import TINY_CONFIG
 
 

@@ -17,12 +17,12 @@ import sys
 import jax
 import pytest
 
-from bitnet_jax import cli
-from bitnet_jax.checkpoint import save_hf
-from bitnet_jax.config import load_config
-from bitnet_jax.generate import generate, stream
-from bitnet_jax.loading import load_model
-from bitnet_jax.params import init_params, pack_params
+from bitnet_jax.cli import main as cli
+from bitnet_jax.formats.hf import save_hf
+from bitnet_jax.model.config import load_config
+from bitnet_jax.runtime.generate import generate, stream
+from bitnet_jax.formats.loader import load_model
+from bitnet_jax.model.params import init_params, pack_params
 from conftest import ROOT, require_shared
 
 GPT2_VOCAB = 50257

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bitnet_jax.config import ModelConfig, from_hf, load_config
+from bitnet_jax.model.config import ModelConfig, from_hf, load_config
 from bitnet_jax.errors import BitNetError, ConfigError
-from bitnet_jax.policy import POLICIES, Policy, get_policy
+from bitnet_jax.model.policy import POLICIES, Policy, get_policy
 from conftest import CONFIGS, TINY_CONFIG
 
 PRESETS = sorted(CONFIGS.glob("*.json"))
@@ -24,7 +24,7 @@ def _tiny_hf() -> dict:
 def test_every_preset_loads_validates_and_roundtrips(path):
     raw = json.loads(path.read_text())
     if "architectures" not in raw:  # a run config (configs/train-*.json) naming its model
-        from bitnet_jax.train import load_train_config
+        from bitnet_jax.train.loop import load_train_config
 
         run = load_train_config(path)
         raw = run.model if isinstance(run.model, dict) else load_config(run.model).to_hf()
@@ -212,7 +212,7 @@ def test_policy_presets_and_normalisation():
 
 def test_non_object_rope_scaling_is_a_config_error():
     # Regression: a string rope_scaling raised AttributeError instead of naming the field.
-    from bitnet_jax.config import from_hf
+    from bitnet_jax.model.config import from_hf
     from bitnet_jax.errors import ConfigError
 
     hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": 11, "hidden_size": 8,

@@ -34,11 +34,11 @@ llama_cpp = pytest.importorskip(
 import jax  # noqa: E402
 
 import bitnet_jax as bj  # noqa: E402
-from bitnet_jax.config import ModelConfig  # noqa: E402
-from bitnet_jax.gguf import load_gguf, read_gguf, write_model_gguf  # noqa: E402
-from bitnet_jax.gguf import quants  # noqa: E402
-from bitnet_jax.loading import Model  # noqa: E402
-from bitnet_jax.params import linear_shapes  # noqa: E402
+from bitnet_jax.model.config import ModelConfig  # noqa: E402
+from bitnet_jax.formats.gguf import load_gguf, read_gguf, write_model_gguf  # noqa: E402
+from bitnet_jax.formats.gguf import quants  # noqa: E402
+from bitnet_jax.formats.loader import Model  # noqa: E402
+from bitnet_jax.model.params import linear_shapes  # noqa: E402
 
 N_TOKENS = 48
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -122,7 +122,7 @@ def test_llamacpp_matches_bitnet_jax_on_our_file(qtype, spm_vocab, tmp_path):
 
 def _hf_1bitllm_folder(model: Model, folder: Path) -> None:
     """An HF folder the way 1bitLLM ships it: latent fp32 weights, 1bitLLM sub-norm names."""
-    from bitnet_jax.safetensors_io import write_safetensors
+    from bitnet_jax.formats.safetensors import write_safetensors
 
     cfg, params = model.config, jax.tree.map(np.asarray, model.params)
     names = {"attn_sub_norm": "self_attn.inner_attn_ln", "ffn_sub_norm": "mlp.ffn_layernorm"}

@@ -11,11 +11,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bitnet_jax.devices import (compilation_cache_dir, place_params, resolve_device,
+from bitnet_jax.runtime.compile_cache import compilation_cache_dir
+from bitnet_jax.runtime.placement import (place_params, resolve_device,
                                 resolve_policy)
 from bitnet_jax.errors import DeviceError
-from bitnet_jax.loading import Model
-from bitnet_jax.policy import get_policy
+from bitnet_jax.formats.loader import Model
+from bitnet_jax.model.policy import get_policy
 from conftest import ROOT
 
 ONLY_CPU = all(d.platform == "cpu" for d in jax.devices())
@@ -50,7 +51,7 @@ def test_unknown_backend_is_refused():
 def test_ensure_on_device_moves_only_what_is_elsewhere():
     out = _run_python("""
         import numpy as np, jax
-        from bitnet_jax.devices import ensure_on_device
+        from bitnet_jax.runtime.placement import ensure_on_device
         d0, d1 = jax.devices("cpu")
         there = jax.device_put(np.zeros(2), d1)
         tree = {"a": jax.device_put(np.arange(3), d0), "b": np.ones(2), "c": [there]}
@@ -107,8 +108,8 @@ def test_persistent_cache_is_enabled_when_the_engine_first_compiles(tmp_path):
     out = _run_python(f"""
         import jax
         import bitnet_jax
-        from bitnet_jax.config import load_config
-        from bitnet_jax.params import init_params, pack_params
+        from bitnet_jax.model.config import load_config
+        from bitnet_jax.model.params import init_params, pack_params
         assert not jax.config.jax_compilation_cache_dir, "set at import"
         cfg = load_config({str(ROOT / "configs" / "tiny.json")!r})
         params = pack_params(init_params(cfg, jax.random.key(0), std=0.3), cfg)

@@ -14,13 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax import engine
-from bitnet_jax.attention import init_cache
-from bitnet_jax import model as model_lib
+from bitnet_jax.runtime import engine
+from bitnet_jax.model.cache import init_cache
+from bitnet_jax.model import transformer as model_lib
 from bitnet_jax.errors import GenerationError
-from bitnet_jax.generate import SamplingParams, generate, stream, warmup
-from bitnet_jax.loading import Model
-from bitnet_jax.params import pack_params
+from bitnet_jax.runtime.generate import SamplingParams, generate, stream, warmup
+from bitnet_jax.formats.loader import Model
+from bitnet_jax.model.params import pack_params
 
 CONTEXT = 64  # tiny.json max_position_embeddings
 NORM_SCALE = 4.0

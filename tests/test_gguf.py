@@ -24,13 +24,13 @@ import numpy as np
 import pytest
 
 import bitnet_jax as bj
-from bitnet_jax.config import ModelConfig
+from bitnet_jax.model.config import ModelConfig
 from bitnet_jax.errors import GGUFError
-from bitnet_jax.gguf import (
+from bitnet_jax.formats.gguf import (
     TensorEntry, convert_main, inspect_main, load_gguf, read_gguf, write_gguf, write_model_gguf)
-from bitnet_jax.gguf import quants
-from bitnet_jax.gguf.arch import inverse_llama_permutation, llama_permutation
-from bitnet_jax.loading import Model
+from bitnet_jax.formats.gguf import quants
+from bitnet_jax.formats.gguf.arch import inverse_llama_permutation, llama_permutation
+from bitnet_jax.formats.loader import Model
 
 TOKENS = jnp.array([[1, 5, 9, 200, 17, 3, 44, 250, 7, 300]], jnp.int32)
 
@@ -62,7 +62,7 @@ def _f16(x: np.ndarray) -> np.ndarray:
 def _model(kind: str = "relu2", tied: bool = True, seed: int = 0, exact: bool = True) -> Model:
     """Random model built in numpy: ternary weights (40% zeros), σ ~ U(0.02, 0.06), embedding
     std 1 (peaked logits), norm gains 1 ± 0.2. `exact`: embedding and σ fp16-representable."""
-    from bitnet_jax.params import linear_shapes
+    from bitnet_jax.model.params import linear_shapes
 
     cfg = _config(kind, tied)
     rng = np.random.default_rng(seed)
@@ -148,7 +148,7 @@ def test_tq_layouts_match_gguf_quants(qtype, rng):
 
 
 def test_pack_codes_matches_hf_layout(rng):
-    from bitnet_jax.checkpoint import pack_ternary_np
+    from bitnet_jax.quant import pack_ternary_np
 
     t = rng.integers(-1, 2, size=(16, 24)).astype(np.int8)
     packed = quants.pack_codes((t + 1).astype(np.uint8))
@@ -311,7 +311,7 @@ def test_written_file_reads_with_upstream_gguf_reader(tmp_path):
 
 
 def test_convert_cli_from_hf_folder(tmp_path, capsys):
-    from bitnet_jax.checkpoint import save_hf
+    from bitnet_jax.formats.hf import save_hf
 
     model = _model("silu", seed=10)
     hf = tmp_path / "hf"
@@ -441,7 +441,7 @@ def test_quantized_and_float_embeddings(embed_type, tmp_path):
 
 
 def test_latent_float_weights_get_absmean_ternarisation(tmp_path, rng):
-    from bitnet_jax.checkpoint import _ternarize_np
+    from bitnet_jax.quant import ternarize_np
 
     model = _model("silu", seed=18)
     latent = {}
@@ -455,7 +455,7 @@ def test_latent_float_weights_get_absmean_ternarisation(tmp_path, rng):
     _llamacpp_style_file(path, model, "f32", latent=latent)
     loaded = load_gguf(path)
     leaf = loaded.params["layers"]["mlp"]["down_proj"]
-    t, gamma = _ternarize_np(latent[(1, "ffn_down")])
+    t, gamma = ternarize_np(latent[(1, "ffn_down")])
     np.testing.assert_array_equal(_unpack(leaf)[1], t)
     assert float(leaf["scale"][1]) == pytest.approx(float(gamma), rel=1e-6)
     latent_model = load_gguf(path, packed=False)  # packed=False keeps the file's floats
@@ -643,7 +643,7 @@ def test_model_level_errors(tmp_path):
     with pytest.raises(GGUFError, match="architecture 'qwen2'"):
         load_gguf(path)
     # A valid file with one tensor removed / renamed / given a wrong shape.
-    from bitnet_jax.gguf.write import model_metadata, model_tensors
+    from bitnet_jax.formats.gguf.write import model_metadata, model_tensors
 
     base_meta = model_metadata(model.config, "bitnet-b1.58", "tq2_0", "m")
     entries = model_tensors(model.config, model.params, "bitnet-b1.58", "tq2_0")

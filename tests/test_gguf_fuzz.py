@@ -15,11 +15,11 @@ import struct
 import numpy as np
 import pytest
 
-from bitnet_jax.config import ModelConfig
+from bitnet_jax.model.config import ModelConfig
 from bitnet_jax.errors import BitNetError
-from bitnet_jax.gguf import load_gguf, write_gguf
-from bitnet_jax.gguf.write import model_metadata, model_tensors
-from bitnet_jax.gguf import quants
+from bitnet_jax.formats.gguf import load_gguf, write_gguf
+from bitnet_jax.formats.gguf.write import model_metadata, model_tensors
+from bitnet_jax.formats.gguf import quants
 
 SEED = 20240611
 BOUNDARY_U64 = (0, 1, 2, 3, 7, 255, 1 << 31, (1 << 32) - 1, 1 << 32, 1 << 62, (1 << 63) + 5,
@@ -47,7 +47,7 @@ def _base_file(path) -> bytes:
                       linear_class="autobitlinear", bos_token_id=1, eos_token_id=2)
     rng = np.random.default_rng(0)
     layers = {"self_attn": {}, "mlp": {}}
-    from bitnet_jax.params import linear_shapes
+    from bitnet_jax.model.params import linear_shapes
 
     for (mod, name), (o, i) in linear_shapes(cfg).items():
         codes = rng.integers(0, 3, size=(1, o, i)).astype(np.uint8)

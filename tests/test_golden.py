@@ -1,4 +1,4 @@
-"""Golden outputs: karpathy's stories260K (llama2.c) reproduced through bitnet_jax.llama2c.
+"""Golden outputs: karpathy's stories260K (llama2.c) reproduced through bitnet_jax.formats.llama2c.
 
 shared/data README §3: a float Llama (D=64 F=172 L=5 N=8 K=4 V=512) in llama2.c's v0 format,
 with BOS + 200 greedy ids, the logits at positions 0..7 of that run, and llama2.c's own printed
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from bitnet_jax import forward, load_model
-from bitnet_jax.attention import init_cache
+from bitnet_jax.model.cache import init_cache
 from bitnet_jax.errors import CheckpointError
-from bitnet_jax.llama2c import is_llama2c, load_llama2c, read_llama2c
-from bitnet_jax.model import apply, unembed
+from bitnet_jax.formats.llama2c import is_llama2c, load_llama2c, read_llama2c
+from bitnet_jax.model.transformer import apply, unembed
 from conftest import MODEL_TOL, require_shared
 
 STORIES = ("models", "stories260K")

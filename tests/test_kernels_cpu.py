@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax import bitlinear, kernels
-from bitnet_jax.kernels import cpu_ffi
+from bitnet_jax import kernels, quant
+from bitnet_jax.model import bitlinear
+from bitnet_jax.kernels.cpu import ffi as cpu_ffi
 from bitnet_jax.kernels.xla import int8_matmul_xla, ternary_matmul_xla
-from bitnet_jax.policy import Policy
+from bitnet_jax.model.policy import Policy
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "cpu", reason="the FFI kernel runs on JAX's CPU backend only"
@@ -103,7 +104,7 @@ def test_ffi_accumulator_extremes():
     x[0], x[1], x[2], x[3] = -128, 127, -128, 127
     t = np.ones((8, i), np.int8)
     t[4:] = -1
-    packed = bitlinear.pack_ternary(jnp.asarray(t))
+    packed = quant.pack_ternary(jnp.asarray(t))
     expected = x.astype(np.int64) @ t.T.astype(np.int64)
     results = _each_isa(lambda: cpu_ffi.ternary_matmul_kernel(jnp.asarray(x), packed))
     for name, got in results.items():
@@ -191,7 +192,7 @@ def test_ffi_valid_packing_roundtrip():
     rng = np.random.default_rng(7)
     t = jnp.asarray(rng.integers(-1, 2, (96, 200)), jnp.int8)
     x = jnp.asarray(rng.integers(-128, 128, (9, 200), dtype=np.int8))
-    got = cpu_ffi.ternary_matmul_kernel(x, bitlinear.pack_ternary(t))
+    got = cpu_ffi.ternary_matmul_kernel(x, quant.pack_ternary(t))
     expected = np.asarray(x, np.int64) @ np.asarray(t, np.int64).T
     np.testing.assert_array_equal(np.asarray(got), expected)
 
@@ -243,14 +244,14 @@ def test_dispatcher_selects_ffi():
         got = jax.jit(lambda a, b, k=kernel: kernels.ternary_matmul(a, b, kernel=k))(x, packed)
         np.testing.assert_array_equal(np.asarray(got), expected)
     if jax.default_backend() == "cpu":
-        assert kernels._auto_kernel() == "ffi"
+        assert kernels.choose_kernel() == "ffi"
 
 
 @needs_ffi
 def test_bitlinear_ffi_equals_xla():
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(2, 5, 320)), jnp.float32)
-    leaf = bitlinear.pack_weights(jnp.asarray(rng.normal(size=(48, 320)), jnp.float32))
+    leaf = quant.pack_weights(jnp.asarray(rng.normal(size=(48, 320)), jnp.float32))
     y_ffi = jax.jit(lambda a: bitlinear.bitlinear(a, leaf, Policy(kernel="ffi")))(x)
     y_xla = jax.jit(lambda a: bitlinear.bitlinear(a, leaf, Policy(kernel="xla")))(x)
     assert y_ffi.shape == (2, 5, 48)
@@ -263,7 +264,7 @@ def test_gradients_through_packed_bitlinear_match_xla():
     # gradient w.r.t. scale and x (through the activation step) must equal the XLA path's.
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.normal(size=(3, 64)), jnp.float32)
-    leaf = bitlinear.pack_weights(jnp.asarray(rng.normal(size=(16, 64)), jnp.float32))
+    leaf = quant.pack_weights(jnp.asarray(rng.normal(size=(16, 64)), jnp.float32))
 
     def loss(scale, a, kernel):
         w = {"packed": leaf["packed"], "scale": scale}
@@ -278,7 +279,7 @@ def test_gradients_through_packed_bitlinear_match_xla():
 
 @needs_ffi
 def test_isa_env_var_selects_initial_path():
-    code = "from bitnet_jax.kernels import cpu_ffi; cpu_ffi.available(); print(cpu_ffi.isa())"
+    code = "from bitnet_jax.kernels.cpu import ffi; ffi.available(); print(ffi.isa())"
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, BITNET_JAX_CPU_ISA="scalar",
                PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
@@ -320,7 +321,7 @@ def test_fallback_when_extension_missing(monkeypatch):
         assert not cpu_ffi.available()
         got = kernels.ternary_matmul(x, packed, kernel="ffi")
         got2 = jax.jit(lambda a, b: kernels.ternary_matmul(a, b, kernel="ffi"))(x, packed)
-        auto = kernels._auto_kernel()
+        auto = kernels.choose_kernel()
     ours = [w for w in caught if "FFI kernel unavailable" in str(w.message)]
     assert len(ours) == 1 and "simulated missing" in str(ours[0].message)
     assert cpu_ffi.unavailable_reason() == "OSError: simulated missing _ternary_cpu.so"

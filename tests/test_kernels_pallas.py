@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 
 from bitnet_jax import kernels
-from bitnet_jax.bitlinear import bitlinear, pack_ternary, pack_weights
+from bitnet_jax.model.bitlinear import bitlinear
+from bitnet_jax.quant import pack_ternary, pack_weights
 from bitnet_jax.errors import ConfigError, DeviceError
-from bitnet_jax.kernels import pallas_gpu
-from bitnet_jax.kernels.pallas_gpu import BlockConfig, ternary_matmul_pallas
+from bitnet_jax.kernels.gpu import pallas as pallas_gpu
+from bitnet_jax.kernels.gpu.pallas import BlockConfig, ternary_matmul_pallas
 from bitnet_jax.kernels.xla import ternary_matmul_xla
-from bitnet_jax.policy import Policy
+from bitnet_jax.model.policy import Policy
 
 ON_GPU = jax.default_backend() in ("gpu", "cuda", "rocm")
 

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax.layers import activation, apply_rope, rms_norm, rope_frequencies
-from bitnet_jax.llama2c import interleaved_to_half
+from bitnet_jax.model.layers import activation, apply_rope, rms_norm, rope_frequencies
+from bitnet_jax.formats.llama2c import interleaved_to_half
 from conftest import LEAF_TOL
 
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 import bitnet_jax as bj
-from bitnet_jax.checkpoint import save_hf
-from bitnet_jax.params import quantize_lm_head, row_int8_np
+from bitnet_jax.formats.hf import save_hf
+from bitnet_jax.model.params import quantize_lm_head
 
 # Hidden size 256 (multiple of 256, so TQ2_0 rows fit), tied embeddings, relu² and sub-norms.
+from bitnet_jax.quant import row_int8_np
 CFG = bj.ModelConfig(vocab_size=97, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                      hidden_act="relu2", tie_word_embeddings=True, architecture="BitNetForCausalLM",
@@ -38,7 +39,7 @@ def test_loaders_make_the_same_int8_head(packed, tmp_path, fmt):
     save_hf(hf, CFG, packed)
     path = hf
     if fmt != "hf":
-        from bitnet_jax.gguf.write import write_model_gguf
+        from bitnet_jax.formats.gguf.write import write_model_gguf
 
         path = tmp_path / f"m-{fmt}.gguf"
         write_model_gguf(bj.load_model(hf), path, qtype=fmt)

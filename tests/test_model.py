@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 
 from bitnet_jax import forward
-from bitnet_jax.attention import attention_mask, init_cache
-from bitnet_jax.bitlinear import is_packed
-from bitnet_jax.layers import rope_frequencies
-from bitnet_jax.model import apply, block, embed, unembed
-from bitnet_jax.params import (BITLINEAR_PATHS, count_params, init_params, layer, pack_params,
+from bitnet_jax.model.cache import attention_mask, init_cache
+from bitnet_jax.quant import is_packed
+from bitnet_jax.model.layers import rope_frequencies
+from bitnet_jax.model.transformer import apply, block, embed, unembed
+from bitnet_jax.model.params import (BITLINEAR_PATHS, count_params, init_params, layer, pack_params,
                                param_shapes)
-from bitnet_jax.policy import Policy, get_policy
+from bitnet_jax.model.policy import Policy, get_policy
 from conftest import MODEL_TOL
 
 B, T, S = 3, 7, 11
@@ -42,7 +42,7 @@ def jit_logits(params, tokens, cfg, cache=None, index=0, starts=None):
     return unembed(params, h, cfg), cache
 
 
-jit_block = jax.jit(block, static_argnums=(5, 6))
+jit_block = jax.jit(lambda *a: block(*a)[0], static_argnums=(5, 6))
 NO_PAD = jnp.zeros((B,), jnp.int32)  # explicit starts, so padded and unpadded calls share code
 
 
@@ -299,8 +299,8 @@ def test_cpu_kernels_give_the_xla_logits(tiny_cfg, tiny_packed_params):
     # and the cached-attention kernel; kernel="xla" runs none of them. Without a cache only the
     # exact integer kernels differ, so the logits are bit-identical. With a cache the attention
     # kernel sums in another order (float noise, MODEL_TOL; these inputs have no int8 tie).
-    from bitnet_jax.kernels import cpu_ffi
-    from bitnet_jax.params import quantize_lm_head
+    from bitnet_jax.kernels.cpu import ffi as cpu_ffi
+    from bitnet_jax.model.params import quantize_lm_head
 
     if jax.default_backend() != "cpu" or not cpu_ffi.available():
         pytest.skip(f"CPU FFI extension not available: {cpu_ffi.unavailable_reason()}")

@@ -8,9 +8,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from bitnet_jax.bitlinear import bitlinear, unpack_weights, quantize_weights
-from bitnet_jax.nnx import BitLinear
-from bitnet_jax.policy import Policy
+from bitnet_jax.model.bitlinear import bitlinear
+
+from bitnet_jax.quant import unpack_weights, quantize_weights
+from bitnet_jax.model.nnx import BitLinear
+from bitnet_jax.model.policy import Policy
 
 F32 = Policy()
 

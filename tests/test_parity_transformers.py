@@ -54,11 +54,11 @@ if not hasattr(transformers, "BitNetForCausalLM"):
                 allow_module_level=True)
 
 import bitnet_jax  # noqa: E402
-from bitnet_jax.attention import attention_mask  # noqa: E402
-from bitnet_jax.bitlinear import bitlinear  # noqa: E402
-from bitnet_jax.layers import rms_norm, rope_frequencies  # noqa: E402
-from bitnet_jax.model import block  # noqa: E402
-from bitnet_jax.params import layer  # noqa: E402
+from bitnet_jax.model.cache import attention_mask  # noqa: E402
+from bitnet_jax.model.bitlinear import bitlinear  # noqa: E402
+from bitnet_jax.model.layers import rms_norm, rope_frequencies  # noqa: E402
+from bitnet_jax.model.transformer import block  # noqa: E402
+from bitnet_jax.model.params import layer  # noqa: E402
 from conftest import LEAF_TOL, MODEL_TOL  # noqa: E402
 
 pytestmark = [pytest.mark.torch,
@@ -226,8 +226,8 @@ def _int8_flip_report(model, hf_model, tokens) -> str:
     Runs our layers one by one with `bitlinear` wrapped to record its inputs (only on failure:
     this is op-by-op and slow), and compares the int8 codes with transformers' at each call.
     """
-    import bitnet_jax.attention as attention_mod
-    import bitnet_jax.model as model_mod
+    import bitnet_jax.model.attention as attention_mod
+    import bitnet_jax.model.transformer as model_mod
 
     ours, original = [], bitlinear
 
@@ -244,7 +244,7 @@ def _int8_flip_report(model, hf_model, tokens) -> str:
     attention_mod.bitlinear = model_mod.bitlinear = recording
     try:
         for i in range(cfg.num_hidden_layers):
-            x = block(layer(params, i), x, cos, sin, mask, cfg, bitnet_jax.get_policy("cpu"))
+            x, _ = block(layer(params, i), x, cos, sin, mask, cfg, bitnet_jax.get_policy("cpu"))
     finally:
         attention_mod.bitlinear = model_mod.bitlinear = original
     first, flips = None, 0
@@ -346,7 +346,7 @@ def test_each_layer_matches_with_teacher_forcing(dirs, name):
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     cos, sin = rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
     mask = attention_mask(jnp.zeros((b,), jnp.int32), jnp.int32(0), t, t)
-    run = jax.jit(block, static_argnums=(5, 6))
+    run = jax.jit(lambda *a: block(*a)[0], static_argnums=(5, 6))
     emb = np.asarray(params["embed_tokens"])[tokens]
     np.testing.assert_array_equal(emb, hidden[0])
     worst = 0.0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bitnet_jax.errors import GenerationError
-from bitnet_jax.sampling import (SamplingParams, apply_repetition_penalty, keep_mask, knob_arrays,
+from bitnet_jax.runtime.sampling import (SamplingParams, apply_repetition_penalty, keep_mask, knob_arrays,
                                  sample)
 
 V = 37

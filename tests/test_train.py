@@ -13,12 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax import train as T
-from bitnet_jax.bitlinear import bitlinear, fake_quantize_activations, quantize_weights
+from bitnet_jax.train import loop as T
+from bitnet_jax.model.bitlinear import bitlinear
+from bitnet_jax.quant import fake_quantize_activations, quantize_weights
 from bitnet_jax.errors import ConfigError
-from bitnet_jax.model import forward
-from bitnet_jax.params import init_params
-from bitnet_jax.policy import Policy
+from bitnet_jax.model.transformer import forward
+from bitnet_jax.model.params import init_params
+from bitnet_jax.model.policy import Policy
 from conftest import CONFIGS, TINY_CONFIG
 
 F32 = Policy()

@@ -22,7 +22,7 @@ def ternary_matmul_xla(x_q: jax.Array, packed: jax.Array) -> jax.Array:
     Returns:
       [M, O] int32 = x_q · tᵀ.
     """
-    from bitnet_jax.bitlinear import unpack_ternary
+    from bitnet_jax.quant import unpack_ternary
 
     t = unpack_ternary(packed)  # [O, I] int8
     m = x_q.shape[0]

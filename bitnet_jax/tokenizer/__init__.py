@@ -15,7 +15,7 @@ pre-tokenizer regexes), `_gguf.py` (GGUF metadata <-> Tokenizer), `_files.py` (t
 
 from bitnet_jax.tokenizer._core import IncrementalDecoder, Tokenizer
 from bitnet_jax.tokenizer._load import load_tokenizer, read_gguf_tokenizer_metadata
-from bitnet_jax.tokenizer.cli import tokenize_main
+from bitnet_jax.cli.tokenize import tokenize_main
 
 __all__ = [
     "IncrementalDecoder",

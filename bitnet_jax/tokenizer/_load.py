@@ -58,7 +58,7 @@ def read_gguf_tokenizer_metadata(path: str | Path) -> dict[str, Any]:
     gguf package rejects) and the 128256-token llama3 vocabulary in about a second.
     """
     from bitnet_jax.errors import GGUFError
-    from bitnet_jax.gguf.reader import read_gguf
+    from bitnet_jax.formats.gguf.reader import read_gguf
 
     try:
         metadata = read_gguf(path).metadata

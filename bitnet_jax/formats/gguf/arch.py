@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from bitnet_jax.config import ModelConfig
+from bitnet_jax.model.config import ModelConfig
 from bitnet_jax.errors import ConfigError, GGUFError
 
 # arch -> (HF architecture, default activation, sub-norms, Q/K rows permuted by the converter)

@@ -6,8 +6,9 @@ Dimension letters used in docstrings and einsums:
   L layers · O, I a linear's output / input features
 
 The model is Llama with four differences (bitnet-spec §1.2, §1.4): every projection is a
-BitLinear (bitlinear.py), an RMSNorm before o_proj (attn_sub_norm) and before down_proj
-(ffn_sub_norm) when `cfg.use_sub_norms`, and relu² instead of SiLU gating for 2B4T.
+BitLinear (bitlinear.py; the formulas are in quant.py), an RMSNorm before o_proj (attn_sub_norm)
+and before down_proj (ffn_sub_norm) when `cfg.use_sub_norms`, and relu² instead of SiLU gating
+for 2B4T. The KV cache (cache.py) is scan state: every layer returns the updated cache.
 
 Params (HF names, per-layer leaves stacked on a leading L axis; W = a BitLinear leaf, latent
 float [L, O, I] or packed {"packed": uint8 [L, O/4, I], "scale": f32 [L]}):
@@ -29,11 +30,14 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax import kernels
-from bitnet_jax.attention import attention, attention_mask, cached_attention
-from bitnet_jax.bitlinear import bitlinear, bitlinear_many, is_packed
-from bitnet_jax.config import ModelConfig
-from bitnet_jax.layers import activation, rms_norm, rope_frequencies
-from bitnet_jax.policy import Policy, get_policy
+from bitnet_jax.kernels.stacked import scan_layers
+from bitnet_jax.model import cache as kv_cache
+from bitnet_jax.model.attention import attention
+from bitnet_jax.model.bitlinear import bitlinear, bitlinear_many
+from bitnet_jax.model.config import ModelConfig
+from bitnet_jax.model.layers import activation, rms_norm, rope_frequencies
+from bitnet_jax.model.policy import Policy, get_policy
+from bitnet_jax.quant import quantize_activations
 
 
 def embed(params: dict, tokens: jax.Array, policy: Policy) -> jax.Array:
@@ -69,38 +73,23 @@ def feed_forward(p: dict, x: jax.Array, cfg: ModelConfig, policy: Policy) -> jax
 
 
 def block(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-          cfg: ModelConfig, policy: Policy, kv=None) -> jax.Array:
-    """One pre-norm decoder layer: x + attn(norm(x)), then + ffn(norm(x)). x: [B, T, D]."""
-    a = rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps)
-    x = x + attention(p["self_attn"], a, cos, sin, mask, cfg, policy, kv)
-    m = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
-    return x + feed_forward(p["mlp"], m, cfg, policy)
+          cfg: ModelConfig, policy: Policy, cache: dict | None = None, *, layer=None, index=None,
+          starts=None) -> tuple[jax.Array, dict | None]:
+    """One pre-norm decoder layer: x + attn(norm(x)), then + ffn(norm(x)).
 
+    Args:
+      p: this layer's params; x: [B, T, D]; cos, sin: [B, T, H]; mask: [B, T, S].
+      cache, layer, index, starts: the KV cache and where this call writes (attention.attention).
 
-def _split_stacks(layers):
-    """Split the stacked layer params into (xs, stacks) for the layer scan.
-
-    stacks mirrors the tree and holds each packed leaf's uint8 [L, O/4, I] array (None
-    elsewhere); xs is everything else, which lax.scan slices per layer. The packed arrays are
-    not scanned over: a scan slice feeding a custom call is copied first (7 MB per layer of the
-    large model, as many bytes again as the kernel reads), so the kernel gets the whole stack
-    and the layer index instead (kernels.ternary_matmul).
+    Returns:
+      (x [B, T, D], the updated cache or None).
     """
-    if is_packed(layers):
-        return {k: v for k, v in layers.items() if k != "packed"}, layers["packed"]
-    if isinstance(layers, dict):
-        pairs = {k: _split_stacks(v) for k, v in layers.items()}
-        return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
-    return layers, None
-
-
-def _join_stacks(xs, stacks, layer):
-    """One layer's params from a scan slice of xs, the packed stacks and the layer index."""
-    if stacks is None:
-        return xs
-    if not isinstance(stacks, dict):
-        return {**xs, "packed": stacks, "layer": layer}
-    return {k: _join_stacks(xs[k], stacks[k], layer) for k in xs}
+    a = rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps)
+    attn, cache = attention(p["self_attn"], a, cos, sin, mask, cfg, policy, cache, layer=layer,
+                            index=index, starts=starts)
+    x = x + attn
+    m = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
+    return x + feed_forward(p["mlp"], m, cfg, policy), cache
 
 
 def apply(params: dict, tokens: jax.Array, cfg: ModelConfig, policy: Policy | str | None = None,
@@ -112,8 +101,9 @@ def apply(params: dict, tokens: jax.Array, cfg: ModelConfig, policy: Policy | st
       tokens: [B, T] int32 token ids.
       cfg: model config (static under jit).
       policy: precision policy or preset name.
-      cache: optional KV cache {"k", "v"} [L, B, K, S, H]; this call's tokens are written at
-        slots index..index+T-1. Without a cache, attention is causal over the T tokens.
+      cache: optional KV cache {"k", "v"} [L, B, K, S, H] (model/cache.py); this call's tokens
+        are written at slots index..index+T-1. Without a cache, attention is causal over the T
+        tokens.
       index: int32 scalar write cursor (cache only).
       starts: [B] int32 first valid slot per row (left padding); default all 0.
 
@@ -125,38 +115,17 @@ def apply(params: dict, tokens: jax.Array, cfg: ModelConfig, policy: Policy | st
     index = jnp.asarray(index, jnp.int32)
     starts = jnp.zeros((b,), jnp.int32) if starts is None else jnp.asarray(starts, jnp.int32)
     s = t if cache is None else cache["k"].shape[3]
-    positions = jnp.maximum(index + jnp.arange(t, dtype=jnp.int32)[None, :] - starts[:, None], 0)
-    cos, sin = rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
-    mask = attention_mask(starts, index, t, s)
-    x = embed(params, tokens, policy)
-    xs, stacks = _split_stacks(params["layers"])
+    cos, sin = rope_frequencies(kv_cache.positions(starts, index, t), cfg.head_dim,
+                                cfg.rope_theta)
+    mask = kv_cache.attention_mask(starts, index, t, s)
 
-    if cache is None:
-        def body(carry, p):
-            x, layer = carry
-            x = block(_join_stacks(p, stacks, layer), x, cos, sin, mask, cfg, policy)
-            return (x, layer + 1), None
+    def layer_step(p, layer, carry):
+        x, cache = carry
+        return block(p, x, cos, sin, mask, cfg, policy, cache, layer=layer, index=index,
+                     starts=starts)
 
-        (x, _), _ = jax.lax.scan(body, (x, jnp.int32(0)), xs)
-        return rms_norm(x, params["norm"], cfg.rms_norm_eps), None
-
-    def body_cached(carry, p):
-        x, ck, cv, layer = carry
-        p = _join_stacks(p, stacks, layer)
-
-        def kv(q, k, v):
-            nonlocal ck, cv
-            out, new = cached_attention(q, k, v, {"k": ck, "v": cv}, layer, index, starts, mask,
-                                        cfg, policy)
-            ck, cv = new["k"], new["v"]
-            return out
-
-        x = block(p, x, cos, sin, mask, cfg, policy, kv)
-        return (x, ck, cv, layer + 1), None
-
-    init = (x, cache["k"], cache["v"], jnp.int32(0))
-    (x, ck, cv, _), _ = jax.lax.scan(body_cached, init, xs)
-    return rms_norm(x, params["norm"], cfg.rms_norm_eps), {"k": ck, "v": cv}
+    x, cache = scan_layers(layer_step, params["layers"], (embed(params, tokens, policy), cache))
+    return rms_norm(x, params["norm"], cfg.rms_norm_eps), cache
 
 
 def unembed(params: dict, h: jax.Array, cfg: ModelConfig, policy: Policy | str | None = None):
@@ -164,8 +133,6 @@ def unembed(params: dict, h: jax.Array, cfg: ModelConfig, policy: Policy | str |
     policy = get_policy(policy)
     w = params["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
     if isinstance(w, dict):  # int8 row-scaled copy (params.quantize_lm_head)
-        from bitnet_jax.bitlinear import quantize_activations
-
         lead = h.shape[:-1]
         h_q, step = quantize_activations(h.reshape(-1, h.shape[-1]))
         acc = kernels.int8_matmul(h_q, w["q8"], kernel=policy.kernel)  # [M, V] int32

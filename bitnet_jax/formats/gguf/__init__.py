@@ -11,10 +11,10 @@ Modules: reader.py (container), quants.py (TQ1_0/TQ2_0/I2_S/float codecs), arch.
 (`inspect`; not called inspect.py, which would shadow the stdlib module in this folder).
 """
 
-from bitnet_jax.gguf.describe import describe, inspect_main
-from bitnet_jax.gguf.load import load_gguf, tokenizer_from_metadata
-from bitnet_jax.gguf.reader import GGUFFile, TensorInfo, read_gguf
-from bitnet_jax.gguf.write import (
+from bitnet_jax.formats.gguf.describe import describe, inspect_main
+from bitnet_jax.formats.gguf.load import load_gguf, tokenizer_from_metadata
+from bitnet_jax.formats.gguf.reader import GGUFFile, TensorInfo, read_gguf
+from bitnet_jax.formats.gguf.write import (
     QTYPES, TensorEntry, convert_main, write_gguf, write_model_gguf)
 
 __all__ = [

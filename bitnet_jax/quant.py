@@ -1,4 +1,4 @@
-"""BitLinear: ternary weights with one scale per matrix, int8 activations per token.
+"""Every ternary and int8 formula of BitNet b1.58, in JAX and numpy twins, in one place.
 
 The math every published BitNet b1.58 model shares (bitnet-spec §1.1):
 
@@ -15,21 +15,21 @@ A BitLinear weight leaf takes one of two forms, told apart by structure at trace
            t+1 ∈ {0,1,2}: exactly Hugging Face's `pack_weights` layout (spec §1.3), so HF packed
            checkpoints load without repacking. `scale` is the multiplier σ with W = σ·t.
            Code 3 is not a ternary value: every loader refuses it, and the CPU kernel
-           (kernels/ternary_cpu.h) relies on its absence to extract the planes with one shift.
-           This is also the kernel's layout for GGUF TQ2_0/TQ1_0/I2_S files, which are
-           repacked into it at load from their 2-bit codes (gguf/load.py), no float copy.
+           (kernels/cpu/ternary_cpu.h) relies on its absence to extract the planes with one
+           shift. This is also the kernel's layout for GGUF TQ2_0/TQ1_0/I2_S files, which are
+           repacked into it at load from their 2-bit codes (formats/gguf/load.py), no float copy.
 
-When the model is a plain float Llama (`cfg.quant_method is None`) a float leaf is used as an
-ordinary linear weight with no quantisation.
+The int8 LM head (model/params.quantize_lm_head) is a per-row absmax copy {"q8", "scale"}.
+
+This module sits below model/, kernels/ and formats/ (all three use it) and imports none of the
+package's other modules, so the packages stay one-way (README, Design).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
-from bitnet_jax import kernels
-from bitnet_jax.policy import Policy
+import numpy as np
 
 WEIGHT_EPS = 1e-5
 ACT_EPS = 1e-5
@@ -146,57 +146,53 @@ def unpack_weights(w: dict) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------------
-# The linear layer
+# Numpy twins for the loaders (no device, no float copy of a whole model)
 
 
-def bitlinear(x: jax.Array, w, policy: Policy, quantized: bool = True) -> jax.Array:
-    """Apply one BitLinear (or plain linear) projection.
-
-    Args:
-      x: [..., I] activations in the compute dtype.
-      w: a latent float weight [O, I] or a packed leaf {"packed": [O/4, I], "scale": []}; in
-        model.apply's layer scan the leaf is {"packed": [L, O/4, I], "layer": l, "scale": []}
-        and matrix l of the stack is used (read in place by the CPU kernel).
-      policy: precision policy; `policy.kernel` picks the packed matmul implementation.
-      quantized: False for plain float Llama models (latent leaf used as is).
-
-    Returns:
-      [..., O] in the compute dtype.
-    """
-    if is_packed(w):
-        return bitlinear_many(x, [w], policy)[0]
-    if not quantized:
-        y = jnp.einsum("...i,oi->...o", x.astype(policy.compute), w.astype(policy.compute),
-                       preferred_element_type=jnp.float32)
-        return y.astype(policy.compute)
-    xq = fake_quantize_activations(x).astype(policy.compute)
-    wq = fake_quantize_weights(w).astype(policy.compute)
-    y = jnp.einsum("...i,oi->...o", xq, wq, preferred_element_type=jnp.float32)
-    return y.astype(policy.compute)
+def ternarize_np(w: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """Absmean ternarisation in float32 numpy (the twin of quantize_weights)."""
+    w = w.astype(np.float32)
+    gamma = np.float32(max(float(np.mean(np.abs(w), dtype=np.float64)), 1e-5))
+    t = np.clip(np.round(w / gamma), -1, 1).astype(np.int8)
+    return t, gamma
 
 
-def bitlinear_many(x: jax.Array, ws: list, policy: Policy, quantized: bool = True) -> list:
-    """`bitlinear` of one input through several projections (q/k/v, gate/up).
+def pack_ternary_np(t: np.ndarray) -> np.ndarray:
+    """[O, I] int8 ternary -> [O/4, I] uint8 (the packed layout above)."""
+    o = t.shape[0]
+    codes = (t.astype(np.int16) + 1).astype(np.uint8).reshape(4, o // 4, *t.shape[1:])
+    return codes[0] | (codes[1] << 2) | (codes[2] << 4) | (codes[3] << 6)
 
-    With packed leaves the activations are quantised once and the CPU kernel computes every
-    product in one call (one thread hand-off instead of one per projection).
+
+def unpack_ternary_np(packed: np.ndarray) -> np.ndarray:
+    """[O/4, I] uint8 -> [O, I] int8 ternary (code 3 -> 0)."""
+    planes = [(packed >> (2 * i)) & 3 for i in range(4)]
+    codes = np.concatenate(planes, axis=0).astype(np.int8)
+    return np.where(codes == 3, 0, codes - 1).astype(np.int8)
+
+
+_INV127 = np.float32(1.0 / 127.0)
+
+
+def row_int8_np(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Numpy twin of `row_int8` for loaders (rows in chunks, no float copy of the table).
 
     Args:
-      x: [..., I] activations in the compute dtype.
-      ws: BitLinear leaves, all with input size I.
+      w: [R, D] rows of a float table.
 
     Returns:
-      list of [..., O_j] in the compute dtype.
+      (q8 int8 [R, D], scale float32 [R]), bit-identical to `quantize_lm_head`.
     """
-    if not all(is_packed(w) for w in ws):
-        return [bitlinear(x, w, policy, quantized) for w in ws]
-    lead = x.shape[:-1]
-    x_q, step = quantize_activations(x.reshape(-1, x.shape[-1]))  # [M, I] int8, [M, 1]
-    layer = ws[0].get("layer")
-    accs = kernels.ternary_matmul_many(x_q, [w["packed"] for w in ws], kernel=policy.kernel,
-                                       layer=layer)  # int32 [M, O_j]
-    out = []
-    for acc, w in zip(accs, ws):
-        y = acc.astype(jnp.float32) * (step * w["scale"].astype(jnp.float32))
-        out.append(y.reshape(*lead, -1).astype(policy.compute))
-    return out
+    w = np.asarray(w, np.float32)
+    scale = np.maximum(np.max(np.abs(w), axis=-1), np.float32(1e-12)) * _INV127
+    inv = (np.float32(1.0) / scale).astype(np.float32)
+    q8 = np.clip(np.round(w * inv[:, None]), -127, 127).astype(np.int8)
+    return q8, scale.astype(np.float32)
+
+
+def row_int8(w: jax.Array) -> dict:
+    w = w.astype(jnp.float32)
+    # Multiply by 1/127 (not divide): XLA rewrites x/c as x·(1/c), so numpy does the same.
+    scale = jnp.maximum(jnp.max(jnp.abs(w), axis=-1), 1e-12) * _INV127
+    q8 = jnp.clip(jnp.round(w * (1.0 / scale)[:, None]), -127, 127).astype(jnp.int8)
+    return {"q8": q8, "scale": scale}

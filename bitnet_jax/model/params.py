@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax.bitlinear import is_packed, pack_weights
-from bitnet_jax.config import ModelConfig
-from bitnet_jax.policy import Policy, get_policy
+from bitnet_jax.quant import is_packed, pack_weights, row_int8
+from bitnet_jax.model.config import ModelConfig
+from bitnet_jax.model.policy import Policy, get_policy
 
 # (module, name) of every BitLinear projection inside params["layers"].
 BITLINEAR_PATHS = (
@@ -87,6 +87,20 @@ def pack_params(params: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+def lm_head_format(lm_head: str, cfg: ModelConfig, platform: str | None = None) -> str:
+    """The one rule for the LM head's format: "int8" (quantize_lm_head) or "float".
+
+    Args:
+      lm_head: a policy's lm_head: "float", "int8", or "auto" = int8 on CPU (the head's bytes
+        dominate a CPU decode step once the linears are ternary) and float elsewhere.
+      cfg: the model config; a plain float Llama (cfg.quantized False) always keeps a float head.
+      platform: where the model runs ("cpu", "gpu", ...); default JAX's default backend.
+    """
+    if lm_head == "auto":
+        lm_head = "int8" if (platform or jax.default_backend()) == "cpu" else "float"
+    return "int8" if lm_head == "int8" and cfg.quantized else "float"
+
+
 def quantize_lm_head(params: dict, cfg: ModelConfig) -> dict:
     """Replace the LM head (the embedding, when tied) by an int8 per-row-scaled copy.
 
@@ -105,35 +119,8 @@ def quantize_lm_head(params: dict, cfg: ModelConfig) -> dict:
     if isinstance(w, dict):
         return params
     out = dict(params)
-    out[key] = jax.jit(_row_int8)(w)
+    out[key] = jax.jit(row_int8)(w)
     return out
-
-
-_INV127 = np.float32(1.0 / 127.0)
-
-
-def row_int8_np(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Numpy twin of `_row_int8` for loaders (rows in chunks, no float copy of the table).
-
-    Args:
-      w: [R, D] rows of a float table.
-
-    Returns:
-      (q8 int8 [R, D], scale float32 [R]), bit-identical to `quantize_lm_head`.
-    """
-    w = np.asarray(w, np.float32)
-    scale = np.maximum(np.max(np.abs(w), axis=-1), np.float32(1e-12)) * _INV127
-    inv = (np.float32(1.0) / scale).astype(np.float32)
-    q8 = np.clip(np.round(w * inv[:, None]), -127, 127).astype(np.int8)
-    return q8, scale.astype(np.float32)
-
-
-def _row_int8(w: jax.Array) -> dict:
-    w = w.astype(jnp.float32)
-    # Multiply by 1/127 (not divide): XLA rewrites x/c as x·(1/c), so numpy does the same.
-    scale = jnp.maximum(jnp.max(jnp.abs(w), axis=-1), 1e-12) * _INV127
-    q8 = jnp.clip(jnp.round(w * (1.0 / scale)[:, None]), -127, 127).astype(jnp.int8)
-    return {"q8": q8, "scale": scale}
 
 
 def count_params(params: dict) -> int:

@@ -8,8 +8,8 @@ import sys
 from collections import Counter
 
 from bitnet_jax.errors import BitNetError, GGUFError
-from bitnet_jax.gguf.arch import config_from_gguf
-from bitnet_jax.gguf.reader import GGUFFile, read_gguf
+from bitnet_jax.formats.gguf.arch import config_from_gguf
+from bitnet_jax.formats.gguf.reader import GGUFFile, read_gguf
 
 
 def _tokenizer_lines(meta: dict) -> list[str]:

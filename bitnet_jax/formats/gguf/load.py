@@ -1,4 +1,4 @@
-"""`load_gguf`: a GGUF file -> bitnet_jax.loading.Model (the same Model the HF path returns).
+"""`load_gguf`: a GGUF file -> bitnet_jax.formats.loader.Model (the same Model the HF path returns).
 
 Weights are converted one tensor at a time from per-tensor memory maps (reader.py):
 
@@ -32,13 +32,14 @@ import ml_dtypes
 import numpy as np
 
 from bitnet_jax.errors import GGUFError
-from bitnet_jax.gguf import quants
-from bitnet_jax.gguf.arch import (
+from bitnet_jax.formats.gguf import quants
+from bitnet_jax.formats.gguf.arch import (
     ARCHS, LINEAR_NAMES, NORM_NAMES, SUB_NORMS, TERNARY_TYPES, block_tensor, config_from_gguf,
     inverse_llama_permutation)
-from bitnet_jax.gguf.reader import GGUFFile, TensorInfo, read_gguf
-from bitnet_jax.params import linear_shapes, row_int8_np
-from bitnet_jax.policy import Policy, get_policy
+from bitnet_jax.formats.gguf.reader import GGUFFile, TensorInfo, read_gguf
+from bitnet_jax.model.params import lm_head_format, linear_shapes
+from bitnet_jax.quant import row_int8_np
+from bitnet_jax.model.policy import Policy, get_policy
 
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
 # Float-valued tensors (embeddings, norms) may also be block-quantised; Q8_0 is decoded by us,
@@ -368,7 +369,7 @@ class _Loader:
                 layers[name] = leaf
             else:
                 layers[mod][name] = leaf
-        int8_head = self.policy.lm_head == "int8" and cfg.quantized
+        int8_head = lm_head_format(self.policy.lm_head, cfg) == "int8"
         head = "token_embd.weight" if cfg.tie_word_embeddings else "output.weight"
         params["embed_tokens"] = (self.int8_tensor if int8_head and head == "token_embd.weight"
                                   else self.float_tensor)("token_embd.weight", (v, d))
@@ -412,9 +413,9 @@ def load_gguf(path: str | Path, policy: Policy | str | None = None, packed: bool
       tokenizer: attach a Tokenizer built from the tokenizer.* metadata (None if absent).
 
     Returns:
-      bitnet_jax.loading.Model.
+      bitnet_jax.formats.loader.Model.
     """
-    from bitnet_jax.loading import Model
+    from bitnet_jax.formats.loader import Model
 
     policy = get_policy(policy)
     g = read_gguf(path)

@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bitnet_jax.bitlinear import bitlinear, pack_weights
-from bitnet_jax.policy import Policy, get_policy
+from bitnet_jax.model.bitlinear import bitlinear
+
+from bitnet_jax.quant import pack_weights
+from bitnet_jax.model.policy import Policy, get_policy
 
 
 class BitLinear(nnx.Module):

@@ -24,7 +24,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax.config import ModelConfig
+from bitnet_jax.model.config import ModelConfig
 from bitnet_jax.errors import CheckpointError
 
 _HEADER = 7

@@ -6,9 +6,12 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from bitnet_jax.config import ModelConfig
+from bitnet_jax.model.config import ModelConfig
 from bitnet_jax.errors import CheckpointError
-from bitnet_jax.policy import Policy, get_policy
+from bitnet_jax.model.policy import Policy, get_policy
+
+# The bundled default model: a 4-layer BitNet trained on the KJV Bible (README, Default model).
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "default.gguf"
 
 
 @dataclasses.dataclass
@@ -51,11 +54,11 @@ def load_model(path: str | Path, policy: Policy | str | None = None, packed: boo
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic == b"GGUF":
-            from bitnet_jax.gguf import load_gguf
+            from bitnet_jax.formats.gguf import load_gguf
 
             return load_gguf(path, policy=policy, packed=packed, tokenizer=tokenizer)
         if path.suffix == ".bin":
-            from bitnet_jax.llama2c import is_llama2c, load_llama2c
+            from bitnet_jax.formats.llama2c import is_llama2c, load_llama2c
 
             if is_llama2c(path):  # karpathy's llama2.c export, not a pickle
                 cfg, params = load_llama2c(path, dtype=policy.param)
@@ -73,7 +76,7 @@ def load_model(path: str | Path, policy: Policy | str | None = None, packed: boo
             )
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path} has no config.json; point to a Hugging Face model folder.")
-    from bitnet_jax.checkpoint import load_hf
+    from bitnet_jax.formats.hf import load_hf
 
     cfg, params = load_hf(path, policy=policy, packed=packed)
     tok = None

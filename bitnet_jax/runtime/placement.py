@@ -1,4 +1,4 @@
-"""Where generation runs: backend choice, parameter placement, the persistent compile cache.
+"""Where generation runs: backend choice, precision policy, parameter placement.
 
 * `resolve_device("cpu" | "gpu" | "auto")` picks a jax.Device, or raises DeviceError saying
   how to install CUDA jax when a GPU is requested but none is visible.
@@ -7,15 +7,10 @@
 * `resolve_policy` picks the precision policy: the `gpu` preset (bf16 compute and KV cache) on a
   GPU unless one is given, and pins `kernel="auto"` to the device's platform, because the kernel
   dispatcher otherwise follows jax.default_backend(), not the device we run on.
-* `enable_compilation_cache` turns on JAX's persistent compilation cache the first time the
-  engine compiles (never at import; house-style §5.3 rule 3). Its minimum compile time is 0,
-  since the default of 1 s leaves the cache empty for most programs (jax-notes §6.2).
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import weakref
 from pathlib import Path
 
@@ -23,14 +18,15 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax.errors import DeviceError
-from bitnet_jax.policy import Policy, get_policy
+from bitnet_jax.kernels import choose_kernel
+from bitnet_jax.model.params import lm_head_format, quantize_lm_head
+from bitnet_jax.model.policy import Policy, get_policy
 
 BACKENDS = ("cpu", "gpu", "auto")
 CUDA_INSTALL = 'pip install -U "jax[cuda13]"'
 
 # (id(model), device, param dtype) -> (weakref to the model, id(model.params), placed params)
 _PLACED: dict[tuple, tuple] = {}
-_CACHE_STATE: dict[str, Path | None] = {}
 
 
 def resolve_device(backend: str = "auto") -> jax.Device:
@@ -95,15 +91,10 @@ def resolve_policy(device: jax.Device, policy: Policy | str | None = None,
     else:
         chosen = model_policy or get_policy("cpu")
     if chosen.kernel == "auto":
-        chosen = chosen.replace(kernel=_auto_kernel(device))
+        chosen = chosen.replace(kernel=choose_kernel("auto", device.platform))
     return chosen
 
 
-def _auto_kernel(device: jax.Device) -> str:
-    """kernels._auto_kernel for an explicit device rather than the default backend."""
-    from bitnet_jax.kernels import _auto_kernel as auto_for_platform
-
-    return auto_for_platform("gpu" if is_gpu(device) else device.platform)
 
 
 def ensure_on_device(tree, device: jax.Device):
@@ -134,9 +125,7 @@ def place_params(model, device: jax.Device, policy: Policy) -> dict:
     if hit is not None and hit[0]() is model and hit[1] == id(model.params):
         return hit[2]
     params = ensure_on_device(_cast_floats(model.params, policy.param), device)
-    if policy.lm_head == "int8":
-        from bitnet_jax.params import quantize_lm_head
-
+    if lm_head_format(policy.lm_head, model.config, device.platform) == "int8":
         params = quantize_lm_head(params, model.config)
     _PLACED[key] = (weakref.ref(model, lambda _, k=key: _PLACED.pop(k, None)),
                     id(model.params), params)
@@ -153,49 +142,3 @@ def _cast_floats(params: dict, dtype) -> dict:
         return jnp.asarray(x, dtype)
 
     return jax.tree_util.tree_map_with_path(cast, params)
-
-
-def compilation_cache_dir() -> Path | None:
-    """Where compiled programs are kept between runs, or None when caching is turned off.
-
-    BITNET_JAX_NO_CACHE=1 turns it off; BITNET_JAX_CACHE_DIR sets the folder; otherwise the
-    user cache folder (platformdirs convention): $XDG_CACHE_HOME or ~/.cache on Linux,
-    ~/Library/Caches on macOS, %LOCALAPPDATA% on Windows, plus bitnet_jax/xla.
-    """
-    if os.environ.get("BITNET_JAX_NO_CACHE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return None
-    explicit = os.environ.get("BITNET_JAX_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    if sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    elif sys.platform.startswith("win"):
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "bitnet_jax" / "xla"
-
-
-def enable_compilation_cache() -> Path | None:
-    """Turn on JAX's persistent compilation cache once per process (called by the engine).
-
-    A cache folder the user already configured through jax.config is left alone.
-
-    Returns:
-      The cache folder in use, or None when caching is off.
-    """
-    if "dir" in _CACHE_STATE:
-        return _CACHE_STATE["dir"]
-    configured = jax.config.jax_compilation_cache_dir
-    path = Path(configured) if configured else compilation_cache_dir()
-    if path is not None and not configured:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError:  # read-only home: run without the cache rather than fail
-            path = None
-        else:
-            jax.config.update("jax_compilation_cache_dir", str(path))
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-            jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    _CACHE_STATE["dir"] = path
-    return path

@@ -33,11 +33,11 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from bitnet_jax.errors import BitNetError, GGUFError
-from bitnet_jax.gguf import quants
-from bitnet_jax.gguf.arch import (
+from bitnet_jax.formats.gguf import quants
+from bitnet_jax.formats.gguf.arch import (
     LINEAR_NAMES, NORM_NAMES, SUB_NORMS, block_tensor, gguf_arch_for, llama_permutation,
     metadata_for_config)
-from bitnet_jax.gguf.reader import (
+from bitnet_jax.formats.gguf.reader import (
     ARRAY, BOOL, DEFAULT_ALIGNMENT, FLOAT32, GGUF_MAGIC, INT32, INT64, SCALAR_DTYPES,
     SCALAR_FORMATS, STRING, TYPE_IDS, UINT32, UINT64)
 
@@ -280,8 +280,8 @@ def float_entry(name: str, fn: Callable[[], np.ndarray], shape: tuple[int, ...],
 
 def _layer_codes(leaf, layer: int, perm: np.ndarray | None) -> tuple[np.ndarray, float]:
     """(codes [O, I], σ) of one layer of a BitLinear leaf (packed, or latent -> absmean)."""
-    from bitnet_jax.bitlinear import is_packed
-    from bitnet_jax.checkpoint import _ternarize_np
+    from bitnet_jax.quant import is_packed
+    from bitnet_jax.quant import ternarize_np
 
     if is_packed(leaf):
         codes = quants.unpack_codes(np.asarray(leaf["packed"][layer]))
@@ -289,14 +289,14 @@ def _layer_codes(leaf, layer: int, perm: np.ndarray | None) -> tuple[np.ndarray,
             codes = np.where(codes == 3, np.uint8(1), codes)  # llama.cpp maps code 3 to 0
         sigma = float(np.asarray(leaf["scale"][layer], np.float32))
     else:
-        t, gamma = _ternarize_np(np.asarray(leaf[layer], np.float32))
+        t, gamma = ternarize_np(np.asarray(leaf[layer], np.float32))
         codes, sigma = (t + 1).astype(np.uint8), float(gamma)
     return (codes[perm] if perm is not None else codes), sigma
 
 
 def model_tensors(cfg, params: dict, arch: str, qtype: str) -> list[TensorEntry]:
     """TensorEntries for a whole model under `arch` (linear weights encoded as `qtype`)."""
-    from bitnet_jax.params import linear_shapes
+    from bitnet_jax.model.params import linear_shapes
 
     import jax
 
@@ -374,7 +374,7 @@ def write_model_gguf(model, path: str | Path, qtype: str = "tq2_0", name: str | 
     """Write a loaded Model (packed or latent leaves) as a GGUF file.
 
     Args:
-      model: bitnet_jax.loading.Model.
+      model: bitnet_jax.formats.loader.Model.
       path: output .gguf path.
       qtype: one of QTYPES (encoding of the linear weights).
       name: general.name (default: the output file's stem).
@@ -411,7 +411,7 @@ def convert_main(argv: list[str] | None = None) -> int:
                         help="encoding of the linear weights (default tq2_0)")
     parser.add_argument("--name", help="general.name to store (default: DST's file name)")
     args = parser.parse_args(argv)
-    from bitnet_jax.loading import load_model
+    from bitnet_jax.formats.loader import load_model
 
     try:
         src, dst = Path(args.src).expanduser(), Path(args.dst).expanduser()

@@ -227,7 +227,7 @@ def ternarize_float(w: np.ndarray) -> tuple[np.ndarray, float, bool]:
     if np.all(a[nonzero] == a.max()):
         codes = np.where(nonzero, np.where(w > 0, 2, 0), 1).astype(np.uint8)
         return codes, amax, True
-    from bitnet_jax.checkpoint import _ternarize_np
+    from bitnet_jax.quant import ternarize_np
 
-    t, gamma = _ternarize_np(w)
+    t, gamma = ternarize_np(w)
     return (t + 1).astype(np.uint8), float(gamma), False

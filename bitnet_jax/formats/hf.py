@@ -24,11 +24,13 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax.config import ModelConfig, load_config
+from bitnet_jax.model.config import ModelConfig, load_config
 from bitnet_jax.errors import CheckpointError
-from bitnet_jax.params import BITLINEAR_PATHS, linear_shapes, param_shapes, row_int8_np
-from bitnet_jax.policy import Policy, get_policy
-from bitnet_jax.safetensors_io import read_safetensors, write_safetensors
+from bitnet_jax.model.params import (BITLINEAR_PATHS, lm_head_format, linear_shapes,
+                                     param_shapes)
+from bitnet_jax.model.policy import Policy, get_policy
+from bitnet_jax.formats.safetensors import read_safetensors, write_safetensors
+from bitnet_jax.quant import pack_ternary_np, row_int8_np, ternarize_np, unpack_ternary_np
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # HF per-layer suffix -> (module, name) in params["layers"]; None module = top of the layer.
@@ -75,28 +77,6 @@ def read_config(path: Path) -> ModelConfig:
     return load_config(cfg_path)
 
 
-def _ternarize_np(w: np.ndarray) -> tuple[np.ndarray, np.float32]:
-    """Absmean ternarisation in float32 numpy (same formula as bitlinear.quantize_weights)."""
-    w = w.astype(np.float32)
-    gamma = np.float32(max(float(np.mean(np.abs(w), dtype=np.float64)), 1e-5))
-    t = np.clip(np.round(w / gamma), -1, 1).astype(np.int8)
-    return t, gamma
-
-
-def pack_ternary_np(t: np.ndarray) -> np.ndarray:
-    """[O, I] int8 ternary -> [O/4, I] uint8 (bitlinear.py layout)."""
-    o = t.shape[0]
-    codes = (t.astype(np.int16) + 1).astype(np.uint8).reshape(4, o // 4, *t.shape[1:])
-    return codes[0] | (codes[1] << 2) | (codes[2] << 4) | (codes[3] << 6)
-
-
-def unpack_ternary_np(packed: np.ndarray) -> np.ndarray:
-    """[O/4, I] uint8 -> [O, I] int8 ternary (code 3 -> 0)."""
-    planes = [(packed >> (2 * i)) & 3 for i in range(4)]
-    codes = np.concatenate(planes, axis=0).astype(np.int8)
-    return np.where(codes == 3, 0, codes - 1).astype(np.int8)
-
-
 def _linear_leaf(name: str, w: np.ndarray, scale: np.ndarray | None, shape: tuple[int, int],
                  cfg: ModelConfig, packed: bool):
     """Convert one HF projection to (packed uint8 [O/4, I], σ) or a latent float array."""
@@ -123,7 +103,7 @@ def _linear_leaf(name: str, w: np.ndarray, scale: np.ndarray | None, shape: tupl
         raise CheckpointError(f"tensor {name} has shape {tuple(w.shape)}, expected {(o, i)}.")
     if not cfg.quantized or not packed:
         return w
-    t, gamma = _ternarize_np(w)
+    t, gamma = ternarize_np(w)
     return pack_ternary_np(t), gamma
 
 
@@ -199,7 +179,7 @@ def load_hf(path: str | Path, policy: Policy | str | None = None, packed: bool =
                 f"tensor {hf_name} has shape {tuple(top[key].shape)}, expected {shapes[key]}."
             )
         head = "embed_tokens" if cfg.tie_word_embeddings else "lm_head"
-        if key == head and policy.lm_head == "int8" and cfg.quantized:
+        if key == head and lm_head_format(policy.lm_head, cfg) == "int8":
             params[key] = _int8_rows(top[key])
         else:
             params[key] = jnp.asarray(np.asarray(top[key]).astype(policy.param))
@@ -257,7 +237,7 @@ def save_hf(path: str | Path, cfg: ModelConfig, params: dict, packed: bool = Tru
     Packed BitLinear leaves are written in the offline packed format with
     linear_class "autobitlinear" (weight_scale multiplies); latent leaves as floats.
     """
-    from bitnet_jax.bitlinear import is_packed
+    from bitnet_jax.quant import is_packed
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -27,11 +27,11 @@ from collections.abc import Iterator, Sequence
 import jax
 import numpy as np
 
-from bitnet_jax import engine
-from bitnet_jax.devices import (describe, ensure_on_device, place_params, resolve_device,
+from bitnet_jax.runtime import engine
+from bitnet_jax.runtime.placement import (describe, ensure_on_device, place_params, resolve_device,
                                 resolve_policy)
 from bitnet_jax.errors import GenerationError
-from bitnet_jax.sampling import SamplingParams, knob_arrays
+from bitnet_jax.runtime.sampling import SamplingParams, knob_arrays
 
 MAX_BATCH = engine.BATCH_BUCKETS[-1]
 

@@ -13,9 +13,10 @@ GPU, XLA otherwise), "xla", "ffi" or "pallas". It is resolved at trace time.
 (the CPU attention kernel widens the values to float32; the CLI uses float16 on CPU, as
 llama.cpp does). float16 is fine here: cached keys/values are projections, not relu² outputs.
 
-`lm_head` is "float" (exact, the default) or "int8": the engine then keeps an int8 per-row copy
-of the LM head (and of the embedding, when tied), which halves or quarters the bytes a decode
-step reads (params.quantize_lm_head). The CLI uses "int8" on CPU.
+`lm_head` is "float" (exact, the default), "int8" or "auto": with int8 the loaders and the engine
+keep an int8 per-row copy of the LM head (and of the embedding, when tied), which halves or
+quarters the bytes a decode step reads. params.lm_head_format is the one rule that decides
+(auto = int8 on CPU, as the CLI does; float Llama models always keep a float head).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from bitnet_jax.errors import ConfigError
 
 _KERNELS = ("auto", "xla", "ffi", "pallas")
-_LM_HEADS = ("float", "int8")
+_LM_HEADS = ("float", "int8", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Policy:
       compute_dtype: dtype of activations between layers and of the KV cache.
       output_dtype: dtype of the logits.
       kernel: ternary matmul implementation ("auto", "xla", "ffi", "pallas").
-      lm_head: "float" or "int8" (int8 per-row copy of the LM head, placed by the engine).
+      lm_head: "float", "int8" or "auto" (params.lm_head_format decides).
       kv_cache_dtype: None (compute dtype), "float32", "float16" or "bfloat16".
     """
 

@@ -3,7 +3,7 @@
 Decode state (a dict pytree, donated on every call so the KV cache is updated in place,
 jax-notes §5):
 
-  cache     {"k", "v"}: [L, B, K, S, H] in policy.kv_cache (attention.py layout)
+  cache     {"k", "v"}: [L, B, K, S, H] in policy.kv_cache (model/cache.py layout)
   index     int32 []     shared write cursor: the next free cache slot
   starts    int32 [B]    first valid slot of each row (rows are left-padded, right-aligned)
   token     int32 [B]    last sampled token: the next decode step's input
@@ -37,12 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax import model as model_lib
-from bitnet_jax import sampling
-from bitnet_jax.attention import init_cache
-from bitnet_jax.config import ModelConfig
-from bitnet_jax.devices import enable_compilation_cache
-from bitnet_jax.policy import Policy
+from bitnet_jax.model import transformer as model_lib
+from bitnet_jax.runtime import sampling
+from bitnet_jax.model.cache import init_cache
+from bitnet_jax.model.config import ModelConfig
+from bitnet_jax.runtime.compile_cache import enable_compilation_cache
+from bitnet_jax.model.policy import Policy
 
 PREFILL_FLOOR = 16
 MAX_PREFILL_CHUNK = 512

@@ -15,16 +15,16 @@ import sys
 from pathlib import Path
 
 from bitnet_jax.errors import BitNetError, CheckpointError, GenerationError
+from bitnet_jax.formats.loader import DEFAULT_MODEL
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "default.gguf"
 
 # Commands owned by other modules: name -> ((module, function), ...) tried in order.
 DELEGATED = {
     "tokenize": (("bitnet_jax.tokenizer", "tokenize_main"),),
-    "convert": (("bitnet_jax.gguf", "convert_main"), ("bitnet_jax.gguf.write", "convert_main")),
-    "inspect": (("bitnet_jax.gguf", "inspect_main"),),
-    "train": (("bitnet_jax.train", "train_main"),),
-    "perplexity": (("bitnet_jax.train", "perplexity_main"),),
+    "convert": (("bitnet_jax.formats.gguf", "convert_main"), ("bitnet_jax.formats.gguf.write", "convert_main")),
+    "inspect": (("bitnet_jax.formats.gguf", "inspect_main"),),
+    "train": (("bitnet_jax.train.loop", "train_main"),),
+    "perplexity": (("bitnet_jax.train.loop", "perplexity_main"),),
 }
 _DELEGATED_HELP = {
     "tokenize": "encode/decode text with a model's tokenizer",
@@ -110,13 +110,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _policy(args, model):
     """The run's precision policy: the engine's choice, with the --lm-head override."""
-    from bitnet_jax.devices import resolve_device, resolve_policy
+    from bitnet_jax.model.params import lm_head_format
+    from bitnet_jax.runtime.placement import resolve_device, resolve_policy
 
     device = resolve_device(args.backend)
     policy = resolve_policy(device, None, model.policy)
-    head = args.lm_head
-    if head == "auto":
-        head = "int8" if device.platform == "cpu" and model.config.quantized else "float"
+    head = lm_head_format(args.lm_head, model.config, device.platform)
     kv = args.kv_cache
     if kv == "auto":
         kv = "float16" if device.platform == "cpu" else None
@@ -157,9 +156,9 @@ def _non_negative(text: str) -> int:
 
 def _load(args):
     """Check the backend first (fail fast), then load the model."""
-    from bitnet_jax.devices import resolve_device
-    from bitnet_jax.loading import load_model
-    from bitnet_jax.policy import get_policy
+    from bitnet_jax.runtime.placement import resolve_device
+    from bitnet_jax.formats.loader import load_model
+    from bitnet_jax.model.policy import get_policy
 
     device = resolve_device(args.backend)
     path = args.model
@@ -170,13 +169,11 @@ def _load(args):
                 "(an HF folder or a .gguf file).")
         path = DEFAULT_MODEL
     # The int8 LM head is made while loading, so the float table is never held in full.
-    head = "int8" if args.lm_head == "auto" and device.platform == "cpu" else args.lm_head
-    return load_model(path, policy=get_policy("cpu").replace(lm_head=head)
-                      if device.platform == "cpu" and head == "int8" else None)
+    return load_model(path, policy=get_policy("cpu").replace(lm_head=args.lm_head))
 
 
 def _sampling(args):
-    from bitnet_jax.sampling import SamplingParams
+    from bitnet_jax.runtime.sampling import SamplingParams
 
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           min_p=args.min_p, repetition_penalty=args.repeat_penalty,
@@ -184,7 +181,7 @@ def _sampling(args):
 
 
 def _infer(args) -> int:
-    from bitnet_jax.generate import stream
+    from bitnet_jax.runtime.generate import stream
 
     model = _load(args)
     pieces = stream(model, args.prompt, max_new_tokens=args.max_tokens, sampling=_sampling(args),
@@ -198,7 +195,7 @@ def _infer(args) -> int:
 
 
 def _chat(args) -> int:
-    from bitnet_jax.generate import stream
+    from bitnet_jax.runtime.generate import stream
 
     model = _load(args)
     if model.tokenizer is None:
@@ -238,7 +235,7 @@ def _chat(args) -> int:
 
 
 def _bench(args) -> int:
-    from bitnet_jax.generate import benchmark
+    from bitnet_jax.runtime.generate import benchmark
 
     model = _load(args)
     policy = _policy(args, model)

@@ -35,11 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax.config import ModelConfig, from_hf, load_config
+from bitnet_jax.model.config import ModelConfig, from_hf, load_config
 from bitnet_jax.errors import BitNetError, CheckpointError, ConfigError
-from bitnet_jax.model import forward
-from bitnet_jax.params import BITLINEAR_PATHS, init_params, pack_params
-from bitnet_jax.policy import Policy, get_policy
+from bitnet_jax.model.transformer import forward
+from bitnet_jax.model.params import BITLINEAR_PATHS, init_params, pack_params
+from bitnet_jax.model.policy import Policy, get_policy
 
 STATE_FILE = "state.npz"
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
@@ -53,7 +53,7 @@ class TrainConfig:
 
     Attributes:
       model: HF config.json path, configs/ preset name, or an inline HF config object.
-      data: corpus folder with train.bin and valid.bin (uint16 token ids, bitnet_jax.corpus);
+      data: corpus folder with train.bin and valid.bin (uint16 token ids, bitnet_jax.train.corpus);
         a tokenizer.model there is copied beside the exported model.
       out: run folder (state, metrics, loss plot, final model).
       init_from: HF folder or GGUF to fine-tune from (its config replaces `model`), or null.
@@ -257,11 +257,11 @@ def eval_step(params: dict, batch: jax.Array, cfg: ModelConfig, policy: Policy) 
 
 
 def load_tokens(path: str | Path) -> np.ndarray:
-    """Memory-map a uint16 token file written by bitnet_jax.corpus."""
+    """Memory-map a uint16 token file written by bitnet_jax.train.corpus."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"token file {path} does not exist; build the corpus first "
-                          "(python -m bitnet_jax.corpus --out DIR) and point `data` at DIR.")
+                          "(python -m bitnet_jax.train.corpus --out DIR) and point `data` at DIR.")
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
@@ -363,7 +363,7 @@ def load_state(path: str | Path, params_like: dict, opt_like) -> tuple[dict, typ
 def model_for(tcfg: TrainConfig, policy: Policy) -> tuple[ModelConfig, dict, Path | None]:
     """(cfg, latent params, tokenizer source folder or None) for a run."""
     if tcfg.init_from:
-        from bitnet_jax.loading import load_model
+        from bitnet_jax.formats.loader import load_model
 
         # packed=False gives latent floats; packed-only sources come back as t·σ.
         m = load_model(tcfg.init_from, policy=policy, packed=False, tokenizer=False)
@@ -474,7 +474,7 @@ def train(tcfg: TrainConfig, stop_after: int | None = None, progress: bool = Tru
 
 def export(path: Path, cfg: ModelConfig, params: dict, tokenizer_dir: Path | None = None) -> None:
     """Save the packed model as an HF folder, copying the tokenizer files of `tokenizer_dir`."""
-    from bitnet_jax.checkpoint import save_hf
+    from bitnet_jax.formats.hf import save_hf
 
     save_hf(path, cfg, pack_params(params, cfg), packed=True)
     for name in _TOKENIZER_FILES:
@@ -569,7 +569,7 @@ def perplexity_main(argv: list[str] | None = None) -> int:
     """`bitnet-jax perplexity --model PATH --text FILE [--context N] [--stride S]`."""
     import argparse
 
-    from bitnet_jax.loading import load_model
+    from bitnet_jax.formats.loader import load_model
 
     parser = argparse.ArgumentParser(prog="bitnet-jax perplexity",
                                      description="Strided perplexity of a model on a text file.")

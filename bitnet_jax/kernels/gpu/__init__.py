@@ -1,0 +1,1 @@
+"""The Pallas GPU kernels (pallas.py)."""

@@ -1,0 +1,61 @@
+"""The layer scan over stacked params, with packed weights read in place by the kernels.
+
+Per-layer params are stacked on a leading L axis. `lax.scan` slices every leaf per layer, and a
+scan slice that feeds a custom call is copied first: 7 MB per layer of the large model, as many
+bytes again as the kernel reads. So the packed uint8 [L, O/4, I] arrays are not scanned over:
+`scan_layers` hands each layer the whole stack plus the layer index, as the leaf
+{"packed": [L, O/4, I], "layer": l, "scale": []}, and kernels.dispatch passes both to the kernel
+(the CPU kernel reads matrix l in place; the others slice it). Everything else is scanned as
+usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from bitnet_jax.quant import is_packed
+
+
+def scan_layers(body: Callable, layers: dict, carry):
+    """Run `carry = body(layer_params, layer, carry)` over the L stacked layers, in order.
+
+    Args:
+      body: (params of one layer, int32 layer index, carry) -> carry. Packed leaves of the layer
+        params carry the whole stack and the layer index (module docstring).
+      layers: the stacked per-layer params (every leaf has a leading L axis).
+      carry: the loop state (any pytree: the residual stream, the KV cache, ...).
+
+    Returns:
+      The final carry.
+    """
+    xs, stacks = _split_stacks(layers)
+
+    def step(state, p):
+        carry, layer = state
+        return (body(_join_stacks(p, stacks, layer), layer, carry), layer + 1), None
+
+    (carry, _), _ = jax.lax.scan(step, (carry, jnp.int32(0)), xs)
+    return carry
+
+
+def _split_stacks(layers):
+    """Split the stacked params into (xs, stacks): stacks holds each packed leaf's uint8 array
+    (None elsewhere), xs everything else."""
+    if is_packed(layers):
+        return {k: v for k, v in layers.items() if k != "packed"}, layers["packed"]
+    if isinstance(layers, dict):
+        pairs = {k: _split_stacks(v) for k, v in layers.items()}
+        return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+    return layers, None
+
+
+def _join_stacks(xs, stacks, layer):
+    """One layer's params from a scan slice of xs, the packed stacks and the layer index."""
+    if stacks is None:
+        return xs
+    if not isinstance(stacks, dict):
+        return {**xs, "packed": stacks, "layer": layer}
+    return {k: _join_stacks(xs[k], stacks[k], layer) for k in xs}

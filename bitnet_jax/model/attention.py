@@ -1,0 +1,108 @@
+"""Grouped-query causal self-attention with BitNet's attn_sub_norm.
+
+`attention` returns (out, new_cache): with a KV cache (model/cache.py) it writes this call's
+keys and values and attends over every visible slot; without one it attends over its own T
+tokens (S = T).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from bitnet_jax import kernels
+from bitnet_jax.model import cache as kv_cache
+from bitnet_jax.model.bitlinear import bitlinear, bitlinear_many
+from bitnet_jax.model.config import ModelConfig
+from bitnet_jax.model.layers import apply_rope, rms_norm
+from bitnet_jax.model.policy import Policy
+
+_NEG_INF = -1e30
+
+
+def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
+           cfg: ModelConfig, policy: Policy) -> jax.Array:
+    """GQA softmax attention in XLA.
+
+    Args:
+      q: [B, T, N, H] queries; query head j uses kv head j // G.
+      keys, values: [B, K, S, H].
+      mask: [B, T, S] boolean.
+
+    Returns:
+      [B, T, N, H] in the compute dtype.
+    """
+    b, t, n, h = q.shape
+    q = q.reshape(b, t, cfg.num_key_value_heads, cfg.num_groups, h)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, keys, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(h))
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(policy.compute)
+    # Output as [B, K, G, T, H], then transpose: XLA:CPU runs it 7x faster than "->btkgh".
+    out = jnp.einsum("bkgts,bksh->bkgth", probs, values, preferred_element_type=jnp.float32)
+    return out.transpose(0, 3, 1, 2, 4).astype(policy.compute).reshape(b, t, n, h)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, layer, index,
+                     starts: jax.Array, mask: jax.Array, cfg: ModelConfig,
+                     policy: Policy) -> tuple[jax.Array, dict]:
+    """Write this call's keys/values into layer `layer` of the cache and attend over it.
+
+    Args:
+      q: [B, T, N, H] queries; k, v: [B, K, T, H] new keys/values for slots index..index+T-1.
+      cache: {"k", "v"} [L, B, K, S, H].
+      layer, index: int32 scalars; starts: [B] first visible slot per row; mask: [B, T, S].
+
+    Returns:
+      (out [B, T, N, H] in the compute dtype, the updated cache).
+
+    With the CPU kernel (kernels.attention_kernel) attention reads the layer's visible slots in
+    place (kernels/cpu/attention_cpu.h); otherwise XLA slices the layer out and runs `attend`
+    over all S slots.
+    """
+    cache = kv_cache.write(cache, k, v, layer, index)
+    if kernels.attention_kernel(policy.kernel, q, cache["k"]) == "ffi":
+        out = kernels.cached_attention_ffi(q.astype(jnp.float32), cache["k"], cache["v"], layer,
+                                           index, starts)
+        return out.astype(policy.compute), cache
+    keys, values = kv_cache.layer_view(cache, layer)
+    out = attend(q, keys.astype(policy.compute), values.astype(policy.compute), mask, cfg, policy)
+    return out, cache
+
+
+def attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+              cfg: ModelConfig, policy: Policy, cache: dict | None = None, *, layer=None,
+              index=None, starts=None) -> tuple[jax.Array, dict | None]:
+    """One attention block: projections, RoPE, GQA softmax attention, sub-norm, output.
+
+    Args:
+      p: this layer's `self_attn` params (q/k/v/o_proj, optional attn_sub_norm [D]).
+      x: [B, T, D] normalised residual stream.
+      cos, sin: [B, T, H] RoPE tables for the T positions.
+      mask: [B, T, S] boolean attention mask.
+      cfg: model config.
+      policy: precision policy.
+      cache: optional KV cache {"k", "v"} [L, B, K, S, H]; this call's keys/values go to layer
+        `layer`, slots index..index+T-1 (int32 scalars), and rows see slots from starts [B] on.
+        Without it the call attends over its own T tokens only (S = T).
+
+    Returns:
+      (out [B, T, D], the updated cache or None).
+    """
+    b, t, _ = x.shape
+    n, k_heads, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q, k, v = bitlinear_many(x, [p["q_proj"], p["k_proj"], p["v_proj"]], policy, cfg.quantized)
+    q = apply_rope(q.reshape(b, t, n, h), cos, sin)
+    k = apply_rope(k.reshape(b, t, k_heads, h), cos, sin)
+    v = v.reshape(b, t, k_heads, h)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
+    if cache is None:
+        out = attend(q, k, v, mask, cfg, policy)
+    else:
+        out, cache = cached_attention(q, k, v, cache, layer, index, starts, mask, cfg, policy)
+    out = out.reshape(b, t, n * h)
+    if cfg.use_sub_norms:
+        out = rms_norm(out, p["attn_sub_norm"], cfg.rms_norm_eps)
+    return bitlinear(out, p["o_proj"], policy, cfg.quantized), cache

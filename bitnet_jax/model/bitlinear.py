@@ -1,0 +1,75 @@
+"""BitLinear: one projection with ternary weights and int8 activations (formulas in quant.py).
+
+A leaf is latent (float [O, I], fake-quantised with straight-through gradients for QAT) or
+packed ({"packed": uint8 [O/4, I], "scale": f32}, inference); see quant.py for both forms. The
+packed product runs through kernels.dispatch, which picks the XLA, CPU or GPU implementation.
+
+When the model is a plain float Llama (`cfg.quant_method is None`) a float leaf is used as an
+ordinary linear weight with no quantisation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from bitnet_jax import kernels
+from bitnet_jax.quant import (fake_quantize_activations, fake_quantize_weights, is_packed,
+                              quantize_activations)
+from bitnet_jax.model.policy import Policy
+
+# ------------------------------------------------------------------------------------------------
+# The linear layer
+
+
+def bitlinear(x: jax.Array, w, policy: Policy, quantized: bool = True) -> jax.Array:
+    """Apply one BitLinear (or plain linear) projection.
+
+    Args:
+      x: [..., I] activations in the compute dtype.
+      w: a latent float weight [O, I] or a packed leaf {"packed": [O/4, I], "scale": []}; in
+        model.apply's layer scan the leaf is {"packed": [L, O/4, I], "layer": l, "scale": []}
+        and matrix l of the stack is used (read in place by the CPU kernel).
+      policy: precision policy; `policy.kernel` picks the packed matmul implementation.
+      quantized: False for plain float Llama models (latent leaf used as is).
+
+    Returns:
+      [..., O] in the compute dtype.
+    """
+    if is_packed(w):
+        return bitlinear_many(x, [w], policy)[0]
+    if not quantized:
+        y = jnp.einsum("...i,oi->...o", x.astype(policy.compute), w.astype(policy.compute),
+                       preferred_element_type=jnp.float32)
+        return y.astype(policy.compute)
+    xq = fake_quantize_activations(x).astype(policy.compute)
+    wq = fake_quantize_weights(w).astype(policy.compute)
+    y = jnp.einsum("...i,oi->...o", xq, wq, preferred_element_type=jnp.float32)
+    return y.astype(policy.compute)
+
+
+def bitlinear_many(x: jax.Array, ws: list, policy: Policy, quantized: bool = True) -> list:
+    """`bitlinear` of one input through several projections (q/k/v, gate/up).
+
+    With packed leaves the activations are quantised once and the CPU kernel computes every
+    product in one call (one thread hand-off instead of one per projection).
+
+    Args:
+      x: [..., I] activations in the compute dtype.
+      ws: BitLinear leaves, all with input size I.
+
+    Returns:
+      list of [..., O_j] in the compute dtype.
+    """
+    if not all(is_packed(w) for w in ws):
+        return [bitlinear(x, w, policy, quantized) for w in ws]
+    lead = x.shape[:-1]
+    x_q, step = quantize_activations(x.reshape(-1, x.shape[-1]))  # [M, I] int8, [M, 1]
+    layer = ws[0].get("layer")
+    accs = kernels.ternary_matmul_many(x_q, [w["packed"] for w in ws], kernel=policy.kernel,
+                                       layer=layer)  # int32 [M, O_j]
+    out = []
+    for acc, w in zip(accs, ws):
+        y = acc.astype(jnp.float32) * (step * w["scale"].astype(jnp.float32))
+        out.append(y.reshape(*lead, -1).astype(policy.compute))
+    return out
