@@ -1,4 +1,4 @@
-"""Build step for the optional packed-ternary CPU kernel (bitnet_jax/kernels/cpu/ternary_cpu.cc).
+"""Build step for the optional CPU kernels (bitnet_jax/kernels/cpu/ffi_handlers.cc + headers).
 
 All package metadata lives in pyproject.toml; this file only adds the C++ extension. It is
 compiled against the XLA FFI headers that jaxlib ships (`jaxlib/include`, the directory
@@ -22,8 +22,10 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 KERNEL = "bitnet_jax.kernels.cpu._ternary_cpu"
+CPU_DIR = "bitnet_jax/kernels/cpu"
 
 
 def _jaxlib_include_dir() -> str:
@@ -77,17 +79,29 @@ class OptionalBuildExt(build_ext):
         )
 
 
+class BuildPyWithPresets(build_py):
+    """build_py that also ships the repository's configs/*.json presets as bitnet_jax/configs/,
+    so `load_config("tiny")` works from a wheel as from a checkout (model/config.py)."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "bitnet_jax" / "configs"
+        target.mkdir(parents=True, exist_ok=True)
+        for preset in sorted(Path(__file__).resolve().parent.glob("configs/*.json")):
+            self.copy_file(str(preset), str(target / preset.name))
+
+
 setup(
     ext_modules=[
         Extension(
             KERNEL,
-            sources=["bitnet_jax/kernels/cpu/ternary_cpu.cc"],
-            depends=["bitnet_jax/kernels/cpu/ternary_cpu.h", "bitnet_jax/kernels/cpu/int8_cpu.h",
-                     "bitnet_jax/kernels/cpu/attention_cpu.h"],
+            sources=[f"{CPU_DIR}/ffi_handlers.cc"],
+            # Every header the one translation unit includes (all of them live beside it).
+            depends=sorted(h.as_posix() for h in Path(CPU_DIR).glob("*.h")),
             language="c++",
             # Lets setuptools skip copying a missing .so into the tree for editable installs.
             optional=True,
         )
     ],
-    cmdclass={"build_ext": OptionalBuildExt},
+    cmdclass={"build_ext": OptionalBuildExt, "build_py": BuildPyWithPresets},
 )

@@ -6,7 +6,7 @@ One JSON line per (shape, M, path) on stdout:
    "gbps": weight bytes / median time, "cpu": ..., "cpus": ..., "jax": ..., "isa": ...}
 
 Paths (all give [M, O] int32, or f32 for "f32"):
-  ffi        packed 2-bit FFI kernel (kernels/cpu_ffi.py), reads O*I/4 bytes
+  ffi        packed 2-bit FFI kernel (kernels/cpu/ffi.py), reads O*I/4 bytes
   xla        ternary_matmul_xla: in-graph unpack of the packed weight + int8 dot (the reference)
   xla_int8   int8 dot on a pre-unpacked [O, I] int8 weight (no unpack; 4x the bytes of ffi)
   f32        float32 x @ W.T on a dense [O, I] float32 weight

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from bitnet_jax.model.config import ModelConfig, load_config  # noqa: E402
 from bitnet_jax.runtime.placement import resolve_device, resolve_policy  # noqa: E402
-from bitnet_jax.runtime.generate import benchmark  # noqa: E402
+from bitnet_jax.runtime.benchmark import benchmark  # noqa: E402
 from bitnet_jax.formats.loader import Model, load_model  # noqa: E402
 from bitnet_jax.model.params import linear_shapes, param_shapes  # noqa: E402
 

@@ -327,7 +327,7 @@ def cmd_decode(args) -> None:
     from bitnet_jax.model.attention import init_cache
     from bitnet_jax.model.transformer import apply, unembed
 
-    # TODO(lead): switch to the shipped loop (bitnet_jax.runtime.generate.benchmark(model, prompt_tokens=,
+    # TODO(lead): switch to the shipped loop (bitnet_jax.runtime.benchmark.benchmark(model, prompt_tokens=,
     # gen_tokens=, batch=) was landing as this was written) so this measures sampling, stop
     # tokens and donation too; this stand-in is a greedy scan over model.apply + unembed.
     for pol_name in args.policies.split(","):

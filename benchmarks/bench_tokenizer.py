@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bitnet_jax.tokenizer import load_tokenizer  # noqa: E402
+from bitnet_jax.formats.tokenizer import load_tokenizer  # noqa: E402
 
 
 def _time(fn, text: str) -> tuple[float, int]:

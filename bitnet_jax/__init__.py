@@ -15,17 +15,11 @@ The names are imported on first use (PEP 562), so `import bitnet_jax` does not i
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
-
-try:
-    __version__ = importlib.metadata.version("bitnet-jax")
-except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
-    __version__ = "0+unknown"
 
 _EXPORTS = {
     "BitNetError": "bitnet_jax.errors",
-    "DEFAULT_MODEL": "bitnet_jax.formats.loader",
-    "Model": "bitnet_jax.formats.loader",
+    "DEFAULT_MODEL": "bitnet_jax.formats.base",
+    "Model": "bitnet_jax.formats.base",
     "load_model": "bitnet_jax.formats.loader",
     "ModelConfig": "bitnet_jax.model.config",
     "from_hf": "bitnet_jax.model.config",
@@ -50,7 +44,20 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
+def _version() -> str:
+    # Deferred: importlib.metadata costs ~25 ms, most of `bitnet-jax`'s start before Ctrl-C works.
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("bitnet-jax")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
+
+
 def __getattr__(name: str):
+    if name == "__version__":
+        globals()[name] = _version()
+        return globals()[name]
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'bitnet_jax' has no attribute {name!r}")
@@ -60,4 +67,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | {"__version__"})

@@ -3,11 +3,23 @@
 Every error a user can cause (a bad path, a malformed file, an unsupported option) is raised as
 a subclass of `BitNetError` carrying one clear sentence that names the problem and the fix. The
 CLI prints that sentence and exits non-zero, never a traceback.
+
+When the fix is an option that the Python API and the CLI spell differently (`truncate=True` vs
+`--truncate`), the error also carries `cli_message`, the same sentence in CLI words, which the
+CLI prints instead.
 """
 
 
 class BitNetError(Exception):
-    """Base class of every user-facing bitnet_jax error."""
+    """Base class of every user-facing bitnet_jax error.
+
+    Attributes:
+      cli_message: the message in the command line's words, or None when str(self) fits both.
+    """
+
+    def __init__(self, *args, cli_message: str | None = None):
+        super().__init__(*args)
+        self.cli_message = cli_message
 
 
 class ConfigError(BitNetError, ValueError):

@@ -15,7 +15,7 @@ A BitLinear weight leaf takes one of two forms, told apart by structure at trace
            t+1 ∈ {0,1,2}: exactly Hugging Face's `pack_weights` layout (spec §1.3), so HF packed
            checkpoints load without repacking. `scale` is the multiplier σ with W = σ·t.
            Code 3 is not a ternary value: every loader refuses it, and the CPU kernel
-           (kernels/cpu/ternary_cpu.h) relies on its absence to extract the planes with one
+           (kernels/cpu/ternary_paths.h) relies on its absence to extract the planes with one
            shift. This is also the kernel's layout for GGUF TQ2_0/TQ1_0/I2_S files, which are
            repacked into it at load from their 2-bit codes (formats/gguf/load.py), no float copy.
 

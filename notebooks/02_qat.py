@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import bitnet_jax as bj
-from bitnet_jax.train import loop as train
+from bitnet_jax import train
 from bitnet_jax import DEFAULT_MODEL
 
 path = os.environ.get("BITNET_JAX_NOTEBOOK_MODEL", str(DEFAULT_MODEL))

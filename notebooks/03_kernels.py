@@ -85,7 +85,7 @@ plt.show()
 # %%
 path = os.environ.get("BITNET_JAX_NOTEBOOK_MODEL", str(DEFAULT_MODEL))
 model = bj.load_model(path)
-from bitnet_jax.runtime.generate import benchmark  # noqa: E402
+from bitnet_jax.runtime.benchmark import benchmark  # noqa: E402
 
 speed = {k: [] for k in impls}
 batches = [1, 2, 4, 8]

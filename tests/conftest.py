@@ -2,7 +2,10 @@
 
 Fixture names are stable API for every test file: `tiny_cfg`, `tiny_params`, `tiny_packed_params`,
 `tiny_float_cfg`, `tiny_float_params`, `rng`, `shared_data`; module constants `SHARED_DATA`,
-`LEAF_TOL`, `MODEL_TOL`, `TINY_CONFIG`.
+`LEAF_TOL`, `MODEL_TOL`, `TINY_CONFIG`, `IN_CI`.
+
+In CI (environment variable CI=true) a skip whose reason is a broken build rather than a missing
+machine feature (`CI_FATAL_SKIPS`: the CPU FFI extension did not build or load) fails the test.
 
 Tolerances are never relaxed without review (levanter AGENTS.md). BitNet caution: int8 activation
 rounding is a step function, so two float paths that differ by one ulp can round a value sitting
@@ -44,6 +47,11 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 LEAF_TOL = 1e-5  # max abs error for leaf ops (RMSNorm, RoPE, one BitLinear) in float32
 MODEL_TOL = 1e-4  # max abs error on logits of a whole model in float32
+
+# CI services (GitHub Actions, GitLab, ...) set CI=true; .ci/run may too.
+IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+# Skip reasons (substrings) that mean the build is broken: outside CI they skip, in CI they fail.
+CI_FATAL_SKIPS = ("CPU FFI extension", "SIMDe headers not found")
 
 TINY_SEED = 0
 TINY_STD = 0.3  # weights large enough that logits are O(1) and argmax is meaningful
@@ -128,7 +136,19 @@ def tiny_float_params(tiny_float_cfg):
     return _tiny_params(tiny_float_cfg, TINY_SEED)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With CI=true, turn a skip for a CI_FATAL_SKIPS reason into a failure (any test file)."""
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+        if any(marker in reason for marker in CI_FATAL_SKIPS):
+            report.outcome = "failed"
+            report.longrepr = f"CI=true, so this skip is a failure: {reason}"
+
+
 def pytest_report_header(config):
     return [f"jax {jax.__version__} backend={jax.default_backend()} "
             f"shared_data={'present' if SHARED_DATA.exists() else 'absent'} "
-            f"cores={os.cpu_count()}"]
+            f"cores={os.cpu_count()} ci={IN_CI}"]

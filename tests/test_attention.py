@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bitnet_jax.kernels.cpu import ffi as cpu_ffi
 from bitnet_jax.model.attention import attend, attention, cached_attention
 from bitnet_jax.model.cache import attention_mask, init_cache
+from bitnet_jax.model.config import ModelConfig
 from bitnet_jax.model.layers import rope_frequencies
 from bitnet_jax.model.params import layer
 from bitnet_jax.model.policy import Policy
@@ -123,13 +125,16 @@ def test_attention_returns_the_cache_it_wrote(tiny_cfg, tiny_params, rng):
 
 # (heads N, kv heads K, head_dim H, batch, new tokens T, cache slots S, write cursor, starts):
 # decode and prefill chunks, GQA and MHA, H not a multiple of 8 (1bitLLM 3B has H = 100), left
-# padding with pad queries that see no slot at all, and a write that ends at the last slot.
+# padding with pad queries that see no slot at all, and a write that ends at the last slot. The
+# last two are the tiny model's prefill and a decode step with the starts of test_model.py.
 ATTN_CASES = [
     (4, 2, 8, 2, 1, 16, 9, (0, 3)),
     (16, 16, 96, 1, 1, 64, 40, (0,)),
     (8, 2, 100, 3, 4, 32, 5, (0, 7, 2)),
     (4, 4, 128, 2, 6, 8, 2, (0, 5)),
     (6, 3, 12, 1, 3, 12, 9, (0,)),
+    (4, 2, 8, 3, 4, 11, 0, (0, 2, 1)),
+    (4, 2, 8, 3, 1, 11, 6, (0, 2, 1)),
 ]
 
 
@@ -137,9 +142,6 @@ ATTN_CASES = [
 @pytest.mark.parametrize("n,k,h,b,t,s,index,starts", ATTN_CASES)
 def test_cached_attention_cpu_kernel_matches_xla(n, k, h, b, t, s, index, starts, cache_dtype):
     # Both paths read the same (possibly 16-bit) cache values widened to float32.
-    from bitnet_jax.model.config import ModelConfig
-    from bitnet_jax.kernels.cpu import ffi as cpu_ffi
-
     if jax.default_backend() != "cpu" or not cpu_ffi.available():
         pytest.skip(f"CPU FFI extension not available: {cpu_ffi.unavailable_reason()}")
     cfg = ModelConfig(hidden_size=n * h, intermediate_size=8, num_hidden_layers=3,

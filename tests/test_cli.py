@@ -1,8 +1,9 @@
-"""Smoke tests of the `bitnet-jax` command line (bitnet_jax/cli.py).
+"""Smoke tests of the `bitnet-jax` command line (bitnet_jax/cli/): one test per command.
 
 The model is the tiny config widened to GPT-2's 50257-token vocabulary, saved as an HF folder
 with save_hf, next to GPT-2's vocab.json/merges.txt from ../shared/data (copied into tmp, never
-into the project). These tests skip when the shared data is absent.
+into the project). These tests skip when the shared data is absent. The error behaviour of
+issue 12 (one `error:` line, exit codes, Ctrl-C) is in test_cli_errors.py.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import sys
 import jax
 import pytest
 
+from bitnet_jax.cli import infer as infer_command
 from bitnet_jax.cli import main as cli
+from bitnet_jax.formats import loader
 from bitnet_jax.formats.hf import save_hf
 from bitnet_jax.model.config import load_config
 from bitnet_jax.runtime.generate import generate, stream
-from bitnet_jax.formats.loader import load_model
+from bitnet_jax.formats.loader import DEFAULT_MODEL, load_model
 from bitnet_jax.model.params import init_params, pack_params
 from conftest import ROOT, require_shared
 
@@ -98,7 +101,7 @@ def test_chat_keeps_the_conversation_and_resets(model_dir, capsys, monkeypatch):
 
 
 def test_missing_default_model_is_one_clear_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "default.gguf")
+    monkeypatch.setattr(loader, "DEFAULT_MODEL", tmp_path / "default.gguf")
     assert cli.main(["infer", "--prompt", "x", "--backend", "cpu"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: no default model is bundled") and "--model" in err
@@ -119,27 +122,36 @@ def test_argument_errors_exit_2(capsys):
 
 
 def test_ctrl_c_exits_130_with_a_message(monkeypatch, capsys):
-    def interrupted(args):
+    def interrupted(argv):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_infer", interrupted)
+    monkeypatch.setattr(infer_command, "main", interrupted)
     assert cli.main(["infer", "--prompt", "x"]) == 130
-    assert "interrupted" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
 
 
-def test_delegated_commands_pass_argv_through(monkeypatch, capsys):
+def test_commands_get_their_argv(monkeypatch, capsys):
     seen = {}
-    fake = type(sys)("fake_commands")
-    fake.run_main = lambda argv: seen.setdefault("argv", argv) and 3
-    monkeypatch.setitem(sys.modules, "fake_commands", fake)
-    monkeypatch.setitem(cli.DELEGATED, "train", (("fake_commands", "run_main"),))
+    fake = type(sys)("bitnet_jax.cli.train")
+    fake.main = lambda argv: seen.setdefault("argv", argv) and 3
+    monkeypatch.setitem(sys.modules, "bitnet_jax.cli.train", fake)
     assert cli.main(["train", "--config", "x.json", "--steps=2"]) == 3
     assert seen["argv"] == ["--config", "x.json", "--steps=2"]
 
-    monkeypatch.setitem(cli.DELEGATED, "train", (("bitnet_jax.no_such_module", "train_main"),))
-    assert cli.main(["train"]) == 1
+    monkeypatch.setitem(cli.COMMANDS, "no_such_command", "a command that is not installed")
+    assert cli.main(["no_such_command"]) == 1
     assert "not available" in capsys.readouterr().err
     assert cli.main(["inspect", "--help"]) == 0  # the real command, its own argparse
+
+
+def test_generate_is_infer(model_dir, capsys):
+    args = ["--model", str(model_dir), "--prompt", "Hello", "--max-tokens", "3",
+            "--temperature", "0"]
+    assert cli.main(["infer"] + args) == 0
+    first = capsys.readouterr().out
+    assert cli.main(["generate"] + args) == 0
+    assert capsys.readouterr().out == first
 
 
 def test_gpu_backend_without_gpu_fails_cleanly(model_dir):
@@ -155,3 +167,56 @@ def test_gpu_backend_without_gpu_fails_cleanly(model_dir):
     assert lines[-1].startswith("error: backend 'gpu'")
     assert 'pip install -U "jax[cuda13]"' in lines[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_infer_reads_the_prompt_from_stdin_or_a_file(tmp_path, capsys, monkeypatch):
+    args = ["--max-tokens", "4", "--temperature", "0", "--backend", "cpu"]
+    assert cli.main(["infer", "--prompt", "In the beginning"] + args) == 0
+    want = capsys.readouterr().out
+    monkeypatch.setattr(sys, "stdin", io.StringIO("In the beginning\n"))
+    assert cli.main(["infer", "--prompt", "-"] + args) == 0  # one final newline is dropped
+    assert capsys.readouterr().out == want
+    path = tmp_path / "prompt.txt"
+    path.write_text("In the beginning\n", encoding="utf-8")
+    assert cli.main(["infer", "--prompt-file", str(path)] + args) == 0
+    assert capsys.readouterr().out == want
+
+
+def test_convert_and_inspect(tmp_path, capsys):
+    out = tmp_path / "out.gguf"
+    assert cli.main(["convert", str(DEFAULT_MODEL), str(out), "--type", "i2_s",
+                     "--name", "converted"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    ours, theirs = load_model(out), load_model(DEFAULT_MODEL)
+    assert ours.config == theirs.config
+    prompt = dict(max_new_tokens=6, temperature=0)
+    assert generate(ours, "In the beginning", **prompt)[0].token_ids == \
+        generate(theirs, "In the beginning", **prompt)[0].token_ids
+    assert cli.main(["inspect", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "name: converted" in report and "I2_S" in report and "tokenizer:" in report
+    # Errors are one line with exit status 1, and a failed convert writes nothing.
+    assert cli.main(["convert", str(tmp_path / "missing"), str(tmp_path / "x.gguf")]) == 1
+    assert cli.main(["inspect", str(tmp_path / "nope.gguf")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and all(line.startswith("error: ") for line in err.splitlines())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf"]
+
+
+def test_convert_help_lists_the_writer_types(capsys):
+    from bitnet_jax.formats.gguf.write import QTYPES
+
+    assert cli.main(["convert", "--help"]) == 0
+    assert "{" + ",".join(QTYPES) + "}" in capsys.readouterr().out
+
+
+def test_tokenize_encodes_and_decodes_with_the_bundled_model(capsys):
+    assert cli.main(["tokenize", "--text", "In the beginning"]) == 0
+    ids = capsys.readouterr().out.split()
+    want = load_model(DEFAULT_MODEL).tokenizer.encode("In the beginning")
+    assert [int(i) for i in ids] == want
+    assert cli.main(["tokenize", "--decode", " ".join(ids), "--verbose"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "In the beginning" and len(lines) == 1 + len(ids)
+    assert cli.main(["tokenize", "--decode", "[" + ", ".join(ids) + "]"]) == 0
+    assert capsys.readouterr().out == "In the beginning\n"

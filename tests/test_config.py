@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ def _tiny_hf() -> dict:
 def test_every_preset_loads_validates_and_roundtrips(path):
     raw = json.loads(path.read_text())
     if "architectures" not in raw:  # a run config (configs/train-*.json) naming its model
-        from bitnet_jax.train.loop import load_train_config
+        from bitnet_jax.train import load_train_config
 
         run = load_train_config(path)
         raw = run.model if isinstance(run.model, dict) else load_config(run.model).to_hf()
@@ -220,3 +221,15 @@ def test_non_object_rope_scaling_is_a_config_error():
           "rope_scaling": "linear"}
     with pytest.raises(ConfigError, match="rope_scaling"):
         from_hf(hf)
+
+
+def test_unknown_config_keys_warn_once():
+    hf = dict(architectures=["LlamaForCausalLM"], vocab_size=10, hidden_size=8,
+              intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+              flux_capacitor_gain=1.21, id2label={"0": "a"})
+    with pytest.warns(UserWarning, match=r"\['flux_capacitor_gain'\] are not used"):
+        from_hf(hf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from_hf(hf)  # the same keys again: no second warning
+        from_hf({k: v for k, v in hf.items() if k != "flux_capacitor_gain"})  # known keys only

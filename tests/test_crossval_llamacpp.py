@@ -37,7 +37,7 @@ import bitnet_jax as bj  # noqa: E402
 from bitnet_jax.model.config import ModelConfig  # noqa: E402
 from bitnet_jax.formats.gguf import load_gguf, read_gguf, write_model_gguf  # noqa: E402
 from bitnet_jax.formats.gguf import quants  # noqa: E402
-from bitnet_jax.formats.loader import Model  # noqa: E402
+from bitnet_jax.formats.base import Model  # noqa: E402
 from bitnet_jax.model.params import linear_shapes  # noqa: E402
 
 N_TOKENS = 48
@@ -54,7 +54,7 @@ def spm_vocab() -> dict:
 
 def _tiny_bitnet(vocab: dict, seed: int = 0) -> Model:
     """1bitLLM graph, D=256 F=512 L=2 N=K=4 (H=64), V=32000, random ternary weights."""
-    from bitnet_jax.tokenizer import Tokenizer
+    from bitnet_jax.tokenizer import from_gguf_metadata
 
     cfg = ModelConfig(vocab_size=32000, hidden_size=256, intermediate_size=512,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
@@ -80,7 +80,7 @@ def _tiny_bitnet(vocab: dict, seed: int = 0) -> Model:
     embed = rng.standard_normal((cfg.vocab_size, d)).astype(np.float16).astype(np.float32)
     params = jax.tree.map(jax.numpy.asarray, {"embed_tokens": embed, "layers": layers,
                                               "norm": gains(d)})
-    return Model(cfg, params, Tokenizer.from_gguf_metadata(vocab))
+    return Model(cfg, params, from_gguf_metadata(vocab))
 
 
 def _llamacpp_logits(path: Path, tokens: list[int]) -> np.ndarray:

@@ -15,7 +15,7 @@ from bitnet_jax.runtime.compile_cache import compilation_cache_dir
 from bitnet_jax.runtime.placement import (place_params, resolve_device,
                                 resolve_policy)
 from bitnet_jax.errors import DeviceError
-from bitnet_jax.formats.loader import Model
+from bitnet_jax.formats.base import Model
 from bitnet_jax.model.policy import get_policy
 from conftest import ROOT
 

@@ -18,29 +18,33 @@ from bitnet_jax.runtime import engine
 from bitnet_jax.model.cache import init_cache
 from bitnet_jax.model import transformer as model_lib
 from bitnet_jax.errors import GenerationError
+from bitnet_jax.runtime.benchmark import benchmark
 from bitnet_jax.runtime.generate import SamplingParams, generate, stream, warmup
-from bitnet_jax.formats.loader import Model
+from bitnet_jax.formats.base import Model
 from bitnet_jax.model.params import pack_params
+from bitnet_jax.tokenizer import Tokenizer, from_gguf_metadata
+from bitnet_jax.tokenizer._pretok import bytes_to_unicode
 
 CONTEXT = 64  # tiny.json max_position_embeddings
 NORM_SCALE = 4.0
 
 
-class CharTokenizer:
-    """A stand-in tokenizer for the 61-token tiny vocabulary: ids 3..60 are characters."""
+CHARS = string.ascii_lowercase + " " + string.ascii_uppercase + ".,!?\n"
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m.role }}, {{ m.content }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant, {% endif %}")
 
-    CHARS = string.ascii_lowercase + " " + string.ascii_uppercase + ".,!?\n"
-    bos_id, eos_ids, vocab_size = 1, (2,), 61
 
-    def encode(self, text, add_special=False, parse_special=False):
-        return ([self.bos_id] if add_special else []) + [3 + self.CHARS.index(c) for c in text]
-
-    def decode(self, ids, skip_special=True):
-        return "".join(self.CHARS[i - 3] for i in ids if i >= 3)
-
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        text = "".join(f"{m['role']}, {m['content']}\n" for m in messages)
-        return text + ("assistant, " if add_generation_prompt else "")
+def char_tokenizer() -> Tokenizer:
+    """A real byte-level BPE tokenizer with no merges for the 61-token tiny vocabulary: ids 0-2
+    are <unk> <s> </s>, ids 3..60 one character each (CHARS)."""
+    b2u = bytes_to_unicode()
+    return from_gguf_metadata({
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>"] + [b2u[ord(c)] for c in CHARS],
+        "tokenizer.ggml.token_type": [3, 3, 3] + [1] * len(CHARS),
+        "tokenizer.ggml.merges": [], "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.chat_template": CHAT_TEMPLATE})
 
 
 def _peaked(params: dict) -> dict:
@@ -49,7 +53,7 @@ def _peaked(params: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def model(tiny_cfg, tiny_packed_params):
-    return Model(tiny_cfg, _peaked(tiny_packed_params), CharTokenizer())
+    return Model(tiny_cfg, _peaked(tiny_packed_params), char_tokenizer())
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +219,9 @@ def test_seed_gives_the_same_text_every_time(model):
 def test_invalid_requests_raise_clear_errors(model):
     with pytest.raises(GenerationError, match="token id 61.*vocabulary"):
         generate(model, [[3, 61]], max_new_tokens=2)
-    with pytest.raises(GenerationError, match="70 tokens.*truncate=True"):
+    with pytest.raises(GenerationError, match="70 tokens.*truncate=True") as exc:
         generate(model, [_prompts([70])[0]], max_new_tokens=2)
+    assert "--truncate" in exc.value.cli_message and "truncate=True" not in exc.value.cli_message
     r = generate(model, [_prompts([70])[0]], max_new_tokens=8, truncate=True, temperature=0)[0]
     assert r.prompt_tokens == CONTEXT - 8
     bare = Model(model.config, model.params, None)
@@ -241,6 +246,26 @@ def test_warmup_compiles_what_a_request_then_uses(model):
     generate(model, _prompts([12, 5], seed=9), max_new_tokens=40, temperature=0)
     assert dict(engine.TRACES) == before
     assert warmup(model, batch_sizes=(2,), prompt_lengths=(12,), max_new_tokens=40) == 0.0
+
+
+@pytest.mark.parametrize("kv", ["float16", "bfloat16"])
+def test_warmup_compiles_the_16_bit_cache_programs(model, kv):
+    # The CLI's CPU default is a float16 KV cache: warmup must compile the programs that requests
+    # with that cache dtype run, not float32-cache ones.
+    policy = model.policy.replace(kv_cache_dtype=kv)
+    assert warmup(model, batch_sizes=(4,), prompt_lengths=(9,), max_new_tokens=24,
+                  policy=policy) > 0
+    before = dict(engine.TRACES)
+    r = generate(model, _prompts([9, 3, 6]), max_new_tokens=24, temperature=0, policy=policy)
+    assert dict(engine.TRACES) == before
+    assert all(x.timings.compile_s == 0.0 for x in r)
+
+
+def test_benchmark_refuses_more_tokens_than_the_context(model):
+    context = model.config.max_position_embeddings
+    with pytest.raises(GenerationError, match=f"do not fit the model's {context}-token") as exc:
+        benchmark(model, prompt_tokens=context - 12, gen_tokens=100)
+    assert "--gen-tokens" in exc.value.cli_message
 
 
 def test_timings_are_reported(model):

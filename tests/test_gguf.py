@@ -24,13 +24,14 @@ import numpy as np
 import pytest
 
 import bitnet_jax as bj
+from bitnet_jax.cli.main import main as cli_main
 from bitnet_jax.model.config import ModelConfig
 from bitnet_jax.errors import GGUFError
 from bitnet_jax.formats.gguf import (
-    TensorEntry, convert_main, inspect_main, load_gguf, read_gguf, write_gguf, write_model_gguf)
+    TensorEntry, load_gguf, read_gguf, write_gguf, write_model_gguf)
 from bitnet_jax.formats.gguf import quants
 from bitnet_jax.formats.gguf.arch import inverse_llama_permutation, llama_permutation
-from bitnet_jax.formats.loader import Model
+from bitnet_jax.formats.base import Model
 
 TOKENS = jnp.array([[1, 5, 9, 200, 17, 3, 44, 250, 7, 300]], jnp.int32)
 
@@ -317,15 +318,15 @@ def test_convert_cli_from_hf_folder(tmp_path, capsys):
     hf = tmp_path / "hf"
     save_hf(hf, model.config, model.params)
     out = tmp_path / "out.gguf"
-    assert convert_main([str(hf), str(out), "--type", "tq1_0"]) == 0
+    assert cli_main(["convert", str(hf), str(out), "--type", "tq1_0"]) == 0
     assert "wrote" in capsys.readouterr().out
     direct = bj.load_model(hf)
     np.testing.assert_array_equal(_logits(bj.load_model(out)), _logits(direct))
     # GGUF -> GGUF as well, and errors are one line with exit status 1.
     again = tmp_path / "again.gguf"
-    assert convert_main([str(out), str(again), "--type", "i2_s"]) == 0
+    assert cli_main(["convert", str(out), str(again), "--type", "i2_s"]) == 0
     np.testing.assert_array_equal(_logits(bj.load_model(again)), _logits(direct))
-    assert convert_main([str(tmp_path / "missing"), str(again)]) == 1
+    assert cli_main(["convert", str(tmp_path / "missing"), str(again)]) == 1
     assert "error:" in capsys.readouterr().err
 
 
@@ -333,13 +334,13 @@ def test_inspect_cli(tmp_path, capsys):
     model = _model("relu2", seed=11)
     path = tmp_path / "m.gguf"
     write_model_gguf(model, path, "i2_s")
-    assert inspect_main([str(path)]) == 0
+    assert cli_main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "architecture: bitnet-b1.58" in out
     assert "hidden_act: relu2" in out and "num_key_value_heads: 2" in out
     assert "blk.1.ffn_down.weight" in out and "I2_S" in out and "256x512" in out
     assert "tokenizer:" in out and "(none" in out
-    assert inspect_main([str(tmp_path / "nope.gguf")]) == 1
+    assert cli_main(["inspect", str(tmp_path / "nope.gguf")]) == 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -500,7 +501,7 @@ def test_tokenizer_attached_from_metadata(shared_data, tmp_path):
     assert loaded.tokenizer is not None
     assert loaded.tokenizer.encode("Hello world") == [15043, 3186]
     assert load_gguf(path, tokenizer=False).tokenizer is None
-    # Our writer stores the tokenizer again (Tokenizer.to_gguf_metadata).
+    # Our writer stores the tokenizer again (to_gguf_metadata).
     again = tmp_path / "again.gguf"
     write_model_gguf(loaded, again, "i2_s")
     meta = read_gguf(again).metadata

@@ -1,8 +1,9 @@
-"""The packed CPU FFI kernel agrees bit for bit with the XLA reference (kernels/cpu_ffi.py).
+"""The CPU FFI kernels agree bit for bit with the XLA reference (kernels/cpu/ffi.py, library.py).
 
 Every parity case runs on each kernel path this CPU supports (scalar, avx2, and avxvnni /
 avx512vnni where present), switching paths with `cpu_ffi.set_isa` on the same executable.
-FFI tests skip, naming the reason, only when the extension is not built.
+FFI tests skip, naming the reason, only when the extension is not built; with CI=true that skip
+is a failure (test_extension_is_loaded and conftest.py), so a broken build cannot pass CI.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import pytest
 from bitnet_jax import kernels, quant
 from bitnet_jax.model import bitlinear
 from bitnet_jax.kernels.cpu import ffi as cpu_ffi
+from bitnet_jax.kernels.cpu import library
 from bitnet_jax.kernels.xla import int8_matmul_xla, ternary_matmul_xla
 from bitnet_jax.model.policy import Policy
+from conftest import IN_CI
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "cpu", reason="the FFI kernel runs on JAX's CPU backend only"
@@ -32,6 +35,17 @@ _AVAILABLE = jax.default_backend() == "cpu" and cpu_ffi.available()
 needs_ffi = pytest.mark.skipif(
     not _AVAILABLE, reason=f"CPU FFI extension not built: {cpu_ffi.unavailable_reason()}"
 )
+
+
+def test_extension_is_loaded():
+    # The skips below hide a broken build; in CI (CI=true) a missing extension fails here.
+    if not cpu_ffi.available():
+        message = f"CPU FFI extension not built: {cpu_ffi.unavailable_reason()}"
+        if IN_CI:
+            pytest.fail(f"CI=true and the {message}")
+        pytest.skip(message)
+    assert cpu_ffi.isa() in cpu_ffi.supported_isas()
+    assert cpu_ffi.supported_isas()[0] == "scalar"
 
 
 def _random_packed(rng, shape) -> np.ndarray:
@@ -199,7 +213,7 @@ def test_ffi_valid_packing_roundtrip():
 
 @needs_ffi
 def test_ffi_large_decode_shape_multithreaded():
-    # Big enough to be split across XLA's thread pool (ternary_cpu.cc kMinParallelWork).
+    # Big enough to be split across XLA's thread pool (ffi_runtime.h kMinParallelWork).
     x, packed = _operands(11, 2, 2560, 1024)
     expected = np.asarray(ternary_matmul_xla(x, packed))
     fn = jax.jit(cpu_ffi.ternary_matmul_kernel)
@@ -311,9 +325,9 @@ def test_fallback_when_extension_missing(monkeypatch):
     def broken():
         raise OSError("simulated missing _ternary_cpu.so")
 
-    fresh = dict(cpu_ffi._state, tried=False, lib=None, reason=None, warned=False)
-    monkeypatch.setattr(cpu_ffi, "_state", fresh)
-    monkeypatch.setattr(cpu_ffi, "_load_library", broken)
+    fresh = dict(library._state, tried=False, lib=None, reason=None, warned=False)
+    monkeypatch.setattr(library, "_state", fresh)
+    monkeypatch.setattr(library, "_load_library", broken)
     x, packed = _operands(1, 3, 100, 12)
     expected = np.asarray(ternary_matmul_xla(x, packed))
     with warnings.catch_warnings(record=True) as caught:
@@ -335,17 +349,17 @@ def test_fallback_when_extension_missing(monkeypatch):
 
 @needs_ffi
 def test_refuses_extension_built_for_newer_jaxlib(monkeypatch):
-    fresh = dict(cpu_ffi._state, tried=False, lib=None, reason=None, warned=False)
-    monkeypatch.setattr(cpu_ffi, "_state", fresh)
-    monkeypatch.setattr(cpu_ffi.jaxlib, "__version__", "0.4.0")
+    fresh = dict(library._state, tried=False, lib=None, reason=None, warned=False)
+    monkeypatch.setattr(library, "_state", fresh)
+    monkeypatch.setattr(library.jaxlib, "__version__", "0.4.0")
     with pytest.warns(RuntimeWarning, match="built against jaxlib"):
         assert not cpu_ffi.available()
-    assert cpu_ffi._version_tuple("0.11.0rc1") == (0, 11)
+    assert library._version_tuple("0.11.0rc1") == (0, 11)
 
 
 def test_disable_env_var(monkeypatch):
-    fresh = dict(cpu_ffi._state, tried=False, lib=None, reason=None, warned=False)
-    monkeypatch.setattr(cpu_ffi, "_state", fresh)
-    monkeypatch.setenv(cpu_ffi.DISABLE_ENV, "1")
-    with pytest.warns(RuntimeWarning, match=cpu_ffi.DISABLE_ENV):
+    fresh = dict(library._state, tried=False, lib=None, reason=None, warned=False)
+    monkeypatch.setattr(library, "_state", fresh)
+    monkeypatch.setenv(library.DISABLE_ENV, "1")
+    with pytest.warns(RuntimeWarning, match=library.DISABLE_ENV):
         assert not cpu_ffi.available()

@@ -1,13 +1,15 @@
 """Tokenizer API: encode/decode, special tokens, streaming, chat templates, loading, errors, CLI.
 
-Small synthetic vocabularies (built here through `Tokenizer.from_gguf_metadata`) cover the logic
+Small synthetic vocabularies (built here through `from_gguf_metadata`) cover the logic
 without any data; the real Llama-2 / llama3 / GPT-2 files in ../shared/data/tokenizers (skipped
 when absent) cover the three backends.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
+import importlib
 import json
 import random
 from pathlib import Path
@@ -15,7 +17,13 @@ from pathlib import Path
 import pytest
 
 from bitnet_jax.errors import BitNetError, TokenizerError
-from bitnet_jax.tokenizer import IncrementalDecoder, Tokenizer, load_tokenizer, tokenize_main
+import bitnet_jax
+import bitnet_jax.tokenizer
+from bitnet_jax import load_tokenizer
+from bitnet_jax.cli.tokenize import main as tokenize_main
+from bitnet_jax.tokenizer import (
+    IncrementalDecoder, Tokenizer, from_gguf_metadata, load_tokenizer_files, to_gguf_metadata,
+)
 from bitnet_jax.tokenizer._pretok import PRE_TOKENIZERS, bytes_to_unicode
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -42,8 +50,8 @@ BITNET_TEMPLATE = (
 )
 
 
-def _shared(rel: str) -> Path:
-    path = TOKENIZERS / rel
+def _shared(rel: str, folder: Path = TOKENIZERS) -> Path:
+    path = folder / rel
     if not path.exists():
         pytest.skip(f"../shared/data not found: {path} is missing")
     return path
@@ -56,6 +64,15 @@ def _load(rel: str) -> Tokenizer:
 
 def _real(name: str) -> Tokenizer:
     return _load({"spm": LLAMA2, "tiktoken": LLAMA3, "bpe": GPT2}[name])
+
+
+def _any(kind: str) -> Tokenizer:
+    """A real tokenizer ("spm", "tiktoken", "bpe") or a synthetic one ("tiny-spm", "tiny-bpe")."""
+    if kind == "tiny-spm":
+        return from_gguf_metadata(_tiny_spm_meta())
+    if kind == "tiny-bpe":
+        return from_gguf_metadata(_tiny_bpe_meta(**{"tokenizer.chat_template": BITNET_TEMPLATE}))
+    return _real(kind)
 
 
 # ---------------------------------------------------------------------- synthetic vocabularies
@@ -98,7 +115,7 @@ def _sid(piece: str) -> int:
 
 
 def test_tiny_bpe_merges_and_special_tokens():
-    tok = Tokenizer.from_gguf_metadata(_tiny_bpe_meta())
+    tok = from_gguf_metadata(_tiny_bpe_meta())
     assert tok.kind == "bpe" and tok.vocab_size == 267
     assert tok.encode(" the world") == [258, 263]
     assert tok.encode("the") == [ord("t"), 257]  # no "t"+"he" merge: only "Ġt"+"he"
@@ -112,13 +129,13 @@ def test_tiny_bpe_merges_and_special_tokens():
 
 
 def test_tiny_bpe_round_trips_any_text():
-    tok = Tokenizer.from_gguf_metadata(_tiny_bpe_meta())
+    tok = from_gguf_metadata(_tiny_bpe_meta())
     for text in TEXTS:
         assert tok.decode(tok.encode(text)) == text
 
 
 def test_tiny_spm_dummy_prefix_and_byte_fallback():
-    tok = Tokenizer.from_gguf_metadata(_tiny_spm_meta())
+    tok = from_gguf_metadata(_tiny_spm_meta())
     assert tok.kind == "spm" and tok.add_bos and not tok.add_eos
     assert tok.encode("hello world") == [_sid("\u2581hello"), _sid("\u2581world")]
     assert tok.encode("hello", add_special=True) == [1, _sid("\u2581hello")]
@@ -126,7 +143,7 @@ def test_tiny_spm_dummy_prefix_and_byte_fallback():
     assert tok.decode(tok.encode(" hello  é\n")) == " hello  é\n"
     assert tok.encode("<s>hello</s>", parse_special=True) == [1, _sid("\u2581hello"), 2]
     assert tok.encode("<s>") != [1]
-    no_prefix = Tokenizer.from_gguf_metadata(_tiny_spm_meta(**{K + "add_space_prefix": False}))
+    no_prefix = from_gguf_metadata(_tiny_spm_meta(**{K + "add_space_prefix": False}))
     assert no_prefix.encode("hello")[0] != _sid("\u2581hello")
     assert no_prefix.decode([_sid("\u2581hello")]) == " hello"
     assert tok.decode([_sid("\u2581hello")]) == "hello"
@@ -140,19 +157,19 @@ def test_gguf_metadata_as_bytes_and_arrays():
     raw = {k: ([t.encode() for t in v] if k == K + "tokens" else v.encode() if isinstance(v, str)
                else np.asarray(v, np.float32 if k == K + "scores" else np.int32)
                if isinstance(v, list) else v) for k, v in meta.items()}
-    assert Tokenizer.from_gguf_metadata(raw).encode("hello world") == [_sid("\u2581hello"),
+    assert from_gguf_metadata(raw).encode("hello world") == [_sid("\u2581hello"),
                                                                        _sid("\u2581world")]
     bpe = {k: [t.encode() for t in v] if isinstance(v, list) and isinstance(v[0], str) else v
            for k, v in _tiny_bpe_meta().items()}
-    assert Tokenizer.from_gguf_metadata(bpe).encode(" the world") == [258, 263]
+    assert from_gguf_metadata(bpe).encode(" the world") == [258, 263]
 
 
 def test_gguf_defaults_and_eos_detection():
-    tok = Tokenizer.from_gguf_metadata(_tiny_spm_meta(**{K + "add_eos_token": True,
+    tok = from_gguf_metadata(_tiny_spm_meta(**{K + "add_eos_token": True,
                                                          K + "padding_token_id": 0}))
     assert tok.encode("hello", add_special=True) == [1, _sid("\u2581hello"), 2]
     assert tok.pad_id == 0 and tok.eos_ids == (2,) and not tok.is_eos(1)
-    bpe = Tokenizer.from_gguf_metadata(_tiny_bpe_meta(**{K + "eom_token_id": 266}))
+    bpe = from_gguf_metadata(_tiny_bpe_meta(**{K + "eom_token_id": 266}))
     assert bpe.eos_ids == (264, 265, 266) and not bpe.add_bos
     assert bpe.encode("x", add_special=True) == [ord("x")]
 
@@ -252,7 +269,7 @@ def _stream(tok: Tokenizer, ids, skip_special=True) -> list[str]:
 def test_incremental_decoder_equals_decode_on_random_ids(kind):
     if kind.startswith("tiny"):
         meta = _tiny_spm_meta() if kind == "tiny-spm" else _tiny_bpe_meta()
-        tok = Tokenizer.from_gguf_metadata(meta)
+        tok = from_gguf_metadata(meta)
     else:
         tok = _real(kind)
     rng = random.Random(len(kind))
@@ -278,7 +295,7 @@ def test_incremental_decoder_never_emits_partial_characters(kind):
 
 
 def test_incremental_decoder_flushes_incomplete_bytes_and_restarts():
-    tok = Tokenizer.from_gguf_metadata(_tiny_spm_meta())
+    tok = from_gguf_metadata(_tiny_spm_meta())
     dec = IncrementalDecoder(tok)
     assert dec.push(3 + 0xE2) == "" and dec.push(3 + 0x82) == ""
     assert dec.flush() == "\ufffd\ufffd" == tok.decode([3 + 0xE2, 3 + 0x82])
@@ -308,17 +325,17 @@ def test_bitnet_fallback_chat_format():
 
 def test_jinja_template_from_gguf_metadata():
     meta = _tiny_bpe_meta(**{"tokenizer.chat_template": BITNET_TEMPLATE})
-    tok = Tokenizer.from_gguf_metadata(meta)
+    tok = from_gguf_metadata(meta)
     out = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert out == "<|endoftext|>User: Hi<|eot_id|>Assistant: "
     with pytest.raises(TokenizerError, match="unknown role tool"):
         tok.apply_chat_template([{"role": "tool", "content": "x"}])
-    dated = Tokenizer.from_gguf_metadata(_tiny_bpe_meta(**{
+    dated = from_gguf_metadata(_tiny_bpe_meta(**{
         "tokenizer.chat_template": "{{ strftime_now('%Y') }}|{{ messages | tojson }}"}))
     year, dumped = dated.apply_chat_template([{"role": "user", "content": "é"}]).split("|", 1)
     assert len(year) == 4 and "é" in dumped
     assert json.loads(dumped) == [{"role": "user", "content": "é"}]
-    sandboxed = Tokenizer.from_gguf_metadata(_tiny_bpe_meta(**{
+    sandboxed = from_gguf_metadata(_tiny_bpe_meta(**{
         "tokenizer.chat_template": "{{ messages.append(1) }}"}))
     with pytest.raises(TokenizerError):
         sandboxed.apply_chat_template([{"role": "user", "content": "x"}])
@@ -328,7 +345,7 @@ def test_bitnet_gguf_placeholder_template_is_replaced():
     placeholder = ("{% for m in messages %}Human: {{ m['content'] }}\n\n"
                    "BITNETAssistant: {% endfor %}")
     meta = _tiny_bpe_meta(**{"tokenizer.chat_template": placeholder})
-    tok = Tokenizer.from_gguf_metadata(meta)
+    tok = from_gguf_metadata(meta)
     prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert prompt == "User: Hi<|eot_id|>Assistant: "
 
@@ -337,7 +354,7 @@ def test_bitnet_gguf_placeholder_template_is_replaced():
 
 
 def test_hf_tokenizer_json_folder(tmp_path):
-    tiny = Tokenizer.from_gguf_metadata(_tiny_bpe_meta())
+    tiny = from_gguf_metadata(_tiny_bpe_meta())
     tiny._backend.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<|endoftext|>", "eos_token": {"content": "<|eot_id|>"},
@@ -350,7 +367,7 @@ def test_hf_tokenizer_json_folder(tmp_path):
         assert tok.encode(text, parse_special=True) == tiny.encode(text, parse_special=True)
     prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert prompt.startswith("<|endoftext|>User")
-    again = Tokenizer.from_gguf_metadata(tok.to_gguf_metadata())
+    again = from_gguf_metadata(to_gguf_metadata(tok))
     assert again.encode(TEXTS[8]) == tok.encode(TEXTS[8]) and again.add_bos
 
 
@@ -391,6 +408,26 @@ def test_file_inside_folder_uses_side_files(tmp_path):
         assert tok.encode("Hello world") == [15496, 995] and tok.chat_template == "{{ 'X' }}"
 
 
+def test_load_tokenizer_reads_gguf_files_and_gguf_folders(tmp_path):
+    gguf = _shared("ggml-vocab-llama-spm.gguf", SHARED / "llama-vocab")
+    hello = [15043, 3186]
+    tok = load_tokenizer(gguf)
+    assert tok.kind == "spm" and tok.vocab_size == 32000 and tok.encode("Hello world") == hello
+    (tmp_path / "model.gguf").symlink_to(gguf)
+    assert load_tokenizer(tmp_path).encode("Hello world") == hello  # a folder with one .gguf
+    # The tokenizer package reads tokenizer files only and says where GGUF is read.
+    for path in (gguf, tmp_path):
+        with pytest.raises(TokenizerError, match="with bitnet_jax.load_tokenizer, which"):
+            load_tokenizer_files(path)
+    # Tokenizer files beside the .gguf win, as they always did.
+    from_gguf_metadata(_tiny_bpe_meta())._backend.save(str(tmp_path / "tokenizer.json"))
+    assert load_tokenizer(tmp_path).vocab_size == 267
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "second.gguf").symlink_to(gguf)
+    with pytest.raises(TokenizerError, match="holds no tokenizer"):
+        load_tokenizer(tmp_path)  # two GGUFs: which one is meant is unknown
+
+
 # ---------------------------------------------------------------------- errors
 
 
@@ -411,12 +448,12 @@ def test_file_inside_folder_uses_side_files(tmp_path):
 ])
 def test_bad_gguf_metadata_raises_one_sentence(meta, match):
     with pytest.raises(TokenizerError, match=match) as info:
-        Tokenizer.from_gguf_metadata(meta)
+        from_gguf_metadata(meta)
     assert isinstance(info.value, BitNetError) and "\n" not in str(info.value)
 
 
 def test_decode_rejects_ids_outside_the_vocabulary():
-    tok = Tokenizer.from_gguf_metadata(_tiny_bpe_meta())
+    tok = from_gguf_metadata(_tiny_bpe_meta())
     for ids in ([1, 267], [-1], ["x"]):
         with pytest.raises(TokenizerError):
             tok.decode(ids)
@@ -424,6 +461,28 @@ def test_decode_rejects_ids_outside_the_vocabulary():
         IncrementalDecoder(tok).push(10_000)
     with pytest.raises(TokenizerError, match="expects a str"):
         tok.encode(b"bytes")
+
+
+# Python's escapes for bytes that are not UTF-8 (sys.argv gives "\udcff" for the byte 0xFF) and a
+# lone high surrogate: no UTF-8 encoding exists for them.
+NOT_UTF8 = ["\udcff", "a\udcffb", "caf\udce9 au lait", "x\ud83d", "<|eot_id|>\udcc3"]
+
+
+@pytest.mark.parametrize("kind", ["spm", "bpe", "tiktoken", "tiny-spm", "tiny-bpe"])
+def test_text_that_is_not_utf8_raises_one_line_tokenizer_error(kind):
+    tok = _any(kind)
+    for text in NOT_UTF8:
+        for parse_special in (False, True):
+            with pytest.raises(TokenizerError, match="is not valid UTF-8") as info:
+                tok.encode(text, add_special=True, parse_special=parse_special)
+            message = str(info.value)
+            assert "\n" not in message and "U+D" in message and "decoded as UTF-8" in message
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\udcffb"}]
+    with pytest.raises(TokenizerError, match="content of chat message 1 is not valid UTF-8"):
+        tok.apply_chat_template(messages)
+    # The fix the message names: decode the bytes as UTF-8 (here with replacement).
+    fixed = "a\udcffb".encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    assert tok.decode(tok.encode(fixed)) == "a\ufffdb"
 
 
 def test_bad_paths_raise_tokenizer_error(tmp_path):
@@ -464,7 +523,7 @@ def test_to_gguf_refuses_what_gguf_cannot_hold(tmp_path):
     tok = load_tokenizer(tmp_path / "tokenizer.json")
     assert tok.encode("a a") == [3, 3] and tok.decode([3, 3]) == "a a"
     with pytest.raises(TokenizerError, match="SentencePiece-style or Unigram tokenizer.json"):
-        tok.to_gguf_metadata()
+        to_gguf_metadata(tok)
 
 
 def test_every_pre_tokenizer_regex_compiles():
@@ -474,7 +533,7 @@ def test_every_pre_tokenizer_regex_compiles():
         for regex in family.regexes:
             Regex(regex)  # raises on syntax the Oniguruma engine rejects
         meta = _tiny_bpe_meta(**{K + "pre": name})
-        tok = Tokenizer.from_gguf_metadata(meta)
+        tok = from_gguf_metadata(meta)
         assert tok.decode(tok.encode(TEXTS[7])) == TEXTS[7], name
 
 
@@ -490,6 +549,80 @@ def test_tokenize_cli_prints_ids_and_pieces(capsys):
     assert capsys.readouterr().out == "1 2\n"
 
 
+def test_tokenize_cli_reads_gguf(capsys):
+    path = str(_shared("ggml-vocab-llama-spm.gguf", SHARED / "llama-vocab"))
+    assert tokenize_main(["--model", path, "--text", "Hello world"]) == 0
+    assert capsys.readouterr().out == "15043 3186\n"
+
+
 def test_tokenize_cli_bad_model_raises(tmp_path):
     with pytest.raises(TokenizerError):
         tokenize_main(["--model", str(tmp_path / "nope"), "--text", "x"])
+
+
+# ---------------------------------------------------------------------- package structure
+
+# Each module of bitnet_jax/tokenizer may import only modules of a lower layer (issue 12): core
+# knows nothing of the backends, files, GGUF metadata or paths, and nothing imports upward.
+LAYERS = {"_pretok": 0, "_decode": 1, "_chat": 2, "_core": 3, "_backends": 4, "_files": 5,
+          "_gguf": 5, "_load": 6, "__init__": 7}
+
+
+def _own_imports(path: Path, module: str) -> list[tuple[str, ast.stmt, bool]]:
+    """(imported bitnet_jax module, statement, at module top level) for every import statement
+    in the file, TYPE_CHECKING blocks and function bodies included. `from pkg import name` counts
+    as importing `pkg` and, when `name` is a module file, `pkg.name` too."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    top = {id(node) for node in tree.body}
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    root = Path(bitnet_jax.__file__).parent.parent
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            names = [base]
+            for alias in node.names:
+                sub = root.joinpath(*f"{base}.{alias.name}".split("."))
+                if sub.with_suffix(".py").exists() or (sub / "__init__.py").exists():
+                    names.append(f"{base}.{alias.name}")
+        else:
+            continue
+        out.extend((n, node, id(node) in top) for n in names
+                   if n == "bitnet_jax" or n.startswith("bitnet_jax."))
+    return out
+
+
+def test_tokenizer_package_imports_are_one_way():
+    folder = Path(bitnet_jax.tokenizer.__file__).parent
+    files = sorted(folder.glob("*.py"))
+    assert {f.stem for f in files} == set(LAYERS), "a new tokenizer module needs a layer here"
+    for path in files:
+        module = f"bitnet_jax.tokenizer.{path.stem}".removesuffix(".__init__")
+        for name, node, at_top in _own_imports(path, module):
+            where = f"{path.name}:{node.lineno} imports {name}"
+            assert at_top, f"{where} inside a function or an if/try block (TYPE_CHECKING too)"
+            if name == "bitnet_jax.errors":
+                continue
+            assert name.startswith("bitnet_jax.tokenizer."), f"{where}: outside the package"
+            target = name.rsplit(".", 1)[1]
+            assert LAYERS[target] < LAYERS[path.stem], f"{where}: an import upward or sideways"
+    # formats imports the tokenizer package, never the reverse.
+    formats = Path(bitnet_jax.__file__).parent / "formats" / "tokenizer.py"
+    imported = {n for n, _, _ in _own_imports(formats, "bitnet_jax.formats.tokenizer")}
+    assert "bitnet_jax.tokenizer" in imported
+
+
+def test_public_names_of_the_tokenizer_package():
+    assert set(bitnet_jax.tokenizer.__all__) == {
+        "IncrementalDecoder", "TOKENIZER_FILES", "Tokenizer", "from_gguf_metadata",
+        "load_tokenizer_files", "to_gguf_metadata"}
+    assert not hasattr(Tokenizer, "from_gguf_metadata") and not hasattr(Tokenizer, "to_gguf_metadata")
+    formats = importlib.import_module("bitnet_jax.formats.tokenizer")
+    assert bitnet_jax.load_tokenizer is formats.load_tokenizer
+    doc = IncrementalDecoder.__doc__
+    assert "push(token_id) -> str" in doc and "half" in doc and "flush() -> str" in doc

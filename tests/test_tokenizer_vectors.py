@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from bitnet_jax.errors import TokenizerError
-from bitnet_jax.tokenizer import Tokenizer, load_tokenizer, read_gguf_tokenizer_metadata
+from bitnet_jax.formats.tokenizer import load_tokenizer, read_gguf_tokenizer_metadata
+from bitnet_jax.tokenizer import Tokenizer, from_gguf_metadata, to_gguf_metadata
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VOCAB = SHARED / "llama-vocab"
@@ -50,7 +51,7 @@ def _meta(vocab: str) -> dict:
 
 @functools.cache
 def _gguf(vocab: str) -> Tokenizer:
-    return Tokenizer.from_gguf_metadata(_meta(vocab))
+    return from_gguf_metadata(_meta(vocab))
 
 
 @functools.cache
@@ -76,7 +77,7 @@ def test_llama_cpp_vectors_exact(vocab):
     model = _meta(vocab).get("tokenizer.ggml.model")
     if model in REFUSED_MODELS:
         with pytest.raises(TokenizerError, match="not supported"):
-            Tokenizer.from_gguf_metadata(_meta(vocab))
+            from_gguf_metadata(_meta(vocab))
         return
     tok = _gguf(vocab)
     cases = _cases(vocab)
@@ -110,7 +111,7 @@ def test_to_gguf_metadata_reproduces_llama_cpp_file(vocab, rel, kind):
     # Our GGUF writer input equals what llama.cpp's converter stored for the same vocabulary.
     tok = _file(rel)
     assert tok.kind == kind
-    ours, ref = tok.to_gguf_metadata(), _meta(vocab)
+    ours, ref = to_gguf_metadata(tok), _meta(vocab)
     for key in ("model", "pre", "tokens", "token_type", "scores", "merges", "bos_token_id",
                 "eos_token_id", "unknown_token_id"):
         key = "tokenizer.ggml." + key
@@ -119,7 +120,7 @@ def test_to_gguf_metadata_reproduces_llama_cpp_file(vocab, rel, kind):
 
 def test_tiktoken_merges_equal_llama3_gguf_merges():
     tok = _file("llama3-tiktoken/tokenizer.model")
-    meta = tok.to_gguf_metadata()
+    meta = to_gguf_metadata(tok)
     ref = _meta("llama-bpe")
     assert meta["tokenizer.ggml.tokens"] == ref["tokenizer.ggml.tokens"]
     assert meta["tokenizer.ggml.token_type"] == ref["tokenizer.ggml.token_type"]
@@ -134,7 +135,7 @@ def test_tiktoken_merges_equal_llama3_gguf_merges():
 ])
 def test_gguf_metadata_round_trip_encodes_identically(rel, vocab):
     tok = _file(rel)
-    again = Tokenizer.from_gguf_metadata(tok.to_gguf_metadata())
+    again = from_gguf_metadata(to_gguf_metadata(tok))
     assert again.vocab_size == tok.vocab_size
     assert (again.bos_id, again.eos_ids, again.add_bos) == (tok.bos_id, tok.eos_ids, tok.add_bos)
     extra = ["<|eot_id|> <s></s> <|endoftext|>", "naïve café 東京 🦙\r\n\t x"]
@@ -148,7 +149,7 @@ def test_gguf_metadata_round_trip_encodes_identically(rel, vocab):
 def test_bitnet_gguf_without_pre_key_uses_llama3_split():
     meta = dict(_meta("llama-bpe"))
     del meta["tokenizer.ggml.pre"]  # bitnet.cpp's converter writes no pre key
-    tok = Tokenizer.from_gguf_metadata(meta)
+    tok = from_gguf_metadata(meta)
     assert tok.pre == "llama-bpe"
     text = [t for t, _ in _cases("llama-bpe")][-1]
     assert tok.encode(text) == _gguf("llama-bpe").encode(text)

@@ -1,4 +1,4 @@
-"""QAT training and perplexity (bitnet_jax/train.py) on the tiny model (configs/tiny.json).
+"""QAT training (bitnet_jax/train/, bitnet_jax/cli/train.py) on the tiny model (configs/tiny.json).
 
 Each test keeps shapes tiny; the jitted train step compiles once per process and is shared.
 """
@@ -7,20 +7,25 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import CONFIGS, ROOT, TINY_CONFIG
 
-from bitnet_jax.train import loop as T
+from bitnet_jax import train as T
+from bitnet_jax.cli import main as cli_main
+from bitnet_jax.cli import train as cli_train
+from bitnet_jax.errors import CheckpointError, ConfigError
 from bitnet_jax.model.bitlinear import bitlinear
-from bitnet_jax.quant import fake_quantize_activations, quantize_weights
-from bitnet_jax.errors import ConfigError
-from bitnet_jax.model.transformer import forward
 from bitnet_jax.model.params import init_params
 from bitnet_jax.model.policy import Policy
-from conftest import CONFIGS, TINY_CONFIG
+from bitnet_jax.quant import fake_quantize_activations, quantize_weights
 
 F32 = Policy()
 SEQ = 16
@@ -135,34 +140,12 @@ def test_shipped_run_configs_parse():
         assert tcfg.steps == 7
 
 
-def test_train_main_reports_config_errors(tmp_path, capsys):
-    assert T.train_main(["--config", str(tmp_path / "missing.json")]) == 1
-    assert "does not exist" in capsys.readouterr().err
-
-
-def test_perplexity_matches_direct_nll(tiny_cfg, tiny_params, rng):
-    ids = rng.integers(0, tiny_cfg.vocab_size, size=40).astype(np.int32)
-
-    fwd = jax.jit(forward, static_argnames=("cfg", "policy"))
-
-    def direct(seq):  # -log p of seq[1:] under one unpadded forward pass
-        logp = jax.nn.log_softmax(fwd(tiny_params, jnp.asarray(seq)[None], tiny_cfg, F32))
-        return -np.asarray(logp[0, np.arange(len(seq) - 1), seq[1:]], np.float64)
-
-    # One window covering everything: exactly exp(mean NLL) of a plain forward pass.
-    total, count = T.strided_nll(tiny_params, ids, tiny_cfg, F32, context=48, stride=24)
-    want = direct(ids)
-    assert count == len(ids) - 1
-    assert math.isfinite(total)
-    np.testing.assert_allclose(math.exp(total / count), math.exp(want.mean()), rtol=1e-5)
-
-    # Strided windows (context 16, stride 8): each token is scored by the window whose history
-    # ends nearest before it, computed here without padding.
-    total, count = T.strided_nll(tiny_params, ids, tiny_cfg, F32, context=16, stride=8)
-    parts = [direct(ids[0:16])] + [direct(ids[b: b + 16])[-8:] for b in (8, 16, 24)]
-    want = np.concatenate(parts)
-    assert count == len(ids) - 1 == want.size
-    np.testing.assert_allclose(total / count, want.mean(), rtol=1e-5)
+def test_train_command_raises_config_errors(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="does not exist"):
+        cli_train.main(["--config", str(tmp_path / "missing.json")])
+    assert cli_main.main(["train", "--config", str(tmp_path / "missing.json")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: run config") and "does not exist" in err[0]
 
 
 def test_init_from_packed_folder_keeps_the_models_function(tmp_path, tiny_cfg, tiny_params):
@@ -183,3 +166,142 @@ def test_init_from_packed_folder_keeps_the_models_function(tmp_path, tiny_cfg, t
     same = T.latent_from_ternary(tiny_params)
     np.testing.assert_array_equal(same["layers"]["mlp"]["up_proj"],
                                   tiny_params["layers"]["mlp"]["up_proj"])
+
+
+def _hide_matplotlib(monkeypatch):
+    """Make `import matplotlib` (and its submodules) fail as on a plain install."""
+    for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+
+
+def test_training_without_matplotlib_warns_once_and_finishes(tmp_path, monkeypatch):
+    # Issue 12: a plain install has no matplotlib; the first evaluation used to kill the run.
+    _hide_matplotlib(monkeypatch)
+    tcfg = _run_config(tmp_path, "noplot", plot=True)  # evaluations at steps 2 and 4, then final
+    with pytest.warns(RuntimeWarning) as caught:
+        last = T.train(tcfg, progress=False)
+    assert [str(w.message) for w in caught if "loss plot" in str(w.message)] == [
+        str(caught[0].message)]
+    assert len(caught) == 1 and "matplotlib" in str(caught[0].message)
+    assert last["step"] == 4 and "valid_loss" in last
+    run = tmp_path / "noplot"
+    assert (run / "final" / "model.safetensors").exists()
+    assert not (run / "loss.png").exists()
+
+
+def test_loss_plot_is_drawn_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"step": 1, "loss": 3.0, "tokens": 64},
+        {"step": 2, "loss": 2.5, "tokens": 128, "valid_loss": 2.7})))
+    plot = T.LossPlot(metrics, tmp_path / "loss.png")
+    assert plot.update() and (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_crash_mid_run_leaves_a_resumable_state(tmp_path, monkeypatch):
+    # Issue 12: an exception inside step k leaves the state saved before it loadable, and a
+    # rerun continues to the same result (params, optimiser state, logged losses) as a run that
+    # never stopped.
+    from bitnet_jax.train import loop
+
+    real, calls = loop.train_step, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("injected failure in step 4")
+        return real(*args, **kwargs)
+
+    crashed = _run_config(tmp_path, "crashed", save_every=2)
+    monkeypatch.setattr(loop, "train_step", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        T.train(crashed, progress=False)
+    monkeypatch.undo()
+
+    run = tmp_path / "crashed"
+    assert sorted(p.name for p in run.iterdir()) == [T.METRICS_FILE, T.STATE_FILE]  # no temp
+    assert json.loads(np.load(run / T.STATE_FILE)["meta"].item())["step"] == 2
+    steps = [json.loads(l)["step"] for l in (run / T.METRICS_FILE).read_text().splitlines()]
+    assert steps == [1, 2, 3]  # step 3 was logged but never saved
+    T.train(crashed, progress=False)
+
+    straight = _run_config(tmp_path, "straight")
+    T.train(straight, progress=False)
+    a = np.load(tmp_path / "straight" / T.STATE_FILE)
+    b = np.load(run / T.STATE_FILE)
+    for key in a.files:
+        if key != "meta":
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    logs = [[json.loads(l) for l in (tmp_path / r / T.METRICS_FILE).read_text().splitlines()]
+            for r in ("straight", "crashed")]
+    assert [(r["step"], r["loss"]) for r in logs[0]] == [(r["step"], r["loss"]) for r in logs[1]]
+
+
+def test_a_failed_state_write_keeps_the_previous_state(tmp_path, monkeypatch):
+    path = tmp_path / T.STATE_FILE
+    params, opt = {"w": np.arange(3, dtype=np.float32)}, (np.zeros(2, np.float32),)
+    T.save_state(path, params, opt, {"step": 1})
+
+    def torn_write(f, **arrays):  # dies half-way through, as a full disk or a kill would
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(np, "savez", torn_write)
+    with pytest.raises(OSError, match="No space"):
+        T.save_state(path, {"w": np.ones(3, np.float32)}, opt, {"step": 2})
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == [T.STATE_FILE]  # the temp file is gone
+    got, _, meta = T.load_state(path, params, opt)
+    assert meta == {"step": 1}
+    np.testing.assert_array_equal(got["w"], params["w"])
+
+
+def test_an_unreadable_state_file_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / T.STATE_FILE
+    params, opt = {"w": np.arange(3, dtype=np.float32)}, ()
+    T.save_state(path, params, opt, {"step": 1})
+    path.write_bytes(path.read_bytes()[:100])  # truncated, e.g. by a copy that failed
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        T.load_state(path, params, opt)
+
+
+def test_without_the_train_extra_commands_explain_and_imports_still_work():
+    # optax and flax move to the [train] extra: `train` must say which extra to install, while
+    # `perplexity`, the corpus builder and `train --help` need neither.
+    script = textwrap.dedent("""
+        import runpy, sys
+        sys.modules["optax"] = None
+        sys.modules["flax"] = None
+        import bitnet_jax.cli.perplexity, bitnet_jax.train.corpus
+        from bitnet_jax.cli import train
+        from bitnet_jax.errors import BitNetError
+        try:
+            train.main(["--help"])
+        except SystemExit as exc:
+            print("help exit", exc.code)
+        try:
+            train.main(["--config", "configs/train-default.json"])
+        except BitNetError as exc:
+            print("error:", exc)
+        sys.argv = ["corpus", "--help"]
+        try:
+            runpy.run_module("bitnet_jax.train.corpus", run_name="__main__")
+        except SystemExit as exc:
+            print("corpus exit", exc.code)
+        print("loop loaded:", "bitnet_jax.train.loop" in sys.modules)
+    """)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert "help exit 0" in lines and "corpus exit 0" in lines
+    assert "loop loaded: False" in lines
+    errors = [l for l in lines if l.startswith("error:")]
+    want = ("error: `bitnet-jax train` needs the [train] extra (optax is not installed): "
+            "pip install 'bitnet-jax[train]'")
+    assert errors == [want]
+

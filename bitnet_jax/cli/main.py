@@ -1,313 +1,253 @@
-"""`bitnet-jax` command line: infer, chat, bench, plus the tokenize/convert/inspect/train/
-perplexity commands that live next to the code they drive.
+"""`bitnet-jax COMMAND ...`: dispatch to `bitnet_jax.cli.<command>.main(argv)`.
 
-stdout carries only generated text (or, for `bench --json`, one JSON line). Statistics and
-messages go to stderr. Each user error (a BitNetError) prints one `error: <message>` line and
-exits 1. Argument errors exit 2 and Ctrl-C exits 130, with no traceback for either.
+This is the only place that turns errors into output and exit codes:
+
+  0    success, `--help`, `--version`, or stdout closed early (`bitnet-jax infer ... | head`)
+  1    a user error (a BitNetError): one line `error: <message>` on stderr
+  2    bad arguments: one line `error: <message> (see `bitnet-jax CMD --help`)` on stderr
+  130  Ctrl-C, at any moment, with no traceback
+
+Only the standard library and bitnet_jax.errors are imported here, and each command module is
+imported inside main()'s try block, so `--version` answers at once and Ctrl-C while JAX is
+still importing exits quietly too. stdout carries only a command's output (generated text, or
+one JSON line for `bench --json`); statistics and messages go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import importlib
-import json
+import os
+import signal
 import sys
-from pathlib import Path
+import threading
 
-from bitnet_jax.errors import BitNetError, CheckpointError, GenerationError
-from bitnet_jax.formats.loader import DEFAULT_MODEL
+import bitnet_jax
+from bitnet_jax.errors import BitNetError
 
-
-# Commands owned by other modules: name -> ((module, function), ...) tried in order.
-DELEGATED = {
-    "tokenize": (("bitnet_jax.tokenizer", "tokenize_main"),),
-    "convert": (("bitnet_jax.formats.gguf", "convert_main"), ("bitnet_jax.formats.gguf.write", "convert_main")),
-    "inspect": (("bitnet_jax.formats.gguf", "inspect_main"),),
-    "train": (("bitnet_jax.train.loop", "train_main"),),
-    "perplexity": (("bitnet_jax.train.loop", "perplexity_main"),),
-}
-_DELEGATED_HELP = {
-    "tokenize": "encode/decode text with a model's tokenizer",
-    "convert": "convert a model to GGUF",
+# Command name -> one-line help. Each lives in bitnet_jax/cli/<name>.py as main(argv) -> int.
+COMMANDS = {
+    "infer": "generate text from a prompt (alias: generate)",
+    "chat": "interactive multi-turn chat",
+    "bench": "measure prefill and decode speed",
+    "tokenize": "show how a model's tokenizer encodes a text, or decode token ids",
+    "convert": "convert an HF folder or a GGUF file to GGUF",
     "inspect": "describe a GGUF file",
     "train": "quantisation-aware training",
     "perplexity": "perplexity of a model on a text file",
 }
+ALIASES = {"generate": "infer"}
+PACKAGE = "bitnet_jax.cli"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. Returns the process exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one `bitnet-jax` command. Returns the process exit code.
+
+    argv None means "run as the program" (sys.argv[1:]). Then Ctrl-C is ignored once the
+    command has returned: Python resets its own handlers early in shutdown, and a Ctrl-C after
+    that would kill the process by signal instead of exiting with the command's code.
+    """
+    as_program = argv is None
+    previous = None
+    code = 130
     try:
-        if argv and argv[0] in DELEGATED:
-            return _delegate(argv[0], argv[1:])
-        try:
-            args = _parser().parse_args(argv)
-        except SystemExit as exc:  # argparse: 2 for bad arguments, 0 for --help
-            return _exit_code(exc)
-        return args.handler(args) or 0
-    except BitNetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        previous = _install_sigint_handler()
+        code = _run(list(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt:
-        print("\ninterrupted (Ctrl-C); stopped.", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # e.g. `bitnet-jax infer ... | head`
-        sys.stderr.close()
+        _say("\ninterrupted")
+        if as_program:
+            # JAX may be interrupted mid-compile, with its threads still running; Python's
+            # shutdown can then crash (SIGSEGV). The command has unwound (its finally blocks
+            # ran), so leave without the interpreter's teardown.
+            _flush()
+            _hard_exit(130, quiet=True)
+        code = 130
+    except BrokenPipeError:  # the reader of stdout went away: not an error
+        _silence_stdout()
+        code = 0
+    finally:
+        if as_program:
+            _set_sigint_handler(signal.SIG_IGN)
+        elif previous is not None:
+            _set_sigint_handler(previous)
+    return code
+
+
+def error_message(exc: BaseException) -> str:
+    """The text to show for an error: its CLI wording when it has one."""
+    return getattr(exc, "cli_message", None) or str(exc)
+
+
+def _run(argv: list[str]) -> int:
+    if not argv:
+        return _usage_error("no command given; choose one of " + ", ".join(COMMANDS), "bitnet-jax")
+    first = argv[0]
+    if first in ("-V", "--version"):
+        print(f"bitnet-jax {bitnet_jax.__version__}")
         return 0
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bitnet-jax", description="BitNet b1.58 models in JAX: generate, chat, benchmark.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    infer = sub.add_parser("infer", aliases=["generate"], help="generate text from a prompt",
-                           description="Stream a continuation of --prompt to stdout.")
-    _model_args(infer)
-    infer.add_argument("--prompt", required=True, help="the prompt text")
-    _sampling_args(infer)
-    infer.add_argument("--chat", action="store_true",
-                       help="wrap the prompt in the model's chat template as a user turn")
-    infer.add_argument("--system", help="system message (with --chat)")
-    infer.add_argument("--stop", action="append", default=[],
-                       help="stop when this text appears (repeatable)")
-    infer.set_defaults(handler=_infer)
-
-    chat = sub.add_parser("chat", help="interactive multi-turn chat",
-                          description="Chat in the terminal. /reset clears the conversation; "
-                                      "/exit or Ctrl-D quits.")
-    _model_args(chat)
-    _sampling_args(chat)
-    chat.add_argument("--system", help="system message for the conversation")
-    chat.set_defaults(handler=_chat)
-
-    bench = sub.add_parser("bench", help="measure prefill and decode speed",
-                           description="Time prefill and decode on random prompts after a "
-                                       "warm-up run (compile time is reported separately).")
-    _model_args(bench)
-    bench.add_argument("--prompt-tokens", type=_positive, default=128)
-    bench.add_argument("--gen-tokens", type=_positive, default=64)
-    bench.add_argument("--batch", type=_positive, default=1)
-    bench.add_argument("--json", action="store_true", help="print one JSON line to stdout")
-    bench.set_defaults(handler=_bench)
-
-    for name, text in _DELEGATED_HELP.items():  # listed for --help; main() dispatches them
-        sub.add_parser(name, help=text, add_help=False)
-    return parser
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="HF folder or .gguf file (default: the bundled model)")
-    p.add_argument("--backend", choices=("cpu", "gpu", "auto"), default="auto",
-                   help="where to run (default: a GPU when JAX sees one)")
-    p.add_argument("--lm-head", choices=("auto", "float", "int8"), default="auto",
-                   help="LM head precision: int8 per-row copy (fast; auto on CPU) or float")
-    p.add_argument("--kv-cache", choices=("auto", "float32", "float16", "bfloat16"),
-                   default="auto", help="KV cache dtype (auto: float16 on CPU, as llama.cpp; "
-                   "the compute dtype on GPU)")
-
-
-def _policy(args, model):
-    """The run's precision policy: the engine's choice, with the --lm-head override."""
-    from bitnet_jax.model.params import lm_head_format
-    from bitnet_jax.runtime.placement import resolve_device, resolve_policy
-
-    device = resolve_device(args.backend)
-    policy = resolve_policy(device, None, model.policy)
-    head = lm_head_format(args.lm_head, model.config, device.platform)
-    kv = args.kv_cache
-    if kv == "auto":
-        kv = "float16" if device.platform == "cpu" else None
-    return policy.replace(lm_head=head, kv_cache_dtype=kv)
-
-
-def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=_non_negative, default=256,
-                   help="most tokens to generate (default 256)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
-    p.add_argument("--top-k", type=_non_negative, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--min-p", type=float, default=0.0, help="0 = off")
-    p.add_argument("--repeat-penalty", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=_non_negative, default=0, help="random seed (default 0)")
-
-
-def _positive(text: str) -> int:
-    value = _non_negative(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> int:
+    if first in ("-h", "--help"):
+        print(_help())
+        return 0
+    name = ALIASES.get(first, first)
+    if name not in COMMANDS:
+        what = f"unknown option {first!r}" if first.startswith("-") else \
+            f"unknown command {first!r}"
+        return _usage_error(f"{what}; choose one of {', '.join(COMMANDS)}", "bitnet-jax")
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+        with _one_line_usage_errors():
+            command = _import(name)
+            return command.main(argv[1:]) or 0
+    except _UsageError as exc:
+        return _usage_error(exc.message, exc.prog)
+    except SystemExit as exc:  # argparse after --help, or a command that exits itself
+        return _exit_code(exc)
+    except BitNetError as exc:
+        _say(f"error: {error_message(exc)}")
+        return 1
 
 
-# ------------------------------------------------------------------------------------------------
-# Handlers
+def _import(name: str):
+    module_name = f"{PACKAGE}.{name}"
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name in (PACKAGE, module_name):
+            raise BitNetError(f"the `{name}` command is not available in this installation "
+                              f"({module_name} is missing); reinstall bitnet-jax.") from None
+        if exc.name and not exc.name.startswith("bitnet_jax"):
+            top = exc.name.split(".")[0]
+            raise BitNetError(f"the `{name}` command needs the Python package {top!r}; "
+                              f"install it with `pip install {top}`.") from None
+        raise
 
 
-def _load(args):
-    """Check the backend first (fail fast), then load the model."""
-    from bitnet_jax.runtime.placement import resolve_device
-    from bitnet_jax.formats.loader import load_model
-    from bitnet_jax.model.policy import get_policy
-
-    device = resolve_device(args.backend)
-    path = args.model
-    if path is None:
-        if not DEFAULT_MODEL.exists():
-            raise CheckpointError(
-                f"no default model is bundled ({DEFAULT_MODEL} is missing); pass --model PATH "
-                "(an HF folder or a .gguf file).")
-        path = DEFAULT_MODEL
-    # The int8 LM head is made while loading, so the float table is never held in full.
-    return load_model(path, policy=get_policy("cpu").replace(lm_head=args.lm_head))
+def _help() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: bitnet-jax [-h] [-V] COMMAND [ARGS ...]", "",
+             "BitNet b1.58 models in JAX: generate, chat, benchmark, convert, train.", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    lines += ["", "options:", "  -h, --help     show this help and exit",
+              "  -V, --version  print the version and exit", "",
+              "`bitnet-jax COMMAND --help` shows a command's options."]
+    return "\n".join(lines)
 
 
-def _sampling(args):
-    from bitnet_jax.runtime.sampling import SamplingParams
-
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          min_p=args.min_p, repetition_penalty=args.repeat_penalty,
-                          seed=args.seed)
+class _UsageError(Exception):
+    def __init__(self, message: str, prog: str):
+        super().__init__(message)
+        self.message, self.prog = message, prog
 
 
-def _infer(args) -> int:
-    from bitnet_jax.runtime.generate import stream
+@contextlib.contextmanager
+def _one_line_usage_errors():
+    """Make every argparse parser raise _UsageError instead of printing usage and exiting.
 
-    model = _load(args)
-    pieces = stream(model, args.prompt, max_new_tokens=args.max_tokens, sampling=_sampling(args),
-                    backend=args.backend, chat=args.chat, system=args.system,
-                    stop=args.stop or None, policy=_policy(args, model))
-    text = _print_stream(pieces)
-    if text and not text.endswith("\n"):
-        print(flush=True)
-    _print_stats(pieces.result)
-    return 0
+    The command modules build their own parsers; patching the class for the duration of the
+    command is what lets this module print each argument error as one line.
+    """
+    def error(parser, message):
+        raise _UsageError(message, parser.prog)
 
-
-def _chat(args) -> int:
-    from bitnet_jax.runtime.generate import stream
-
-    model = _load(args)
-    if model.tokenizer is None:
-        raise CheckpointError(f"{model.source} has no tokenizer; chat needs one.")
-    sampling = _sampling(args)
-    policy = _policy(args, model)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits.",
-          file=sys.stderr)
-    while True:
-        print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/exit":
-            return 0
-        line = line.strip()
-        if not line:
-            continue
-        if line == "/reset":
-            messages = messages[:1] if args.system else []
-            print("(conversation cleared)", file=sys.stderr)
-            continue
-        turn = messages + [{"role": "user", "content": line}]
-        try:
-            pieces = stream(model, turn, max_new_tokens=args.max_tokens, sampling=sampling,
-                            backend=args.backend, policy=policy)
-            reply = _print_stream(pieces)
-        except GenerationError as exc:  # e.g. the conversation outgrew the context
-            print(f"error: {exc} (/reset starts a new conversation)", file=sys.stderr)
-            continue
-        except KeyboardInterrupt:  # stop a runaway reply, keep the session
-            print("\n(reply interrupted; it is not kept in the conversation)", file=sys.stderr)
-            continue
-        print(flush=True)
-        messages = turn + [{"role": "assistant", "content": reply}]
-        if pieces.result.finish_reason == "context_full":
-            print("(the context is full; /reset to start over)", file=sys.stderr)
+    saved = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = error
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = saved
 
 
-def _bench(args) -> int:
-    from bitnet_jax.runtime.generate import benchmark
-
-    model = _load(args)
-    policy = _policy(args, model)
-    stats = benchmark(model, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
-                      batch=args.batch, backend=args.backend, policy=policy)
-    stats["lm_head"] = policy.lm_head
-    stats["kv_cache"] = policy.kv_cache.name
-    stats["model"] = str(model.source or args.model)
-    stats["peak_rss_mb"] = _peak_rss_mb()
-    if args.json:
-        print(json.dumps(stats), flush=True)
-    else:
-        print(f"model {stats['model']} on {stats['device']} (jax {stats['jax_version']}), "
-              f"batch {stats['batch']}\n"
-              f"prefill: {stats['prompt_tokens']} tokens/row, "
-              f"{stats['prefill_tokens_per_s']:.1f} tokens/s\n"
-              f"decode:  {stats['gen_tokens']} tokens/row, "
-              f"{stats['decode_tokens_per_s']:.1f} tokens/s\n"
-              f"compile: {stats['compile_s']:.1f} s, peak RSS {stats['peak_rss_mb']:.0f} MB",
-              file=sys.stderr)
-    return 0
-
-
-def _print_stream(pieces) -> str:
-    parts = []
-    for piece in pieces:
-        parts.append(piece)
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    return "".join(parts)
-
-
-def _print_stats(result) -> None:
-    t = result.timings
-    prefill_rate = result.prompt_tokens / t.prefill_s if t.prefill_s else 0.0
-    print(f"[{len(result.token_ids)} tokens, finish={result.finish_reason}, "
-          f"prefill {prefill_rate:.1f} tok/s, decode {t.tokens_per_s:.1f} tok/s, "
-          f"compile {t.compile_s:.1f} s]", file=sys.stderr)
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
-
-
-def _delegate(name: str, argv: list[str]) -> int:
-    """Run a command implemented in another module, imported only now."""
-    tried = []
-    for module_name, func_name in DELEGATED[name]:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
-                tried.append(f"{module_name}.{func_name}")
-                continue
-            raise BitNetError(f"the `{name}` command needs the Python package "
-                              f"{exc.name!r}; install it with `pip install {exc.name}`.") from None
-        func = getattr(module, func_name, None)
-        if func is None:
-            tried.append(f"{module_name}.{func_name}")
-            continue
-        try:
-            return func(argv) or 0
-        except SystemExit as exc:  # their argparse: --help or bad arguments
-            return _exit_code(exc)
-    raise BitNetError(f"the `{name}` command is not available in this installation "
-                      f"({' / '.join(tried)} not found).")
+def _usage_error(message: str, prog: str) -> int:
+    _say(f"error: {message} (see `{prog} --help`)")
+    return 2
 
 
 def _exit_code(exc: SystemExit) -> int:
     if exc.code is None:
         return 0
-    return exc.code if isinstance(exc.code, int) else 1
+    if isinstance(exc.code, int):
+        return exc.code
+    _say(f"error: {exc.code}")
+    return 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Ctrl-C
+#
+# Python turns SIGINT into KeyboardInterrupt wherever the main thread happens to be. In three
+# places that does not end the program quietly: inside a C extension's import (jaxlib turns it
+# into an ImportError, or crashes), and inside a gc callback or a __del__ method (Python prints
+# "Exception ignored" and carries on, so the Ctrl-C is lost; JAX registers a gc callback that
+# runs often). The handler below exits at once during an import, re-sends the signal a moment
+# later from inside a callback, and raises KeyboardInterrupt everywhere else, so that commands
+# (chat) can still catch it.
+
+
+def _on_sigint(signum, frame) -> None:
+    callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        code = frame.f_code
+        if code.co_filename.startswith("<frozen importlib"):
+            _hard_exit(130)
+        if code in callbacks or code.co_name == "__del__":
+            timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+            timer.daemon = True
+            timer.start()
+            return
+        frame = frame.f_back
+    raise KeyboardInterrupt
+
+
+def _install_sigint_handler():
+    """Install _on_sigint; returns the previous handler (None when it cannot be changed)."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return None  # SIG_IGN (e.g. `nohup`, a background job) or the caller's own handler
+    return _set_sigint_handler(_on_sigint)
+
+
+def _set_sigint_handler(handler):
+    try:
+        return signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread (an embedding application)
+        return None
+
+
+def _hard_exit(code: int, quiet: bool = False) -> None:
+    """Exit now, without unwinding or the interpreter's teardown."""
+    if not quiet:
+        try:
+            os.write(2, b"\ninterrupted\n")
+        except OSError:
+            pass
+    os._exit(code)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+# ------------------------------------------------------------------------------------------------
+# Output
+
+
+def _say(text: str) -> None:
+    """Print one line to stderr, ignoring a closed or broken stderr."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so Python's exit-time flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is both
+        pass

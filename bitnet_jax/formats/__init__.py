@@ -1,6 +1,7 @@
 """Model files in and out: one `load_model` for every format, and the readers and writers.
 
-  loader.py       the Model type and load_model(path): picks the format by content
+  base.py         the Model type every loader returns, DEFAULT_MODEL (the bundled model)
+  loader.py       load_model(path): picks the format by content
   hf.py           Hugging Face folders (config.json + safetensors), load and save
   safetensors.py  the safetensors container (mmap reader, writer)
   gguf/           GGUF files: reader, ternary codecs, loader, writer, describe
@@ -8,6 +9,7 @@
   tokenizer.py    load_tokenizer(path) for every file a model ships, GGUF included
 """
 
-from bitnet_jax.formats.loader import DEFAULT_MODEL, Model, load_model
+from bitnet_jax.formats.base import DEFAULT_MODEL, Model
+from bitnet_jax.formats.loader import load_model
 
 __all__ = ["DEFAULT_MODEL", "Model", "load_model"]

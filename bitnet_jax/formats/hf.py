@@ -30,7 +30,8 @@ from bitnet_jax.model.params import (BITLINEAR_PATHS, lm_head_format, linear_sha
                                      param_shapes)
 from bitnet_jax.model.policy import Policy, get_policy
 from bitnet_jax.formats.safetensors import read_safetensors, write_safetensors
-from bitnet_jax.quant import pack_ternary_np, row_int8_np, ternarize_np, unpack_ternary_np
+from bitnet_jax.quant import (is_packed, pack_ternary_np, row_int8_np, ternarize_np,
+                              unpack_ternary_np)
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # HF per-layer suffix -> (module, name) in params["layers"]; None module = top of the layer.
@@ -237,8 +238,6 @@ def save_hf(path: str | Path, cfg: ModelConfig, params: dict, packed: bool = Tru
     Packed BitLinear leaves are written in the offline packed format with
     linear_class "autobitlinear" (weight_scale multiplies); latent leaves as floats.
     """
-    from bitnet_jax.quant import is_packed
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, np.ndarray] = {"model.embed_tokens.weight": np.asarray(params["embed_tokens"])}

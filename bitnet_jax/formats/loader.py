@@ -1,36 +1,18 @@
-"""`load_model`: one entry point for HF directories and GGUF files."""
+"""`load_model`: one entry point for HF folders, GGUF files and llama2.c exports."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Any
 
-from bitnet_jax.model.config import ModelConfig
 from bitnet_jax.errors import CheckpointError
+from bitnet_jax.formats.base import DEFAULT_MODEL, Model  # re-exported: load_model returns it
+from bitnet_jax.formats.gguf.load import load_gguf
+from bitnet_jax.formats.hf import load_hf
+from bitnet_jax.formats.llama2c import is_llama2c, load_llama2c
+from bitnet_jax.formats.tokenizer import load_tokenizer
 from bitnet_jax.model.policy import Policy, get_policy
 
-# The bundled default model: a 4-layer BitNet trained on the KJV Bible (README, Default model).
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "default.gguf"
-
-
-@dataclasses.dataclass
-class Model:
-    """A loaded model: config, params pytree, tokenizer (None when the files hold none).
-
-    Attributes:
-      config: the static ModelConfig.
-      params: parameter pytree (model.py docstring); packed BitLinear leaves by default.
-      tokenizer: a bitnet_jax.tokenizer.Tokenizer or None.
-      policy: the precision policy the params were loaded for.
-      source: the path it came from.
-    """
-
-    config: ModelConfig
-    params: dict
-    tokenizer: Any = None
-    policy: Policy = dataclasses.field(default_factory=lambda: get_policy("cpu"))
-    source: str = ""
+__all__ = ["DEFAULT_MODEL", "Model", "load_model"]
 
 
 def load_model(path: str | Path, policy: Policy | str | None = None, packed: bool = True,
@@ -54,12 +36,8 @@ def load_model(path: str | Path, policy: Policy | str | None = None, packed: boo
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic == b"GGUF":
-            from bitnet_jax.formats.gguf import load_gguf
-
             return load_gguf(path, policy=policy, packed=packed, tokenizer=tokenizer)
         if path.suffix == ".bin":
-            from bitnet_jax.formats.llama2c import is_llama2c, load_llama2c
-
             if is_llama2c(path):  # karpathy's llama2.c export, not a pickle
                 cfg, params = load_llama2c(path, dtype=policy.param)
                 return Model(cfg, params, None, policy, str(path))
@@ -76,8 +54,6 @@ def load_model(path: str | Path, policy: Policy | str | None = None, packed: boo
             )
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path} has no config.json; point to a Hugging Face model folder.")
-    from bitnet_jax.formats.hf import load_hf
-
     cfg, params = load_hf(path, policy=policy, packed=packed)
     tok = None
     if tokenizer:
@@ -89,6 +65,4 @@ def _hf_tokenizer(path: Path):
     names = ("tokenizer.json", "tokenizer.model", "vocab.json")
     if not any((path / n).exists() for n in names):
         return None
-    from bitnet_jax.tokenizer import load_tokenizer
-
     return load_tokenizer(path)

@@ -11,19 +11,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from bitnet_jax.quant import unpack_ternary
+
 
 def ternary_matmul_xla(x_q: jax.Array, packed: jax.Array) -> jax.Array:
     """Exact int32 product of int8 activations and packed ternary weights.
 
     Args:
       x_q: [M, I] int8 activations.
-      packed: [O/4, I] uint8 codes in the bitlinear.py layout.
+      packed: [O/4, I] uint8 codes in the quant.py layout.
 
     Returns:
       [M, O] int32 = x_q · tᵀ.
     """
-    from bitnet_jax.quant import unpack_ternary
-
     t = unpack_ternary(packed)  # [O, I] int8
     m = x_q.shape[0]
     if m == 1:

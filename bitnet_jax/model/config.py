@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,14 @@ _HF_IGNORED = {
     "rope_scaling", "is_bitnet_config", "_attn_implementation_autoset", "output_attentions",
     "output_hidden_states", "return_dict", "tie_encoder_decoder", "bad_words_ids", "max_length",
     "generation_config", "rope_parameters", "layer_types", "sliding_window", "use_sliding_window",
+    # PretrainedConfig bookkeeping that every HF config.json may carry.
+    "id2label", "label2id", "problem_type", "chunk_size_feed_forward", "add_cross_attention",
+    "is_decoder", "is_encoder_decoder", "tokenizer_class", "prefix", "task_specific_params",
+    "finetuning_task", "torchscript", "pruned_heads", "cross_attention_hidden_size",
+    "decoder_start_token_id", "sep_token_id", "tf_legacy_loss", "use_bfloat16",
+    "_commit_hash", "_comment",
 }
+_WARNED_UNKNOWN: set[frozenset] = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +224,7 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
             raise ConfigError(f"config field rope_parameters={rope_parameters!r} is not supported.")
         if hf.get("rope_theta") is None and rope_parameters.get("rope_theta") is not None:
             hf = {**hf, "rope_theta": rope_parameters["rope_theta"]}
+    _warn_unknown_keys(hf)
     qc = hf.get("quantization_config") or {}
     if not isinstance(qc, dict):
         raise ConfigError("config field quantization_config must be an object.")
@@ -249,14 +258,34 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
+def _warn_unknown_keys(hf: dict[str, Any]) -> None:
+    """Warn once per set of config.json keys that bitnet_jax neither reads nor knows to ignore."""
+    unknown = frozenset(k for k in hf if k not in _HF_FIELDS and k not in _HF_IGNORED)
+    if unknown and unknown not in _WARNED_UNKNOWN:
+        _WARNED_UNKNOWN.add(unknown)
+        warnings.warn(f"config.json keys {sorted(unknown)} are not used by bitnet_jax; if one "
+                      "changes the model's math, its outputs will differ from transformers'.",
+                      stacklevel=3)
+
+
+def _preset(name: str) -> Path | None:
+    """configs/<name>.json: shipped in the wheel as bitnet_jax/configs/ (setup.py), or the
+    repository's configs/ folder in a checkout or editable install."""
+    here = Path(__file__).resolve()
+    for folder in (here.parents[1] / "configs", here.parents[2] / "configs"):
+        if (folder / f"{name}.json").is_file():
+            return folder / f"{name}.json"
+    return None
+
+
 def load_config(path: str | Path) -> ModelConfig:
     """Read a config.json file (or a directory holding one, or a configs/ preset name)."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
     if not path.exists():
-        preset = Path(__file__).resolve().parents[2] / "configs" / f"{path.name}.json"
-        if not path.suffix and preset.exists():
+        preset = _preset(path.name) if not path.suffix else None
+        if preset is not None:
             path = preset
         else:
             raise ConfigError(f"config file {path} does not exist.")

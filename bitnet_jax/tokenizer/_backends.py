@@ -15,11 +15,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bitnet_jax.errors import TokenizerError
-from bitnet_jax.tokenizer import _pretok
 from bitnet_jax.tokenizer._core import Tokenizer
 from bitnet_jax.tokenizer._decode import (
     BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED,
 )
+from bitnet_jax.tokenizer._pretok import PRE_TOKENIZERS, UNSUPPORTED_PRE, PreTokenizer
 
 
 def spm_tokenizer(tokens: Sequence[str], scores: Sequence[float], types: Sequence[int],
@@ -152,11 +152,11 @@ def bpe_tokenizer(tokens: Sequence[str], merges: Sequence[str], types: Sequence[
     )
 
 
-def pre_family(pre: str) -> _pretok.PreTokenizer:
+def pre_family(pre: str) -> PreTokenizer:
     """The split rules of a `tokenizer.ggml.pre` name, or TokenizerError for unknown ones."""
-    if pre in _pretok.PRE_TOKENIZERS:
-        return _pretok.PRE_TOKENIZERS[pre]
-    if pre in _pretok.UNSUPPORTED_PRE:
+    if pre in PRE_TOKENIZERS:
+        return PRE_TOKENIZERS[pre]
+    if pre in UNSUPPORTED_PRE:
         raise TokenizerError(
             f"pre-tokenizer '{pre}' needs llama.cpp's custom splitting code, which is not "
             "supported here; use the model's HF tokenizer.json instead."

@@ -5,6 +5,9 @@ loopcontrols) with `raise_exception`, `strftime_now` and a `tojson` that keeps n
 passing `messages`, `add_generation_prompt` and the special-token strings. Without a template
 we use BitNet-2B4T's trained format (microsoft/BitNet gpu/tokenizer.py `ChatFormat`; spec §3):
 `<|begin_of_text|>` then `Role: content<|eot_id|>` per message and `Assistant: ` to answer.
+
+The functions take the tokenizer as an argument and use only its public surface (`chat_template`,
+the special ids, `piece_to_id`, `id_to_bytes`), so this module imports no other tokenizer module.
 """
 
 from __future__ import annotations
@@ -13,12 +16,10 @@ import datetime
 import functools
 import json
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bitnet_jax.errors import TokenizerError
-
-if TYPE_CHECKING:
-    from bitnet_jax.tokenizer._core import Tokenizer
+from bitnet_jax.tokenizer._decode import check_utf8
 
 _ROLES = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
 # microsoft/BitNet's GGUF converter stores a placeholder template ("Human: ... BITNETAssistant:")
@@ -26,9 +27,9 @@ _ROLES = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
 _BITNET_PLACEHOLDER = "BITNETAssistant"
 
 
-def apply_chat_template(tok: Tokenizer, messages: Sequence[Mapping[str, Any]],
+def apply_chat_template(tok: Any, messages: Sequence[Mapping[str, Any]],
                         add_generation_prompt: bool) -> str:
-    """See `Tokenizer.apply_chat_template`."""
+    """See `Tokenizer.apply_chat_template`; `tok` is the Tokenizer."""
     messages = _check_messages(messages)
     template = tok.chat_template
     if not template or _BITNET_PLACEHOLDER in template:
@@ -46,7 +47,7 @@ def apply_chat_template(tok: Tokenizer, messages: Sequence[Mapping[str, Any]],
         raise TokenizerError(f"the chat template failed on these messages: {e}.") from None
 
 
-def _bitnet_format(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+def _bitnet_format(tok: Any, messages: list[dict], add_generation_prompt: bool) -> str:
     begin = "<|begin_of_text|>" if tok.piece_to_id("<|begin_of_text|>") is not None else ""
     if tok.piece_to_id("<|eot_id|>") is not None:
         end = "<|eot_id|>"
@@ -69,14 +70,17 @@ def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise TokenizerError("messages must be a list of {'role': ..., 'content': ...} dicts.")
     out = []
-    for m in messages:
+    for n, m in enumerate(messages):
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
             raise TokenizerError(f"chat message {m!r} needs 'role' and 'content' keys.")
+        for key in ("role", "content"):
+            if isinstance(m[key], str):
+                check_utf8(m[key], f"the {key} of chat message {n}")
         out.append(dict(m))
     return out
 
 
-def _text(tok: Tokenizer, token_id: int) -> str:
+def _text(tok: Any, token_id: int) -> str:
     return tok.id_to_bytes(token_id).decode("utf-8", errors="replace")
 
 

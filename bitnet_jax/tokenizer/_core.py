@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from bitnet_jax.errors import TokenizerError
+from bitnet_jax.tokenizer._chat import apply_chat_template as _render_chat
 from bitnet_jax.tokenizer._decode import (
-    CONTROL, NORMAL, UNKNOWN, SpmStream, byte_level_bytes, spm_bytes,
+    CONTROL, NORMAL, UNKNOWN, SpmStream, byte_level_bytes, check_utf8, spm_bytes,
 )
 
 # Token texts that end a turn or a text (llama.cpp's `special_eog_ids`, src/llama-vocab.cpp).
@@ -41,7 +42,8 @@ EOT_TEXTS = (
 
 
 class Tokenizer:
-    """A loaded tokenizer. Build it with `load_tokenizer(path)` or `Tokenizer.from_gguf_metadata`.
+    """A loaded tokenizer. Build it with `bitnet_jax.load_tokenizer(path)` (any file a model ships,
+    GGUF included) or `bitnet_jax.tokenizer.from_gguf_metadata(meta)`.
 
     The constructor takes the library object (`backend`) that encodes, and the vocabulary as
     stored: `pieces` (SentencePiece pieces or GPT-2-character strings, one per id),
@@ -135,35 +137,6 @@ class Tokenizer:
         self._control = bytearray(t == CONTROL for t in self._types)
         self._special_re = None  # built lazily for sentencepiece parse_special
 
-    # ------------------------------------------------------------------ constructors
-
-    @classmethod
-    def from_gguf_metadata(cls, meta: Mapping[str, Any]) -> Tokenizer:
-        """Build from GGUF `tokenizer.*` metadata given as plain Python values.
-
-        Args:
-          meta: GGUF key -> value (`tokenizer.ggml.model`, `.tokens`, `.scores`, `.token_type`,
-            `.merges`, `.pre`, special ids, `.add_bos_token`, ..., `tokenizer.chat_template`):
-            str (or UTF-8 bytes), int, float, bool, and sequences of those (lists or 1-D
-            arrays). Other keys are ignored.
-
-        Returns:
-          A Tokenizer: model "llama" -> sentencepiece, model "gpt2" -> HF `tokenizers` BPE.
-        """
-        from bitnet_jax.tokenizer._gguf import from_gguf_metadata
-
-        return from_gguf_metadata(meta)
-
-    def to_gguf_metadata(self) -> dict[str, Any]:
-        """GGUF `tokenizer.*` metadata (plain Python values) that rebuilds this tokenizer.
-
-        SentencePiece vocabularies become model "llama" (tokens, scores, token types); byte-level
-        BPE vocabularies become model "gpt2" (tokens, merges, token types, `pre`).
-        """
-        from bitnet_jax.tokenizer._gguf import to_gguf_metadata
-
-        return to_gguf_metadata(self)
-
     # ------------------------------------------------------------------ encode
 
     def encode(self, text: str, add_special: bool = False,
@@ -178,11 +151,16 @@ class Tokenizer:
 
         Returns:
           ids: [T] token ids.
+
+        Raises:
+          TokenizerError: `text` is not a str, or is not valid UTF-8 (holds lone surrogates, as
+            `sys.argv` does for bytes that are not UTF-8).
         """
         if not isinstance(text, str):
             raise TokenizerError(
                 f"encode expects a str, got {type(text).__name__}; decode bytes to text first."
             )
+        check_utf8(text)
         ids = self._encode_text(text, parse_special)
         if add_special:
             if self.add_bos:
@@ -304,10 +282,12 @@ class Tokenizer:
 
         Returns:
           The prompt text; encode it with `parse_special=True` to get the control tokens.
-        """
-        from bitnet_jax.tokenizer._chat import apply_chat_template
 
-        return apply_chat_template(self, messages, add_generation_prompt)
+        Raises:
+          TokenizerError: malformed messages, a message that is not valid UTF-8, or a template
+            that fails on them.
+        """
+        return _render_chat(self, messages, add_generation_prompt)
 
     def __repr__(self) -> str:
         return (f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, "
@@ -315,11 +295,22 @@ class Tokenizer:
 
 
 class IncrementalDecoder:
-    """Streaming detokenizer: feed ids one at a time, get text that is safe to print.
+    """Streaming detokenizer, the project's one: feed ids one at a time, get printable text.
 
-    Text is held back while it ends inside a multi-byte UTF-8 character (split across byte-level
-    BPE tokens or `<0xNN>` byte pieces), so no partial character is ever emitted, and
-    `"".join(push(i) for i in ids) + flush() == tokenizer.decode(ids, skip_special)`.
+    Contract:
+      push(token_id) -> str: the text that token completes, possibly "". It never contains half
+        a UTF-8 character: bytes of a character split across byte-level BPE tokens or `<0xNN>`
+        byte pieces are held back until the character is whole (or proven invalid, then U+FFFD).
+      flush() -> str: the rest (held-back bytes that never completed become U+FFFD); the decoder
+        is then reset for a new text.
+      So `"".join(push(i) for i in ids) + flush() == tokenizer.decode(ids, skip_special)` for
+      every id sequence, and each push costs O(1) in the length of the text so far.
+
+    Args:
+      tokenizer: the Tokenizer whose ids are pushed.
+      skip_special: drop control tokens (BOS, EOS, <|eot_id|>, ...) as `decode` does.
+
+    Raises TokenizerError (from push) for an id outside the vocabulary.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = True):
@@ -335,7 +326,7 @@ class IncrementalDecoder:
             self._spm = SpmStream(self._tok, self._skip)
 
     def push(self, token_id: int) -> str:
-        """Add one id; return the text that became complete (possibly "")."""
+        """Add one id; return the text it completes (possibly ""), never half a character."""
         tok = self._tok
         i = tok._check_ids([token_id])[0]
         if tok._byte_level:

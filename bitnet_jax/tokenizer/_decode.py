@@ -7,20 +7,41 @@ Token types use GGUF's numbering (gguf `TokenType`): 1 normal, 2 unknown, 3 cont
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from bitnet_jax.tokenizer._core import Tokenizer
+from bitnet_jax.errors import TokenizerError
+from bitnet_jax.tokenizer._pretok import unicode_to_bytes
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"  # SentencePiece's visible space "▁"
 UNK_SURFACE = " \u2047 "  # sentencepiece's default unk_surface " ⁇ "
 
 
-class SpmStream:
-    """sentencepiece's decoding rules as a stream (src/sentencepiece_processor.cc `Decode`)."""
+def check_utf8(text: str, what: str = "the text") -> None:
+    """Raise TokenizerError when `text` cannot be written as UTF-8 (it holds lone surrogates).
 
-    def __init__(self, tok: Tokenizer, skip_special: bool):
+    Python gives such strings for bytes that are not UTF-8: `sys.argv` maps the byte 0xFF to
+    U+DCFF. sentencepiece and `tokenizers` would fail on them with a traceback of their own.
+    """
+    if text.isascii():  # O(1) for str; the common case
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(
+            f"{what} is not valid UTF-8: it holds U+{ord(text[e.start]):04X} (a lone surrogate) at "
+            f"character {e.start}, which comes from bytes that are not UTF-8 (e.g. a command-line "
+            "argument or a file in another encoding); pass text decoded as UTF-8."
+        ) from None
+
+
+class SpmStream:
+    """sentencepiece's decoding rules as a stream (src/sentencepiece_processor.cc `Decode`).
+
+    `tok` is a Tokenizer (read for its piece, type and byte tables and `add_space_prefix`).
+    """
+
+    def __init__(self, tok: Any, skip_special: bool):
         self._pieces, self._types, self._bytes = tok._pieces, tok._types, tok._bytes
         self._skip = skip_special
         self._bos_ws = tok.add_space_prefix  # a leading "▁" of the first piece is the dummy prefix
@@ -91,8 +112,6 @@ def _utf8_prefix_ok(seq: bytes | bytearray) -> bool:
 def byte_level_bytes(pieces: Sequence[str], types: Sequence[int]) -> list[bytes]:
     """Bytes of each byte-level BPE token: GPT-2 characters -> bytes; added tokens are stored as
     plain text (llama.cpp and the HF converters write them unmapped)."""
-    from bitnet_jax.tokenizer._pretok import unicode_to_bytes
-
     u2b = unicode_to_bytes()
     out = []
     for piece, kind in zip(pieces, types):

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from bitnet_jax.errors import TokenizerError
-from bitnet_jax.tokenizer import _pretok
 from bitnet_jax.tokenizer._backends import bpe_tokenizer, first_line, spm_from_proto
 from bitnet_jax.tokenizer._core import Tokenizer
 from bitnet_jax.tokenizer._decode import (
     BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED,
 )
+from bitnet_jax.tokenizer._pretok import GPT2, LLAMA3, bytes_to_unicode, pre_name_for_regexes
 
 # llama3 / BitNet-2B4T special tokens, appended at id 128000 (meta-llama/llama-models
 # models/llama3/tokenizer.py; data README §2).
@@ -96,7 +96,7 @@ def tiktoken_file(path: Path, cfg: Mapping[str, Any]) -> Tokenizer:
             f"{path} ranks are not 0..{n - 1} without gaps; the tiktoken file is broken."
         )
     if n == 128000:
-        specials, pat, pre = LLAMA3_SPECIALS, _pretok.LLAMA3, "llama-bpe"
+        specials, pat, pre = LLAMA3_SPECIALS, LLAMA3, "llama-bpe"
         ids = {"bos": 128000, "eos": 128001}
         add_bos = True
     elif n == 50256:
@@ -117,11 +117,9 @@ def tiktoken_file(path: Path, cfg: Mapping[str, Any]) -> Tokenizer:
                             special_tokens=special_ids)
     by_rank = sorted(ranks, key=ranks.__getitem__)
     token_bytes = by_rank + [t.encode() for t in specials]
-    b2u = _pretok.bytes_to_unicode()
+    b2u = bytes_to_unicode()
     pieces = ["".join(b2u[b] for b in t) for t in by_rank] + list(specials)
     types = [NORMAL] * n + [CONTROL] * len(specials)
-    from bitnet_jax.tokenizer._gguf import tiktoken_merges
-
     return Tokenizer(
         kind="tiktoken", backend=enc, pieces=pieces, token_types=types, byte_level=True,
         token_bytes=token_bytes, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids.get("pad"),
@@ -130,6 +128,27 @@ def tiktoken_file(path: Path, cfg: Mapping[str, Any]) -> Tokenizer:
         pre=pre, extra_eos_ids=cfg.get("extra_eos_ids", ()),
         merges=lambda: tiktoken_merges(ranks),  # only the GGUF writer needs them; seconds to derive
     )
+
+
+def tiktoken_merges(ranks: Mapping[bytes, int]) -> list[str]:
+    """GGUF merges ("a b" in GPT-2 characters) equivalent to tiktoken ranks.
+
+    Every split of a token into two vocabulary entries becomes a merge ranked by the token, the
+    pairs of one token ordered by the ranks of their parts: the same list HF's TikTokenConverter
+    and llama.cpp's llama3 GGUFs carry (280147 merges for llama3).
+    """
+    b2u = bytes_to_unicode()
+    chars = {t: "".join(b2u[b] for b in t) for t in ranks}
+    found = []
+    for token, rank in ranks.items():
+        if len(token) < 2:
+            continue
+        local = [(ranks[token[:i]], ranks[token[i:]], token[:i], token[i:])
+                 for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        local.sort()
+        found.extend((rank, a, b) for _, _, a, b in local)
+    found.sort(key=lambda x: x[0])
+    return [f"{chars[a]} {chars[b]}" for _, a, b in found]
 
 
 def vocab_merges_files(vocab_path: Path, merges_path: Path, cfg: Mapping[str, Any]) -> Tokenizer:
@@ -314,9 +333,9 @@ def _pre_name_from_json(pre: Mapping[str, Any] | None) -> str | None:
             regexes.append(pattern.get("Regex") or re.escape(pattern.get("String", "")))
         elif p.get("type") == "ByteLevel":
             if p.get("use_regex", True):
-                regexes.append(_pretok.GPT2)
+                regexes.append(GPT2)
         elif p.get("type") == "Digits":
             regexes.append(r"\p{N}" if p.get("individual_digits") else r"\p{N}+")
         else:
             return None
-    return _pretok.pre_name_for_regexes(tuple(regexes))
+    return pre_name_for_regexes(tuple(regexes))

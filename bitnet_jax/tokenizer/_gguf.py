@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bitnet_jax.errors import TokenizerError
-from bitnet_jax.tokenizer import _pretok
 from bitnet_jax.tokenizer._backends import bpe_tokenizer, pre_family, spm_tokenizer
 from bitnet_jax.tokenizer._core import Tokenizer
 from bitnet_jax.tokenizer._decode import (
@@ -34,7 +33,17 @@ _REFUSED_MODELS = {
 
 
 def from_gguf_metadata(meta: Mapping[str, Any]) -> Tokenizer:
-    """See `Tokenizer.from_gguf_metadata`."""
+    """Build a Tokenizer from GGUF `tokenizer.*` metadata given as plain Python values.
+
+    Args:
+      meta: GGUF key -> value (`tokenizer.ggml.model`, `.tokens`, `.scores`, `.token_type`,
+        `.merges`, `.pre`, special ids, `.add_bos_token`, ..., `tokenizer.chat_template`):
+        str (or UTF-8 bytes), int, float, bool, and sequences of those (lists or 1-D arrays).
+        Other keys are ignored.
+
+    Returns:
+      A Tokenizer: model "llama" -> sentencepiece, model "gpt2" -> HF `tokenizers` BPE.
+    """
     model = _text(meta.get(K + "model"))
     if model is None:
         raise TokenizerError(
@@ -103,7 +112,12 @@ def from_gguf_metadata(meta: Mapping[str, Any]) -> Tokenizer:
 
 
 def to_gguf_metadata(tok: Tokenizer) -> dict[str, Any]:
-    """See `Tokenizer.to_gguf_metadata`."""
+    """GGUF `tokenizer.*` metadata (plain Python values) that rebuilds `tok`, for the GGUF writer.
+
+    SentencePiece vocabularies become model "llama" (tokens, scores, token types); byte-level
+    BPE vocabularies become model "gpt2" (tokens, merges, token types, `pre`). Raises
+    TokenizerError for tokenizers GGUF cannot hold (e.g. a Unigram tokenizer.json).
+    """
     if tok._gguf_unsupported:
         raise TokenizerError(tok._gguf_unsupported)
     meta: dict[str, Any] = {K + "model": "llama" if tok.kind == "spm" else "gpt2"}
@@ -126,27 +140,6 @@ def to_gguf_metadata(tok: Tokenizer) -> dict[str, Any]:
     if tok.chat_template:
         meta[CHAT_KEY] = tok.chat_template
     return meta
-
-
-def tiktoken_merges(ranks: Mapping[bytes, int]) -> list[str]:
-    """GGUF merges ("a b" in GPT-2 characters) equivalent to tiktoken ranks.
-
-    Every split of a token into two vocabulary entries becomes a merge ranked by the token, the
-    pairs of one token ordered by the ranks of their parts: the same list HF's TikTokenConverter
-    and llama.cpp's llama3 GGUFs carry (280147 merges for llama3).
-    """
-    b2u = _pretok.bytes_to_unicode()
-    chars = {t: "".join(b2u[b] for b in t) for t in ranks}
-    found = []
-    for token, rank in ranks.items():
-        if len(token) < 2:
-            continue
-        local = [(ranks[token[:i]], ranks[token[i:]], token[:i], token[i:])
-                 for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
-        local.sort()
-        found.extend((rank, a, b) for _, _, a, b in local)
-    found.sort(key=lambda x: x[0])
-    return [f"{chars[a]} {chars[b]}" for _, a, b in found]
 
 
 # ---------------------------------------------------------------------- helpers

@@ -1,4 +1,9 @@
-"""`load_tokenizer(path)`: read a tokenizer from a GGUF file, a tokenizer file or an HF folder."""
+"""`load_tokenizer_files(path)`: read a tokenizer from a tokenizer file or an HF folder.
+
+GGUF files are not read here: this package does not depend on `bitnet_jax.formats`, which owns
+the GGUF reader. `bitnet_jax.load_tokenizer(path)` (bitnet_jax/formats/tokenizer.py) reads GGUF
+files itself and hands every other path to this function.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +13,32 @@ from pathlib import Path
 from typing import Any
 
 from bitnet_jax.errors import TokenizerError
-from bitnet_jax.tokenizer import _files
 from bitnet_jax.tokenizer._core import Tokenizer
+from bitnet_jax.tokenizer._files import (
+    hf_json_file, sentencepiece_file, tiktoken_file, vocab_merges_files,
+)
 
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+={0,2} \d+\r?$")
+# The names whose presence makes a folder a tokenizer folder (see `_load_dir`).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json")
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer from any of the files BitNet models ship.
+def load_tokenizer_files(path: str | Path) -> Tokenizer:
+    """Load a tokenizer from the tokenizer files a model ships (no GGUF).
 
     Args:
-      path: a `.gguf` file (its `tokenizer.ggml.*` metadata); a SentencePiece or tiktoken
-        `tokenizer.model`; an HF `tokenizer.json`; a `vocab.json` (with `merges.txt` beside it);
-        or a folder holding one of those. `tokenizer_config.json`, `special_tokens_map.json`,
-        `added_tokens.json` and `generation_config.json` next to the file add the chat template,
-        special tokens and added tokens.
+      path: a SentencePiece or tiktoken `tokenizer.model`; an HF `tokenizer.json`; a
+        `vocab.json` (with `merges.txt` beside it); or a folder holding one of those.
+        `tokenizer_config.json`, `special_tokens_map.json`, `added_tokens.json` and
+        `generation_config.json` next to the file add the chat template, special tokens and
+        added tokens.
 
     Returns:
       The Tokenizer.
+
+    Raises:
+      TokenizerError: a missing or unreadable path, an unsupported tokenizer, or a GGUF file
+        (or a folder whose only tokenizer is a .gguf): use `bitnet_jax.load_tokenizer` for those.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -35,36 +48,22 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         )
     if path.is_dir():
         return _load_dir(path)
-    with open(path, "rb") as f:
-        head = f.read(4096)
+    head = _head(path)
     if head[:4] == b"GGUF":
-        return Tokenizer.from_gguf_metadata(read_gguf_tokenizer_metadata(path))
+        raise TokenizerError(
+            f"{path} is a GGUF file; load its tokenizer with bitnet_jax.load_tokenizer, which "
+            "reads GGUF (bitnet_jax.tokenizer only reads tokenizer files)."
+        )
     cfg = _hf_config(path.parent)
     if path.name == "merges.txt":
-        return _files.vocab_merges_files(path.parent / "vocab.json", path, cfg)
+        return vocab_merges_files(path.parent / "vocab.json", path, cfg)
     if path.suffix == ".json":
         if path.name == "vocab.json":
-            return _files.vocab_merges_files(path, path.parent / "merges.txt", cfg)
-        return _files.hf_json_file(path, cfg)
+            return vocab_merges_files(path, path.parent / "merges.txt", cfg)
+        return hf_json_file(path, cfg)
     if _looks_tiktoken(head):
-        return _files.tiktoken_file(path, cfg)
-    return _files.sentencepiece_file(path, cfg)
-
-
-def read_gguf_tokenizer_metadata(path: str | Path) -> dict[str, Any]:
-    """The `tokenizer.*` key/values of a GGUF file as plain Python values.
-
-    Uses bitnet_jax's own GGUF parser: it reads bitnet.cpp's I2_S files (type 36, which the
-    gguf package rejects) and the 128256-token llama3 vocabulary in about a second.
-    """
-    from bitnet_jax.errors import GGUFError
-    from bitnet_jax.formats.gguf.reader import read_gguf
-
-    try:
-        metadata = read_gguf(path).metadata
-    except GGUFError as e:
-        raise TokenizerError(f"cannot read GGUF tokenizer metadata: {e}") from None
-    return {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
+        return tiktoken_file(path, cfg)
+    return sentencepiece_file(path, cfg)
 
 
 def _load_dir(path: Path) -> Tokenizer:
@@ -73,16 +72,18 @@ def _load_dir(path: Path) -> Tokenizer:
     tiktoken_model = model_file.exists() and _looks_tiktoken(_head(model_file))
     if model_file.exists() and not tiktoken_model:
         # The SentencePiece file is what HF's tokenizer.json was converted from; prefer it.
-        return _files.sentencepiece_file(model_file, cfg)
+        return sentencepiece_file(model_file, cfg)
     if (path / "tokenizer.json").exists():
-        return _files.hf_json_file(path / "tokenizer.json", cfg)
+        return hf_json_file(path / "tokenizer.json", cfg)
     if tiktoken_model:
-        return _files.tiktoken_file(model_file, cfg)
+        return tiktoken_file(model_file, cfg)
     if (path / "vocab.json").exists():
-        return _files.vocab_merges_files(path / "vocab.json", path / "merges.txt", cfg)
-    ggufs = sorted(path.glob("*.gguf"))
-    if len(ggufs) == 1:
-        return load_tokenizer(ggufs[0])
+        return vocab_merges_files(path / "vocab.json", path / "merges.txt", cfg)
+    if len(list(path.glob("*.gguf"))) == 1:
+        raise TokenizerError(
+            f"{path} holds no tokenizer files, only a .gguf; load it with "
+            "bitnet_jax.load_tokenizer, which reads GGUF."
+        )
     raise TokenizerError(
         f"{path} holds no tokenizer: expected tokenizer.json, tokenizer.model, vocab.json + "
         "merges.txt or a single .gguf file."

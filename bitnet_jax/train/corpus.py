@@ -13,7 +13,7 @@ default model uses `--sources bible`, the default):
   3. Hold out every 50th document (2%) as the validation split.
   4. Train a SentencePiece BPE tokenizer with byte fallback and the identity normaliser (what
      GGUF's "llama" tokenizer reproduces) on the training split, one sentence per line.
-  5. Encode each split as [BOS doc EOS]* into uint16 token files for `bitnet_jax.train.loop`.
+  5. Encode each split as [BOS doc EOS]* into uint16 token files for `bitnet_jax.train.data`.
 
 Outputs in DIR: train.txt, valid.txt (one document per line), tokenizer.model, tokenizer.vocab,
 train.bin, valid.bin (uint16 ids), manifest.json (sources with sha256, sizes, token counts).

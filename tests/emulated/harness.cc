@@ -1,6 +1,7 @@
-// Every x86 kernel path of ternary_cpu.h / int8_cpu.h against the portable one, bit for bit,
-// built with SIMDe (tests/emulated/immintrin.h) by tests/test_kernels_emulated.py.
-#include "ternary_cpu.h"
+// Every x86 kernel path of ternary_paths.h / int8_cpu.h against the portable one, bit for bit,
+// through the dispatcher of isa.h, built with SIMDe (tests/emulated/immintrin.h) by
+// tests/test_kernels_emulated.py.
+#include "ternary_paths.h"
 #include "int8_cpu.h"
 #include <cstdio>
 #include <random>

@@ -1,15 +1,14 @@
-"""`bitnet-jax inspect FILE`: architecture, config, tensor table and tokenizer of a GGUF file."""
+"""describe(GGUFFile): the report of `bitnet-jax inspect FILE` (bitnet_jax/cli/inspect.py):
+architecture, config, tensor table and tokenizer of a GGUF file."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 from collections import Counter
 
-from bitnet_jax.errors import BitNetError, GGUFError
+from bitnet_jax.errors import GGUFError
 from bitnet_jax.formats.gguf.arch import config_from_gguf
-from bitnet_jax.formats.gguf.reader import GGUFFile, read_gguf
+from bitnet_jax.formats.gguf.reader import GGUFFile
 
 
 def _tokenizer_lines(meta: dict) -> list[str]:
@@ -60,18 +59,3 @@ def describe(g: GGUFFile) -> str:
     lines.append("tokenizer:")
     lines.extend(_tokenizer_lines(meta))
     return "\n".join(lines)
-
-
-def inspect_main(argv: list[str] | None = None) -> int:
-    """`bitnet-jax inspect FILE`."""
-    parser = argparse.ArgumentParser(prog="bitnet-jax inspect",
-                                     description="Show what a GGUF file holds.")
-    parser.add_argument("file", help=".gguf file")
-    args = parser.parse_args(argv)
-    try:
-        report = describe(read_gguf(args.file))
-    except BitNetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(report)
-    return 0

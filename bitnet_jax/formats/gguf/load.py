@@ -1,4 +1,4 @@
-"""`load_gguf`: a GGUF file -> bitnet_jax.formats.loader.Model (the same Model the HF path returns).
+"""`load_gguf`: a GGUF file -> bitnet_jax.formats.base.Model (the same Model the HF path returns).
 
 Weights are converted one tensor at a time from per-tensor memory maps (reader.py):
 
@@ -32,33 +32,19 @@ import ml_dtypes
 import numpy as np
 
 from bitnet_jax.errors import GGUFError
+from bitnet_jax.formats.base import Model
 from bitnet_jax.formats.gguf import quants
 from bitnet_jax.formats.gguf.arch import (
     ARCHS, LINEAR_NAMES, NORM_NAMES, SUB_NORMS, TERNARY_TYPES, block_tensor, config_from_gguf,
     inverse_llama_permutation)
 from bitnet_jax.formats.gguf.reader import GGUFFile, TensorInfo, read_gguf
+from bitnet_jax.formats.gguf.tensors import (CHUNK_BYTES, DEQUANT_TYPES, FLOAT_TYPES,
+                                             aligned_empty, decode_ternary,
+                                             dequantize_ternary, read_float)
 from bitnet_jax.model.params import lm_head_format, linear_shapes
 from bitnet_jax.quant import row_int8_np
 from bitnet_jax.model.policy import Policy, get_policy
-
-FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
-# Float-valued tensors (embeddings, norms) may also be block-quantised; Q8_0 is decoded by us,
-# the rest by gguf.quants (bitnet.cpp's --quant-embd writes Q6_K embeddings, spec §2.2.2).
-DEQUANT_TYPES = FLOAT_TYPES + ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
-                               "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
-_CHUNK_VALUES = 1 << 22  # ternary values decoded per step (bounds temporaries to a few MiB)
-_CHUNK_BYTES = 8 << 20  # float rows read per step
-_PROGRESS_BYTES = 200 << 20
-
-
-def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
-    """An uninitialised 64-byte-aligned array: JAX's CPU client can alias such buffers."""
-    dtype = np.dtype(dtype)
-    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    buf = np.empty(n + 64, np.uint8)
-    off = (-buf.ctypes.data) % 64
-    return buf[off:off + n].view(dtype).reshape(shape)
-
+from bitnet_jax.tokenizer import from_gguf_metadata
 
 def _to_device(arr: np.ndarray) -> jax.Array:
     # may_alias: on CPU the jax.Array shares the (aligned) numpy buffer instead of copying it.
@@ -67,6 +53,9 @@ def _to_device(arr: np.ndarray) -> jax.Array:
 
 def _np_dtype(policy: Policy):
     return ml_dtypes.bfloat16 if policy.param_dtype == "bfloat16" else np.float32
+
+
+_PROGRESS_BYTES = 200 << 20
 
 
 class _Progress:
@@ -87,133 +76,6 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-# ------------------------------------------------------------------------------------------------
-# Ternary tensors
-
-
-def _row_source(g: GGUFFile, info: TensorInfo, o: int, i: int):
-    """A function rows(index) -> (codes uint8 [n, I], fp16 block scales [n, I/256] or None)."""
-    raw = g.tensor_bytes(info)
-    if info.type_name in ("TQ2_0", "TQ1_0"):
-        per_block = quants.TQ2_0_BYTES if info.type_name == "TQ2_0" else quants.TQ1_0_BYTES
-        decode = quants.decode_tq2_0 if info.type_name == "TQ2_0" else quants.decode_tq1_0
-        rows2d = raw.reshape(o, i // quants.QK * per_block)
-        return (lambda idx: decode(rows2d[idx], i)), None
-    n = o * i
-    scale = quants.i2s_scale(raw, n)
-    if i % quants.I2S_BLOCK == 0:
-        body = raw[:n // 4].reshape(o, i // 4)
-        return (lambda idx: (quants.decode_i2s_rows(body[idx], i), None)), scale
-    # Rows that do not hold whole 128-value blocks: decode the flattened tensor once.
-    codes = quants.decode_i2s_rows(raw[:n // 4].reshape(1, n // 4), n).reshape(o, i)
-    return (lambda idx: (codes[idx], None)), scale
-
-
-def _decode_ternary(g: GGUFFile, info: TensorInfo, o: int, i: int, perm: np.ndarray | None,
-                    out: np.ndarray) -> float | None:
-    """Decode a TQ1_0/TQ2_0/I2_S weight into our packed layout.
-
-    Args:
-      info: the tensor, numpy shape (O, I).
-      perm: our row r is file row perm[r] (llama Q/K), or None.
-      out: uint8 [O/4, I] destination (a slice of the stacked buffer).
-
-    Returns:
-      σ (W = σ·t), or None when the TQ block scales differ (not a BitNet conversion).
-    """
-    rows, i2s_scale = _row_source(g, info, o, i)
-    q = o // 4
-    step = max(1, _CHUNK_VALUES // max(i, 1))
-    seen: set[int] = set()  # fp16 bit patterns of the scales of blocks holding nonzeros
-    for r0 in range(0, q, step):
-        r1 = min(q, r0 + step)
-        for k in range(4):
-            lo, hi = k * q + r0, k * q + r1
-            codes, d = rows(perm[lo:hi] if perm is not None else slice(lo, hi))
-            if d is not None and not _block_scales(g, info, codes, d, seen):
-                return None
-            if k == 0:
-                np.copyto(out[r0:r1], codes)
-            else:
-                out[r0:r1] |= codes << np.uint8(2 * k)
-    # A 2-bit field holding 3 (both bits set) is not a ternary code; checked on the packed bytes.
-    if (out & (out >> np.uint8(1)) & np.uint8(0x55)).any():
-        raise GGUFError(f"{g.path}: tensor {info.name!r} holds the 2-bit code 3, which is not a "
-                        "ternary value; the file is corrupt.")
-    if i2s_scale is not None:
-        if not np.isfinite(i2s_scale):
-            raise GGUFError(f"{g.path}: I2_S tensor {info.name!r} has a non-finite scale; the "
-                            "file is corrupt.")
-        return i2s_scale
-    if not seen:  # an all-zero matrix: any σ will do
-        return 1e-5
-    return float(np.array(list(seen), np.uint16).view(np.float16)[0])
-
-
-def _block_scales(g: GGUFFile, info: TensorInfo, codes: np.ndarray, d: np.ndarray,
-                  seen: set[int]) -> bool:
-    """Track the TQ block scales of a chunk; False once two blocks with nonzeros differ.
-
-    Zeroes the codes of blocks whose d is 0 (their values are 0 whatever the codes say).
-    """
-    bits = d.view(np.uint16)  # fp16 bit patterns: numpy's float16 arithmetic is slow
-    if ((bits & 0x7C00) == 0x7C00).any():
-        raise GGUFError(f"{g.path}: tensor {info.name!r} has a non-finite block scale; the "
-                        "file is corrupt.")
-    blocks = codes.reshape(codes.shape[0], -1, quants.QK)
-    zero = (bits & 0x7FFF) == 0
-    if zero.any():
-        blocks[zero] = 1
-    nonzero = bits[~zero]
-    if nonzero.size == 0:
-        return True
-    lo, hi = int(nonzero.min()), int(nonzero.max())
-    if lo == hi:  # the BitNet case: one d everywhere (cheap check)
-        seen.add(lo)
-        return len(seen) <= 1
-    # Several d values: only blocks that hold nonzero codes count (a converter may write any d
-    # for an all-zero block).
-    used = (blocks != 1).any(axis=2) & ~zero
-    seen.update(np.unique(bits[used]).tolist())
-    return len(seen) <= 1
-
-
-def _dequantize_ternary(g: GGUFFile, info: TensorInfo, o: int, i: int) -> np.ndarray:
-    """A TQ tensor as float32 [O, I] = (c-1)·d per block (the latent fallback)."""
-    rows, scale = _row_source(g, info, o, i)
-    codes, d = rows(slice(0, o))
-    t = codes.astype(np.float32).reshape(o, -1, quants.QK) - 1.0
-    if d is None:
-        return t.reshape(o, i) * np.float32(scale)
-    return (t * d.astype(np.float32)[:, :, None]).reshape(o, i)
-
-
-def _read_float(g: GGUFFile, info: TensorInfo, dtype=np.float32, out=None) -> np.ndarray:
-    """Dequantise a float (or Q8_0/...) tensor, reading rows in chunks from short-lived maps."""
-    shape = info.shape
-    if out is None:
-        out = np.empty(shape, dtype)
-    rows = shape[0] if len(shape) > 1 else 1
-    row_bytes = info.nbytes // max(rows, 1)
-    step = max(1, _CHUNK_BYTES // max(row_bytes, 1))
-    flat = out.reshape(rows, -1)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        raw = np.memmap(g.path, np.uint8, "r", offset=info.offset + r0 * row_bytes,
-                        shape=((r1 - r0) * row_bytes,)) if row_bytes else np.zeros(0, np.uint8)
-        if info.type_name in ("F32", "F16", "BF16"):
-            # Cast while assigning: no float32 temporary of the chunk.
-            flat[r0:r1] = quants.typed_view(raw, info.type_name).reshape(r1 - r0, -1)
-        else:
-            flat[r0:r1] = quants.dequantize(raw, info.type_name, (r1 - r0, flat.shape[1]), dtype)
-        del raw
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# The params pytree
 
 
 class _Loader:
@@ -246,31 +108,31 @@ class _Loader:
     def float_tensor(self, name: str, shape: tuple[int, ...]) -> jax.Array:
         info = self.tensor(name, shape)
         self.check_float(info)
-        return _to_device(_read_float(self.g, info, self.dtype,
-                                      _aligned_empty(info.shape, self.dtype)))
+        return _to_device(read_float(self.g, info, self.dtype,
+                                      aligned_empty(info.shape, self.dtype)))
 
     def int8_tensor(self, name: str, shape: tuple[int, ...]) -> dict:
         """An int8 per-row copy {"q8", "scale"} (params.quantize_lm_head), read in row chunks."""
         info = self.tensor(name, shape)
         self.check_float(info)
         rows, cols = shape
-        q8 = _aligned_empty((rows, cols), np.int8)
+        q8 = aligned_empty((rows, cols), np.int8)
         scale = np.empty((rows,), np.float32)
-        step = max(1, _CHUNK_BYTES // (4 * cols))
+        step = max(1, CHUNK_BYTES // (4 * cols))
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
             sub = dataclasses.replace(info, shape=(r1 - r0, cols),
                                       offset=info.offset + r0 * (info.nbytes // rows),
                                       nbytes=(r1 - r0) * (info.nbytes // rows))
-            q8[r0:r1], scale[r0:r1] = row_int8_np(_read_float(self.g, sub, np.float32))
+            q8[r0:r1], scale[r0:r1] = row_int8_np(read_float(self.g, sub, np.float32))
         return {"q8": _to_device(q8), "scale": _to_device(scale)}
 
     def stacked_norm(self, gname: str, width: int) -> jax.Array:
-        out = _aligned_empty((self.cfg.num_hidden_layers, width), self.dtype)
+        out = aligned_empty((self.cfg.num_hidden_layers, width), self.dtype)
         for layer in range(self.cfg.num_hidden_layers):
             info = self.tensor(block_tensor(layer, gname), (width,))
             self.check_float(info)
-            _read_float(self.g, info, self.dtype, out[layer])
+            read_float(self.g, info, self.dtype, out[layer])
         return _to_device(out)
 
     def extra_scale(self, layer: int, gname: str) -> float:
@@ -281,7 +143,7 @@ class _Loader:
         if info.n_elements != 1 or info.type_name not in FLOAT_TYPES:
             raise GGUFError(f"{self.g.path}: tensor {info.name!r} must be one float, got "
                             f"{info.type_name} {info.shape}.")
-        value = float(_read_float(self.g, info).reshape(-1)[0])
+        value = float(read_float(self.g, info).reshape(-1)[0])
         if not np.isfinite(value):
             raise GGUFError(f"{self.g.path}: tensor {info.name!r} is not finite.")
         return value
@@ -307,26 +169,26 @@ class _Loader:
                                 "linear weights must be TQ1_0, TQ2_0, I2_S, F32, F16 or BF16.")
         extra = [self.extra_scale(layer, gname) for layer in range(n_layers)]
         if not cfg.quantized:
-            out = _aligned_empty((n_layers, o, i), self.dtype)
+            out = aligned_empty((n_layers, o, i), self.dtype)
             for layer, info in enumerate(infos):
-                w = _read_float(g, info)
+                w = read_float(g, info)
                 w = w[perm] if perm is not None else w
                 out[layer] = w * np.float32(extra[layer]) if extra[layer] != 1.0 else w
             return _to_device(out)
 
-        packed = _aligned_empty((n_layers, o // 4, i), np.uint8)
+        packed = aligned_empty((n_layers, o // 4, i), np.uint8)
         scales = np.empty(n_layers, np.float32)
         floats: dict[int, np.ndarray] = {}  # layers whose file value is not t·σ
         for layer, info in enumerate(infos):
             if info.type_name in TERNARY_TYPES:
-                sigma = _decode_ternary(g, info, o, i, perm, packed[layer])
+                sigma = decode_ternary(g, info, o, i, perm, packed[layer])
                 if sigma is None:
-                    w = _dequantize_ternary(g, info, o, i)
+                    w = dequantize_ternary(g, info, o, i)
                     floats[layer] = w[perm] if perm is not None else w
                     self.fallbacks.append(info.name)
                     sigma = 1.0
             else:
-                w = _read_float(g, info)
+                w = read_float(g, info)
                 w = w[perm] if perm is not None else w
                 codes, sigma, _ = quants.ternarize_float(w)
                 quants.pack_codes(codes, out=packed[layer])
@@ -339,7 +201,7 @@ class _Loader:
             return {"packed": _to_device(packed), "scale": _to_device(scales)}
         # Latent float leaf for the whole kind (stacked leaves must share one form): the file's
         # own float values, or t·σ for the layers stored ternary.
-        out = _aligned_empty((n_layers, o, i), self.dtype)
+        out = aligned_empty((n_layers, o, i), self.dtype)
         for layer in range(n_layers):
             if layer in floats:
                 out[layer] = floats[layer]
@@ -393,7 +255,7 @@ class _Loader:
                 continue
             if name == "rope_freqs.weight":
                 self.check_float(info)
-                factors = _read_float(self.g, info)
+                factors = read_float(self.g, info)
                 if np.all(factors == 1.0):
                     continue
                 raise GGUFError(f"{self.g.path} carries RoPE frequency factors "
@@ -413,10 +275,8 @@ def load_gguf(path: str | Path, policy: Policy | str | None = None, packed: bool
       tokenizer: attach a Tokenizer built from the tokenizer.* metadata (None if absent).
 
     Returns:
-      bitnet_jax.formats.loader.Model.
+      bitnet_jax.formats.base.Model.
     """
-    from bitnet_jax.formats.loader import Model
-
     policy = get_policy(policy)
     g = read_gguf(path)
     cfg, arch = config_from_gguf(
@@ -431,8 +291,6 @@ def tokenizer_from_metadata(meta: dict[str, Any]):
     """A bitnet_jax Tokenizer from GGUF metadata, or None if the file carries no vocabulary."""
     if "tokenizer.ggml.model" not in meta or "tokenizer.ggml.tokens" not in meta:
         return None
-    from bitnet_jax.tokenizer import Tokenizer
-
     # The reader keeps bytes that are not UTF-8 as surrogate escapes (so inspect and convert can
     # copy them); a vocabulary needs real text, as llama.cpp assumes.
     for key, value in meta.items():
@@ -449,7 +307,7 @@ def tokenizer_from_metadata(meta: dict[str, Any]):
                 raise GGUFError(f"GGUF metadata {where} is not valid UTF-8 text; the file is "
                                 "corrupt, so re-download or re-convert it.") from None
 
-    return Tokenizer.from_gguf_metadata(meta)
+    return from_gguf_metadata(meta)
 
 
 def _is_utf8(s: str) -> bool:

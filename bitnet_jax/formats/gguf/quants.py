@@ -26,6 +26,8 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
+from bitnet_jax.quant import ternarize_np
+
 QK = 256  # TQ block size (QK_K)
 TQ2_0_BYTES = 66
 TQ1_0_BYTES = 54
@@ -227,7 +229,5 @@ def ternarize_float(w: np.ndarray) -> tuple[np.ndarray, float, bool]:
     if np.all(a[nonzero] == a.max()):
         codes = np.where(nonzero, np.where(w > 0, 2, 0), 1).astype(np.uint8)
         return codes, amax, True
-    from bitnet_jax.quant import ternarize_np
-
     t, gamma = ternarize_np(w)
     return (t + 1).astype(np.uint8), float(gamma), False

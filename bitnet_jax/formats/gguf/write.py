@@ -1,4 +1,4 @@
-"""Writing GGUF files, and `bitnet-jax convert`.
+"""Writing GGUF files (`bitnet-jax convert` is bitnet_jax/cli/convert.py).
 
 We write the container ourselves instead of using `gguf.GGUFWriter`: its type enum lacks
 bitnet.cpp's I2_S (id 36), and it keeps every tensor in memory until the end, while this writer
@@ -21,7 +21,6 @@ What `convert` writes (bitnet-spec §2.1, §2.2):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import struct
@@ -30,9 +29,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import jax
 import numpy as np
 
-from bitnet_jax.errors import BitNetError, GGUFError
+from bitnet_jax.errors import GGUFError
 from bitnet_jax.formats.gguf import quants
 from bitnet_jax.formats.gguf.arch import (
     LINEAR_NAMES, NORM_NAMES, SUB_NORMS, block_tensor, gguf_arch_for, llama_permutation,
@@ -40,6 +40,9 @@ from bitnet_jax.formats.gguf.arch import (
 from bitnet_jax.formats.gguf.reader import (
     ARRAY, BOOL, DEFAULT_ALIGNMENT, FLOAT32, GGUF_MAGIC, INT32, INT64, SCALAR_DTYPES,
     SCALAR_FORMATS, STRING, TYPE_IDS, UINT32, UINT64)
+from bitnet_jax.model.params import linear_shapes
+from bitnet_jax.quant import is_packed, ternarize_np
+from bitnet_jax.tokenizer import to_gguf_metadata
 
 QTYPES = ("tq2_0", "tq1_0", "i2_s", "f16", "f32")
 FILE_TYPES = {"f32": 0, "f16": 1, "tq1_0": 36, "tq2_0": 37, "i2_s": 40}
@@ -280,9 +283,6 @@ def float_entry(name: str, fn: Callable[[], np.ndarray], shape: tuple[int, ...],
 
 def _layer_codes(leaf, layer: int, perm: np.ndarray | None) -> tuple[np.ndarray, float]:
     """(codes [O, I], σ) of one layer of a BitLinear leaf (packed, or latent -> absmean)."""
-    from bitnet_jax.quant import is_packed
-    from bitnet_jax.quant import ternarize_np
-
     if is_packed(leaf):
         codes = quants.unpack_codes(np.asarray(leaf["packed"][layer]))
         if (codes == 3).any():
@@ -296,10 +296,6 @@ def _layer_codes(leaf, layer: int, perm: np.ndarray | None) -> tuple[np.ndarray,
 
 def model_tensors(cfg, params: dict, arch: str, qtype: str) -> list[TensorEntry]:
     """TensorEntries for a whole model under `arch` (linear weights encoded as `qtype`)."""
-    from bitnet_jax.model.params import linear_shapes
-
-    import jax
-
     float_type = "F32" if qtype == "f32" else "F16"
     # Host numpy views once (zero-copy on CPU): indexing jax arrays per tensor would dispatch
     # (and compile) a slice op for every layer.
@@ -357,7 +353,7 @@ def model_metadata(cfg, arch: str, qtype: str, name: str, tokenizer=None) -> dic
     if qtype not in ("f16", "f32"):
         meta["general.quantization_version"] = 2
     if tokenizer is not None:
-        meta.update(tokenizer.to_gguf_metadata())
+        meta.update(to_gguf_metadata(tokenizer))
     k = "tokenizer.ggml."
     eos = cfg.eos_ids
     for key, value in ((k + "bos_token_id", cfg.bos_token_id),
@@ -398,32 +394,3 @@ def write_model_gguf(model, path: str | Path, qtype: str = "tq2_0", name: str | 
     meta = model_metadata(cfg, arch, qtype, name, model.tokenizer)
     write_gguf(path, meta, model_tensors(cfg, model.params, arch, qtype), progress=progress)
     return arch
-
-
-def convert_main(argv: list[str] | None = None) -> int:
-    """`bitnet-jax convert SRC DST --type {tq2_0,tq1_0,i2_s,f16,f32}`."""
-    parser = argparse.ArgumentParser(
-        prog="bitnet-jax convert",
-        description="Convert an HF BitNet/Llama folder or a GGUF file to GGUF.")
-    parser.add_argument("src", help="HF model folder or .gguf file")
-    parser.add_argument("dst", help="output .gguf file")
-    parser.add_argument("--type", dest="qtype", choices=QTYPES, default="tq2_0",
-                        help="encoding of the linear weights (default tq2_0)")
-    parser.add_argument("--name", help="general.name to store (default: DST's file name)")
-    args = parser.parse_args(argv)
-    from bitnet_jax.formats.loader import load_model
-
-    try:
-        src, dst = Path(args.src).expanduser(), Path(args.dst).expanduser()
-        if src.exists() and dst.exists() and src.resolve() == dst.resolve():
-            raise GGUFError(f"{dst} is the source file; choose a different output path.")
-        model = load_model(src, packed=True)
-        arch = write_model_gguf(model, dst, args.qtype, args.name,
-                                progress=sys.stderr.isatty())
-    except BitNetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    size = dst.stat().st_size
-    print(f"wrote {dst} ({size / 1e6:.1f} MB, architecture {arch}, {args.qtype} linear weights"
-          f"{', with tokenizer' if model.tokenizer is not None else ', no tokenizer'})")
-    return 0

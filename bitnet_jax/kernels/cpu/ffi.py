@@ -1,24 +1,24 @@
-"""The packed 2-bit CPU kernel (ternary_cpu.cc) behind `jax.ffi`, and the int8 LM-head kernel.
+"""The CPU kernels as JAX functions: one XLA custom call each, through `jax.ffi`.
 
 `ternary_matmul_ffi(x_q [M, I] int8, packed [O/4, I] uint8) -> [M, O] int32` is exact and agrees
-bit for bit with `ternary_matmul_xla`. The C++ reads the packed bytes directly (2 bits per
-weight), so a decode step streams 4x fewer weight bytes than the XLA int8 path and skips its
-in-graph unpack (jax-notes §2.2, §2.3). With `layer`, `packed` is the stacked [L, O/4, I] array
-of all layers and the kernel reads matrix `layer` in place: inside `lax.scan` XLA would
-otherwise copy each layer's slice before the custom call (7 MB per layer of the large model).
+bit for bit with `ternary_matmul_xla`. The C++ (ternary_paths.h) reads the packed bytes directly
+(2 bits per weight), so a decode step streams 4x fewer weight bytes than the XLA int8 path and
+skips its in-graph unpack (jax-notes §2.2, §2.3). With `layer`, `packed` is the stacked
+[L, O/4, I] array of all layers and the kernel reads matrix `layer` in place: inside `lax.scan`
+XLA would otherwise copy each layer's slice before the custom call (7 MB per layer of the large
+model).
 
 `int8_matmul_ffi(x_q [M, I] int8, w [V, I] int8) -> [M, V] int32` is the int8 LM head
-(params.quantize_lm_head), exact and equal to XLA's int8 dot.
+(params.quantize_lm_head, int8_cpu.h), exact and equal to XLA's int8 dot.
 
 `attention_ffi(q, k, v, layer, index, starts)` attends over the visible slots of one layer of the
 stacked KV cache (float32, float16 or bfloat16) in place (attention_cpu.h); it equals
 attention.attend on the same cache up to float rounding.
 
-The shared object `_ternary_cpu*.so` is built by setup.py at `pip install` time. Nothing is
-loaded when bitnet_jax is imported: the first `available()` call loads it with ctypes and
-registers the FFI target. When it cannot be loaded (not built, no compiler at install time,
-unsupported platform) `available()` is False, one warning names the reason, and
-`ternary_matmul_ffi` computes the same result through the XLA path.
+library.py loads the shared object and chooses its kernel path; its public functions
+(`available`, `unavailable_reason`, `isa`, `supported_isas`, `set_isa`) are re-exported here.
+When the library is not available the two matmuls compute the same result through the XLA path,
+`ternary_matmul_kernel` and `attention_ffi` raise KernelError, and `attention_usable` is False.
 
 Transformations:
   * jit: the call is one XLA custom call, multi-threaded on XLA's own intra-op thread pool.
@@ -32,163 +32,27 @@ Transformations:
 
 from __future__ import annotations
 
-import ctypes
-import os
-import sysconfig
-import threading
-import warnings
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
-import jaxlib
 
 from bitnet_jax.errors import KernelError
+from bitnet_jax.kernels.cpu.library import (
+    ATTENTION_TARGET,
+    INT8_TARGET,
+    ISAS,
+    TARGET,
+    available,
+    isa,
+    require_library,
+    set_isa,
+    supported_isas,
+    unavailable_reason,
+)
 from bitnet_jax.kernels.xla import int8_matmul_xla, ternary_matmul_xla
 
-TARGET = "bitnet_ternary_matmul"
-INT8_TARGET = "bitnet_int8_matmul"
-ATTENTION_TARGET = "bitnet_attention"
-ABI_VERSION = 2
-ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")  # ternary_cpu.h `Isa`, best last
-DISABLE_ENV = "BITNET_JAX_DISABLE_FFI"
-
-
-_lock = threading.Lock()
-_state: dict = {"tried": False, "lib": None, "reason": None, "warned": False, "registered": False}
-
-
-def _library_path() -> Path:
-    """The built extension beside this file (setup.py names it _ternary_cpu<EXT_SUFFIX>)."""
-    here = Path(__file__).resolve().parent
-    own = here / ("_ternary_cpu" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
-    if own.is_file():
-        return own
-    # Any other build works too: the library does not link against Python.
-    found = sorted(here.glob("_ternary_cpu*.so")) + sorted(here.glob("_ternary_cpu*.dylib"))
-    if not found:
-        raise OSError(
-            f"the extension _ternary_cpu*.so is not in {here}; it is built by "
-            "`pip install .` (or `pip install -e .`) with a C++17 compiler and jaxlib's FFI headers"
-        )
-    return found[0]
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    """Parse "0.10.2" as (0, 10, 2); stops at a non-numeric part ("0.11.0rc1": (0, 11))."""
-    parts = []
-    for piece in version.split("."):
-        if not piece.isdigit():
-            break
-        parts.append(int(piece))
-    return tuple(parts)
-
-
-def _load_library() -> ctypes.CDLL:
-    """Load the shared object, check its ABI and register the FFI target (once per process)."""
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        raise OSError(f"{DISABLE_ENV} is set")
-    lib = ctypes.CDLL(str(_library_path()))
-    lib.bitnet_ternary_abi_version.restype = ctypes.c_int
-    version = lib.bitnet_ternary_abi_version()
-    if version != ABI_VERSION:
-        raise OSError(
-            f"the extension has ABI version {version}, this package expects {ABI_VERSION}; "
-            "reinstall bitnet_jax to rebuild it"
-        )
-    lib.bitnet_ternary_built_jaxlib.restype = ctypes.c_char_p
-    built = lib.bitnet_ternary_built_jaxlib().decode()
-    if built != "unknown" and _version_tuple(built) > _version_tuple(jaxlib.__version__):
-        raise OSError(
-            f"the extension was built against jaxlib {built} but jaxlib "
-            f"{jaxlib.__version__} is running, and XLA only accepts FFI handlers from the same "
-            "or older headers; reinstall bitnet_jax in this environment"
-        )
-    for name in ("bitnet_ternary_get_isa", "bitnet_ternary_set_isa", "bitnet_ternary_best_isa",
-                 "bitnet_ternary_isa_supported"):
-        getattr(lib, name).restype = ctypes.c_int
-    lib.bitnet_ternary_set_isa.argtypes = [ctypes.c_int]
-    lib.bitnet_ternary_isa_supported.argtypes = [ctypes.c_int]
-    if not _state["registered"]:
-        jax.ffi.register_ffi_target(
-            TARGET, jax.ffi.pycapsule(lib.BitnetTernaryMatmul), platform="cpu"
-        )
-        jax.ffi.register_ffi_target(
-            INT8_TARGET, jax.ffi.pycapsule(lib.BitnetInt8Matmul), platform="cpu"
-        )
-        jax.ffi.register_ffi_target(
-            ATTENTION_TARGET, jax.ffi.pycapsule(lib.BitnetAttention), platform="cpu"
-        )
-        _state["registered"] = True
-    return lib
-
-
-def _lib():
-    """The loaded library or None; the first call loads it and warns once on failure."""
-    with _lock:
-        if not _state["tried"]:
-            _state["tried"] = True
-            try:
-                _state["lib"] = _load_library()
-            except Exception as e:  # any failure means "use XLA", never a crash at run time
-                _state["reason"] = f"{type(e).__name__}: {e}"
-        if _state["lib"] is None and not _state["warned"]:
-            _state["warned"] = True
-            warnings.warn(
-                "bitnet_jax CPU FFI kernel unavailable, using the XLA int8 path instead "
-                f"({_state['reason']}).",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return _state["lib"]
-
-
-def available() -> bool:
-    """True if the packed CPU kernel is built and loaded (loads it on first call)."""
-    return _lib() is not None
-
-
-def unavailable_reason() -> str | None:
-    """Why the kernel could not be loaded, or None if it is available (or not tried yet)."""
-    return _state["reason"]
-
-
-def isa() -> str:
-    """Name of the kernel path in use: "scalar", "avx2", "avxvnni" or "avx512vnni"."""
-    lib = _require_lib()
-    return ISAS[lib.bitnet_ternary_get_isa()]
-
-
-def supported_isas() -> tuple[str, ...]:
-    """Kernel paths this CPU can run, best last."""
-    lib = _require_lib()
-    return tuple(n for k, n in enumerate(ISAS) if lib.bitnet_ternary_isa_supported(k))
-
-
-def set_isa(name: str) -> str:
-    """Select a kernel path for every later call (tests, benchmarks); returns the previous one.
-
-    The environment variable BITNET_JAX_CPU_ISA sets the initial path the same way.
-    """
-    lib = _require_lib()
-    if name not in ISAS or not lib.bitnet_ternary_isa_supported(ISAS.index(name)):
-        raise KernelError(
-            f"CPU kernel path {name!r} is not supported on this machine; use one of "
-            f"{supported_isas()}."
-        )
-    previous = ISAS[lib.bitnet_ternary_get_isa()]
-    lib.bitnet_ternary_set_isa(ISAS.index(name))
-    return previous
-
-
-def _require_lib():
-    lib = _lib()
-    if lib is None:
-        raise KernelError(
-            f"The CPU FFI kernel is not available ({_state['reason']}); reinstall bitnet_jax "
-            "with a C++ compiler, or use kernel='xla'."
-        )
-    return lib
+__all__ = ["ISAS", "KernelError", "attention_ffi", "attention_usable", "available",
+           "int8_matmul_ffi", "isa", "set_isa", "supported_isas", "ternary_matmul_ffi",
+           "ternary_matmul_kernel", "ternary_matmul_many_ffi", "unavailable_reason"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,7 +135,7 @@ def ternary_matmul_kernel(x_q: jax.Array, packed: jax.Array, layer=None) -> jax.
       [M, O] int32 = x_q · tᵀ.
     """
     _check(x_q, packed, layer)
-    _require_lib()
+    require_library()
     return _batchable(x_q, _layer_operand(layer), packed)[0]
 
 
@@ -382,7 +246,7 @@ def attention_ffi(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer, i
     Returns:
       [B, T, N, H] float32.
     """
-    _require_lib()
+    require_library()
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     call = jax.ffi.ffi_call(ATTENTION_TARGET, out, vmap_method="sequential")
     return call(q, cache_k, cache_v, jnp.asarray(layer, jnp.int32),

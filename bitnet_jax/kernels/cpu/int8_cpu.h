@@ -1,12 +1,12 @@
-// int8 x int8 -> int32 matmul for the row-scaled int8 LM head, on the loop skeleton, paths and
-// dispatch (RunRows) of ternary_cpu.h.
+// int8 x int8 -> int32 matmul for the row-scaled int8 LM head: the row functions of every ISA
+// path, on the loop skeleton and dispatcher (RunRows) of isa.h.
 
-#ifndef BITNET_JAX_KERNELS_INT8_CPU_H_
-#define BITNET_JAX_KERNELS_INT8_CPU_H_
+#ifndef BITNET_JAX_KERNELS_CPU_INT8_CPU_H_
+#define BITNET_JAX_KERNELS_CPU_INT8_CPU_H_
 
 #include <cstdint>
 
-#include "ternary_cpu.h"
+#include "isa.h"
 
 namespace bitnet_ternary {
 
@@ -153,7 +153,7 @@ BITNET_AVX512 inline void RunAvx512Vnni(const Int8Problem& p, int64_t r0, int64_
 
 #endif  // BITNET_TERNARY_X86
 
-// The portable path; RunRows (ternary_cpu.h) dispatches to these overloads for Int8Problem.
+// The portable path; RunRows (isa.h) dispatches to these overloads for Int8Problem.
 inline void RunScalar(const Int8Problem& p, int64_t r0, int64_t r1) {
   RunTiled<1, ScalarInt8Row>(p, r0, r1);
 }
@@ -167,4 +167,4 @@ inline void AbsBytes(const int8_t* x, int64_t n, uint8_t* out) {
 
 }  // namespace bitnet_ternary
 
-#endif  // BITNET_JAX_KERNELS_INT8_CPU_H_
+#endif  // BITNET_JAX_KERNELS_CPU_INT8_CPU_H_

@@ -50,8 +50,8 @@ mosaic_gpu/lowering.py, triton/lowering.py, and the Pallas changelog/quickstart)
 Verified here (CPU, jax 0.10.2): interpret-mode parity with the XLA path for odd and extreme
 shapes, all three dot modes, split-K and both variants (tests/test_kernels_pallas.py), and that
 the kernels lower to Triton IR for CUDA (`jit(...).trace(...).lower(lowering_platforms=("cuda",))`
-needs no GPU with jaxlib 0.10.2, which hands the IR to XLA; newer jaxlibs compile it to PTX while
-lowering).
+needs no GPU with jaxlib 0.10.2, which hands the IR to XLA; with a newer jaxlib jax compiles it
+to PTX while lowering, for sm_90 when no GPU is visible, with the CUDA plugin's Triton compiler).
 Still needs a GPU run (benchmarks/gpu_check.sh): Triton IR → PTX compilation under jax 0.11.2 /
 CUDA 13, compiled parity, and the block configs' speed (the defaults below are untuned guesses).
 """

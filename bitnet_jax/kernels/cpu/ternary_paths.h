@@ -1,4 +1,4 @@
-// Packed 2-bit ternary x int8 matmul kernels for x86 (AVX2, AVX-VNNI, AVX-512 VNNI) and any CPU.
+// Packed 2-bit ternary x int8 matmul: the row functions of every ISA path (isa.h).
 //
 // out[m, o] = sum_k x[m, k] * t[o, k], exact in int32, where
 //   x:      int8  [M, I]      row-major, per-token absmax activations (bitlinear.py)
@@ -14,76 +14,16 @@
 // and 3 stay in place, i.e. scaled by 4, and are shifted back after the reduction), feed u8
 // codes x s8 activations to maddubs (AVX2) or vpdpbusd (VNNI), and subtract sum(x) per token at
 // the end (codes are t+1).
-//
-// int8_cpu.h adds the int8 x int8 LM-head kernel on the same loop skeleton and paths.
-//
-// The header has no FFI dependency so the kernels can be compiled on their own (ternary_cpu.cc
-// adds the XLA FFI handler). Every SIMD function carries a target attribute: the shared object is
-// built without -m flags, runs on any x86-64, and picks a path at run time.
 
-#ifndef BITNET_JAX_KERNELS_TERNARY_CPU_H_
-#define BITNET_JAX_KERNELS_TERNARY_CPU_H_
+#ifndef BITNET_JAX_KERNELS_CPU_TERNARY_PATHS_H_
+#define BITNET_JAX_KERNELS_CPU_TERNARY_PATHS_H_
 
 #include <algorithm>
-#include <cstddef>
 #include <cstdint>
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define BITNET_TERNARY_X86 1
-#include <immintrin.h>
-#else
-#define BITNET_TERNARY_X86 0
-#endif
-
-// AVX-VNNI intrinsics and cpuid name arrived in GCC 11 and Clang 12; older compilers skip the path.
-#if BITNET_TERNARY_X86 && ((defined(__clang__) && __clang_major__ >= 12) || \
-                           (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
-#define BITNET_TERNARY_AVXVNNI 1
-#else
-#define BITNET_TERNARY_AVXVNNI 0
-#endif
+#include "isa.h"
 
 namespace bitnet_ternary {
-
-// Kernel paths, best last. The numbers are the ABI of bitnet_ternary_set_isa().
-enum Isa : int { kScalar = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3 };
-
-inline const char* IsaName(int isa) {
-  switch (isa) {
-    case kScalar: return "scalar";
-    case kAvx2: return "avx2";
-    case kAvxVnni: return "avxvnni";
-    case kAvx512Vnni: return "avx512vnni";
-    default: return "unknown";
-  }
-}
-
-// True if this CPU (and OS, which must save the wider registers) can run path `isa`.
-inline bool IsaSupported(int isa) {
-  switch (isa) {
-    case kScalar: return true;
-#if BITNET_TERNARY_X86
-    case kAvx2: return __builtin_cpu_supports("avx2");
-    case kAvxVnni:
-#if BITNET_TERNARY_AVXVNNI
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni");
-#else
-      return false;
-#endif
-    case kAvx512Vnni:
-      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vnni");
-#endif
-    default: return false;
-  }
-}
-
-inline int BestIsa() {
-  for (int isa = kAvx512Vnni; isa > kScalar; --isa) {
-    if (IsaSupported(isa)) return isa;
-  }
-  return kScalar;
-}
 
 // One call's operands. Rows [r0, r1) of the packed weight are computed by one Run* call, so
 // threads split the work along packed rows (each owns 4 disjoint output columns per row).
@@ -131,33 +71,6 @@ inline void StoreRow(const Problem& p, int64_t m, int64_t row, const int32_t s[4
   o[3 * p.r] = s[3] - xs;
 }
 
-// Rows per cache tile: the tile's packed bytes stay in L2 while every block of MB tokens
-// streams over it, so the weights come from memory once per call whatever M is.
-inline int64_t TileRows(int64_t i) {
-  return std::max<int64_t>(1, (int64_t{96} << 10) / std::max<int64_t>(i, 1));
-}
-
-// Tokens [m0, m1) over rows [t0, t1) in blocks of MB tokens; the remainder recurses to MB-1.
-template <int MB, template <int> class RowFn, class P>
-inline void RunTokens(const P& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
-  for (; m0 + MB <= m1; m0 += MB) {
-    for (int64_t row = t0; row < t1; ++row) RowFn<MB>::Run(p, m0, row);
-  }
-  if constexpr (MB > 1) {
-    if (m0 < m1) RunTokens<MB - 1, RowFn>(p, m0, m1, t0, t1);
-  }
-}
-
-// Loop skeleton shared by all paths: tiles of rows, blocks of MB tokens inside a tile, rows
-// inside a block. RowFn<B>::Run computes one packed row for B consecutive tokens.
-template <int MB, template <int> class RowFn, class P>
-inline void RunTiled(const P& p, int64_t r0, int64_t r1) {
-  const int64_t tile = p.m <= MB ? r1 - r0 : TileRows(p.i);
-  for (int64_t t0 = r0; t0 < r1; t0 += tile) {
-    RunTokens<MB, RowFn>(p, 0, p.m, t0, std::min(r1, t0 + tile));
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Portable path: plain C++ the compiler auto-vectorises (ARM NEON, SSE2 baseline, ...).
 
@@ -185,19 +98,6 @@ inline void RunScalar(const Problem& p, int64_t r0, int64_t r1) {
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
-
-// Overridable so that tests/test_kernels_emulated.py can build every path on a CPU without
-// it, with SIMDe's portable intrinsics and no target attributes.
-#ifndef BITNET_AVX2
-#define BITNET_AVX2 __attribute__((target("avx2")))
-#define BITNET_AVXVNNI __attribute__((target("avx2,avxvnni")))
-#define BITNET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
-#endif
-
-// Software prefetch distance in packed bytes. Rows are contiguous, so this runs into the next
-// row; it helped decode from DRAM by ~10-15% on Zen 3 (best of noisy runs), and prefetching
-// past the end of the buffer is harmless (prefetches never fault).
-constexpr int64_t kPrefetch = 2048;
 
 // Sum each of four int32x8 vectors: returns [sum a0, sum a1, sum a2, sum a3].
 BITNET_AVX2 inline __m128i Sum4x8(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
@@ -376,26 +276,6 @@ BITNET_AVX512 inline void RunAvx512Vnni(const Problem& p, int64_t r0, int64_t r1
 
 #endif  // BITNET_TERNARY_X86
 
-// Compute weight rows [r0, r1) for every token with path `isa` (which must be supported), for
-// either kernel: the Run* overloads for Int8Problem (int8_cpu.h) are found by argument-dependent
-// lookup when this is instantiated.
-template <class P>
-inline void RunRows(int isa, const P& p, int64_t r0, int64_t r1) {
-#if BITNET_TERNARY_X86
-  switch (isa) {
-    case kAvx512Vnni: RunAvx512Vnni(p, r0, r1); return;
-#if BITNET_TERNARY_AVXVNNI
-    case kAvxVnni: RunAvxVnni(p, r0, r1); return;
-#endif
-    case kAvx2: RunAvx2(p, r0, r1); return;
-    default: break;
-  }
-#else
-  (void)isa;
-#endif
-  RunScalar(p, r0, r1);
-}
-
 // Per-token activation sums, subtracted at the end because the codes are t+1.
 inline void RowSums(const int8_t* x, int64_t m, int64_t i, int32_t* xsum) {
   for (int64_t mm = 0; mm < m; ++mm) {
@@ -408,4 +288,4 @@ inline void RowSums(const int8_t* x, int64_t m, int64_t i, int32_t* xsum) {
 
 }  // namespace bitnet_ternary
 
-#endif  // BITNET_JAX_KERNELS_TERNARY_CPU_H_
+#endif  // BITNET_JAX_KERNELS_CPU_TERNARY_PATHS_H_

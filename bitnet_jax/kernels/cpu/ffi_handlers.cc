@@ -1,36 +1,32 @@
-// XLA FFI handlers for bitnet_jax's CPU kernels:
+// XLA FFI handlers for bitnet_jax's CPU kernels, and the C entry points library.py calls:
 //
-//   bitnet_ternary_matmul  packed ternary x int8 matmul, one or several weights (ternary_cpu.h)
+//   bitnet_ternary_matmul  packed ternary x int8 matmul, one or several weights (ternary_paths.h)
 //   bitnet_int8_matmul     int8 x int8 LM head (int8_cpu.h)
-//   bitnet_attention       attention over the stacked float32 KV cache (attention_cpu.h)
+//   bitnet_attention       attention over one layer of the stacked KV cache (attention_cpu.h)
 //
 // Built by setup.py against the FFI headers shipped in jaxlib (jax.ffi.include_dir()) into
-// bitnet_jax/kernels/_ternary_cpu*.so, loaded with ctypes and registered as CPU targets by
-// bitnet_jax/kernels/cpu_ffi.py (jax-notes §2.2).
-//
-// Threading: each handler takes XLA's intra-op thread pool from the call context, schedules
-// workers that pull chunks of rows from an atomic counter, runs one worker itself, and
-// returns an ffi::Future that a CountDownPromise completes when the last worker finishes.
-// Nothing ever waits on another task, so a pool thread is never blocked (the Eigen-pool
-// deadlock of jax-notes §2.2 pitfall 2), and no OpenMP competes with XLA for the cores.
+// bitnet_jax/kernels/cpu/_ternary_cpu*.so, loaded with ctypes and registered as CPU targets by
+// bitnet_jax/kernels/cpu/library.py (jax-notes §2.2). The handlers check shapes and run the
+// kernels on XLA's thread pool (ffi_runtime.h); the ISA path (isa.h) is one process-wide choice.
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "attention_cpu.h"
+#include "ffi_runtime.h"
 #include "int8_cpu.h"
-#include "ternary_cpu.h"
+#include "isa.h"
+#include "ternary_paths.h"
 #include "xla/ffi/api/ffi.h"
 
 // jaxlib whose FFI headers this was compiled against (set by setup.py). XLA runs handlers
-// built with older FFI headers, not newer ones, so cpu_ffi.py refuses a newer build jaxlib.
+// built with older FFI headers, not newer ones, so library.py refuses a newer build jaxlib.
 #ifndef BITNET_JAXLIB_VERSION
 #define BITNET_JAXLIB_VERSION "unknown"
 #endif
@@ -38,6 +34,12 @@
 namespace ffi = xla::ffi;
 namespace bt = bitnet_ternary;
 namespace ba = bitnet_attention;
+using bitnet_ffi::ChunkRows;
+using bitnet_ffi::Dims;
+using bitnet_ffi::Job;
+using bitnet_ffi::ReadyFuture;
+using bitnet_ffi::Run;
+using bitnet_ffi::Same;
 
 namespace {
 
@@ -57,92 +59,6 @@ int InitialIsa() {
 }
 
 std::atomic<int> g_isa{InitialIsa()};
-
-// Work below this many weight-byte x token products runs on the calling thread alone:
-// scheduling costs a few microseconds, more than such a call takes.
-constexpr int64_t kMinParallelWork = int64_t{1} << 18;
-// A parallel call cuts its rows into at least kSplit contiguous chunks per worker: long runs of
-// consecutive rows stream better than 16 KiB pieces (the LM head: ~20 -> ~27 GB/s with 2
-// threads here), and 8 per worker still balances the load when one thread starts late.
-constexpr int64_t kSplit = 8;
-
-// Rows per work item at least: about 16 KiB of weights (Run may make items larger).
-int64_t ChunkRows(int64_t i, int64_t r) {
-  int64_t rows = std::max<int64_t>(4, (int64_t{16} << 10) / std::max<int64_t>(i, 1));
-  return std::min(rows, std::max<int64_t>(r, 1));
-}
-
-// One call's work split into chunks of weight rows; `rows(r0, r1)` computes rows [r0, r1).
-// Owns whatever the rows read besides the XLA buffers (activation sums, |x|).
-struct Job {
-  std::function<void(int64_t, int64_t)> rows;
-  std::vector<int32_t> xsum;
-  std::vector<uint8_t> xabs;
-  int64_t r = 0, chunk_rows = 1, num_chunks = 0;
-  std::atomic<int64_t> next{0};
-  ffi::CountDownPromise done;
-};
-
-void Worker(const std::shared_ptr<Job>& job) {
-  for (;;) {
-    const int64_t c = job->next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= job->num_chunks) break;
-    const int64_t r0 = c * job->chunk_rows;
-    job->rows(r0, std::min(job->r, r0 + job->chunk_rows));
-  }
-  job->done.CountDown();
-}
-
-ffi::Future ReadyFuture(ffi::Error error = ffi::Error::Success()) {
-  ffi::Promise promise;
-  ffi::Future future(promise);
-  if (error.success()) {
-    promise.SetAvailable();
-  } else {
-    promise.SetError(std::move(error));
-  }
-  return future;
-}
-
-// Run job->rows over [0, r) in chunks of chunk_rows on the calling thread and, when `work`
-// (about the bytes touched) is big enough, on XLA's pool. Workers pull chunks from an atomic
-// counter; the calling thread works too instead of waiting.
-ffi::Future Run(ffi::ThreadPool& pool, std::shared_ptr<Job> job, int64_t r, int64_t chunk_rows,
-                int64_t work) {
-  job->r = r;
-  job->chunk_rows = chunk_rows;
-  job->num_chunks = (r + job->chunk_rows - 1) / job->chunk_rows;
-  int64_t workers = 1;
-  if (work >= kMinParallelWork) {
-    workers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), job->num_chunks);
-    const int64_t split = (r + workers * kSplit - 1) / (workers * kSplit);
-    if (split > job->chunk_rows) {
-      job->chunk_rows = split;
-      job->num_chunks = (r + split - 1) / split;
-    }
-  }
-  if (workers <= 1) {
-    job->rows(0, r);
-    return ReadyFuture();
-  }
-  job->done = ffi::CountDownPromise(workers);
-  ffi::Future future(job->done);  // before any worker can complete the promise
-  for (int64_t w = 1; w < workers; ++w) {
-    pool.Schedule([job] { Worker(job); });
-  }
-  Worker(job);
-  return future;
-}
-
-std::string Dims(ffi::Span<const int64_t> d) {
-  std::string out = "[";
-  for (size_t k = 0; k < d.size(); ++k) out += (k ? ", " : "") + std::to_string(d[k]);
-  return out + "]";
-}
-
-bool Same(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
-  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
-}
 
 // x [M, I] int8 and a layer index (int32 scalar), then n >= 1 weights, each packed [O_j/4, I]
 // or stacked [L, O_j/4, I] (matrix `layer` is used; layer must be 0 for 2-D weights) -> n
@@ -323,7 +239,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetInt8Matmul, Int8Matmul,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
 
-// Plain C entry points for ctypes (cpu_ffi.py): kernel path introspection and selection.
+// Plain C entry points for ctypes (library.py): kernel path introspection and selection.
 extern "C" {
 
 __attribute__((visibility("default"))) int bitnet_ternary_abi_version() { return 2; }

@@ -1,0 +1,117 @@
+// How the XLA FFI handlers (ffi_handlers.cc) run a kernel on XLA's intra-op thread pool.
+//
+// Each handler takes the pool from the call context, describes its work as rows [0, r) and a
+// function that computes rows [r0, r1), and calls Run(): workers pull chunks of rows from an
+// atomic counter, the calling thread runs one worker itself, and the returned ffi::Future is
+// completed by a CountDownPromise when the last worker finishes. Nothing ever waits on another
+// task, so a pool thread is never blocked (the Eigen-pool deadlock of jax-notes §2.2 pitfall 2),
+// and no OpenMP competes with XLA for the cores.
+
+#ifndef BITNET_JAX_KERNELS_CPU_FFI_RUNTIME_H_
+#define BITNET_JAX_KERNELS_CPU_FFI_RUNTIME_H_
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace bitnet_ffi {
+
+namespace ffi = xla::ffi;
+
+// Work below this many weight-byte x token products runs on the calling thread alone:
+// scheduling costs a few microseconds, more than such a call takes.
+constexpr int64_t kMinParallelWork = int64_t{1} << 18;
+// A parallel call cuts its rows into at least kSplit contiguous chunks per worker: long runs of
+// consecutive rows stream better than 16 KiB pieces (the LM head: ~20 -> ~27 GB/s with 2
+// threads here), and 8 per worker still balances the load when one thread starts late.
+constexpr int64_t kSplit = 8;
+
+// Rows per work item at least: about 16 KiB of weights (Run may make items larger).
+inline int64_t ChunkRows(int64_t i, int64_t r) {
+  int64_t rows = std::max<int64_t>(4, (int64_t{16} << 10) / std::max<int64_t>(i, 1));
+  return std::min(rows, std::max<int64_t>(r, 1));
+}
+
+// One call's work split into chunks of rows; `rows(r0, r1)` computes rows [r0, r1). Owns
+// whatever the rows read besides the XLA buffers (activation sums, |x|).
+struct Job {
+  std::function<void(int64_t, int64_t)> rows;
+  std::vector<int32_t> xsum;
+  std::vector<uint8_t> xabs;
+  int64_t r = 0, chunk_rows = 1, num_chunks = 0;
+  std::atomic<int64_t> next{0};
+  ffi::CountDownPromise done;
+};
+
+inline void Worker(const std::shared_ptr<Job>& job) {
+  for (;;) {
+    const int64_t c = job->next.fetch_add(1, std::memory_order_relaxed);
+    if (c >= job->num_chunks) break;
+    const int64_t r0 = c * job->chunk_rows;
+    job->rows(r0, std::min(job->r, r0 + job->chunk_rows));
+  }
+  job->done.CountDown();
+}
+
+inline ffi::Future ReadyFuture(ffi::Error error = ffi::Error::Success()) {
+  ffi::Promise promise;
+  ffi::Future future(promise);
+  if (error.success()) {
+    promise.SetAvailable();
+  } else {
+    promise.SetError(std::move(error));
+  }
+  return future;
+}
+
+// Run job->rows over [0, r) in chunks of chunk_rows on the calling thread and, when `work`
+// (about the bytes touched) is big enough, on XLA's pool. Workers pull chunks from an atomic
+// counter; the calling thread works too instead of waiting.
+inline ffi::Future Run(ffi::ThreadPool& pool, std::shared_ptr<Job> job, int64_t r,
+                       int64_t chunk_rows, int64_t work) {
+  job->r = r;
+  job->chunk_rows = chunk_rows;
+  job->num_chunks = (r + job->chunk_rows - 1) / job->chunk_rows;
+  int64_t workers = 1;
+  if (work >= kMinParallelWork) {
+    workers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), job->num_chunks);
+    const int64_t split = (r + workers * kSplit - 1) / (workers * kSplit);
+    if (split > job->chunk_rows) {
+      job->chunk_rows = split;
+      job->num_chunks = (r + split - 1) / split;
+    }
+  }
+  if (workers <= 1) {
+    job->rows(0, r);
+    return ReadyFuture();
+  }
+  job->done = ffi::CountDownPromise(workers);
+  ffi::Future future(job->done);  // before any worker can complete the promise
+  for (int64_t w = 1; w < workers; ++w) {
+    pool.Schedule([job] { Worker(job); });
+  }
+  Worker(job);
+  return future;
+}
+
+// "[2, 3]" for error messages.
+inline std::string Dims(ffi::Span<const int64_t> d) {
+  std::string out = "[";
+  for (size_t k = 0; k < d.size(); ++k) out += (k ? ", " : "") + std::to_string(d[k]);
+  return out + "]";
+}
+
+inline bool Same(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+}
+
+}  // namespace bitnet_ffi
+
+#endif  // BITNET_JAX_KERNELS_CPU_FFI_RUNTIME_H_

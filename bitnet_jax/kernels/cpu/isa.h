@@ -1,0 +1,151 @@
+// Instruction-set paths of the CPU matmul kernels: detection, selection, the loop skeleton that
+// every path runs on, and the dispatcher.
+//
+// The matmul kernels (ternary_paths.h: packed ternary x int8; int8_cpu.h: int8 x int8 LM head)
+// each provide one row function per path and one Run* overload per path for their problem type:
+//
+//   scalar      portable C++ the compiler auto-vectorises (any CPU)
+//   avx2        maddubs, 256-bit
+//   avxvnni     vpdpbusd, 256-bit (Alder Lake+, Zen 5)
+//   avx512vnni  vpdpbusd, 512-bit (Ice Lake+, Zen 4+)
+//
+// RunRows() below picks the overload for the path in use. Every SIMD function carries a target
+// attribute (BITNET_AVX2 / BITNET_AVXVNNI / BITNET_AVX512): the shared object is built without
+// -m flags, runs on any x86-64, and picks a path at run time. The attributes are overridable so
+// that tests/test_kernels_emulated.py can build every path with SIMDe's portable intrinsics.
+//
+// No FFI dependency: the kernels compile on their own (ffi_handlers.cc adds the XLA handlers).
+
+#ifndef BITNET_JAX_KERNELS_CPU_ISA_H_
+#define BITNET_JAX_KERNELS_CPU_ISA_H_
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define BITNET_TERNARY_X86 1
+#include <immintrin.h>
+#else
+#define BITNET_TERNARY_X86 0
+#endif
+
+// AVX-VNNI intrinsics and cpuid name arrived in GCC 11 and Clang 12; older compilers skip the path.
+#if BITNET_TERNARY_X86 && ((defined(__clang__) && __clang_major__ >= 12) || \
+                           (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define BITNET_TERNARY_AVXVNNI 1
+#else
+#define BITNET_TERNARY_AVXVNNI 0
+#endif
+
+#if BITNET_TERNARY_X86 && !defined(BITNET_AVX2)
+#define BITNET_AVX2 __attribute__((target("avx2")))
+#define BITNET_AVXVNNI __attribute__((target("avx2,avxvnni")))
+#define BITNET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#endif
+
+namespace bitnet_ternary {
+
+// Kernel paths, best last. The numbers are the ABI of bitnet_ternary_set_isa() (library.py ISAS).
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3 };
+
+inline const char* IsaName(int isa) {
+  switch (isa) {
+    case kScalar: return "scalar";
+    case kAvx2: return "avx2";
+    case kAvxVnni: return "avxvnni";
+    case kAvx512Vnni: return "avx512vnni";
+    default: return "unknown";
+  }
+}
+
+// True if this CPU (and OS, which must save the wider registers) can run path `isa`.
+inline bool IsaSupported(int isa) {
+  switch (isa) {
+    case kScalar: return true;
+#if BITNET_TERNARY_X86
+    case kAvx2: return __builtin_cpu_supports("avx2");
+    case kAvxVnni:
+#if BITNET_TERNARY_AVXVNNI
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avxvnni");
+#else
+      return false;
+#endif
+    case kAvx512Vnni:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vnni");
+#endif
+    default: return false;
+  }
+}
+
+inline int BestIsa() {
+  for (int isa = kAvx512Vnni; isa > kScalar; --isa) {
+    if (IsaSupported(isa)) return isa;
+  }
+  return kScalar;
+}
+
+#if BITNET_TERNARY_X86
+// Software prefetch distance in bytes of weights. Rows are contiguous, so this runs into the next
+// row; it helped decode from DRAM by ~10-15% on Zen 3 (best of noisy runs), and prefetching past
+// the end of the buffer is harmless (prefetches never fault).
+constexpr int64_t kPrefetch = 2048;
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Loop skeleton. A problem P has m tokens, i columns and r weight rows; one Run* call computes
+// weight rows [r0, r1) for every token, so threads split the work along weight rows.
+
+// Rows per cache tile: the tile's weight bytes stay in L2 while every block of MB tokens streams
+// over it, so the weights come from memory once per call whatever M is.
+inline int64_t TileRows(int64_t i) {
+  return std::max<int64_t>(1, (int64_t{96} << 10) / std::max<int64_t>(i, 1));
+}
+
+// Tokens [m0, m1) over rows [t0, t1) in blocks of MB tokens; the remainder recurses to MB-1.
+template <int MB, template <int> class RowFn, class P>
+inline void RunTokens(const P& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
+  for (; m0 + MB <= m1; m0 += MB) {
+    for (int64_t row = t0; row < t1; ++row) RowFn<MB>::Run(p, m0, row);
+  }
+  if constexpr (MB > 1) {
+    if (m0 < m1) RunTokens<MB - 1, RowFn>(p, m0, m1, t0, t1);
+  }
+}
+
+// Tiles of rows, blocks of MB tokens inside a tile, rows inside a block. RowFn<B>::Run(p, m0,
+// row) computes one weight row for the B consecutive tokens m0..m0+B-1.
+template <int MB, template <int> class RowFn, class P>
+inline void RunTiled(const P& p, int64_t r0, int64_t r1) {
+  const int64_t tile = p.m <= MB ? r1 - r0 : TileRows(p.i);
+  for (int64_t t0 = r0; t0 < r1; t0 += tile) {
+    RunTokens<MB, RowFn>(p, 0, p.m, t0, std::min(r1, t0 + tile));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatcher: weight rows [r0, r1) of problem p for every token with path `isa` (which must be
+// supported). The Run* overloads of each problem type (Problem in ternary_paths.h, Int8Problem in
+// int8_cpu.h) live in this namespace and are found by argument-dependent lookup when this is
+// instantiated, so a kernel only has to define them.
+template <class P>
+inline void RunRows(int isa, const P& p, int64_t r0, int64_t r1) {
+#if BITNET_TERNARY_X86
+  switch (isa) {
+    case kAvx512Vnni: RunAvx512Vnni(p, r0, r1); return;
+#if BITNET_TERNARY_AVXVNNI
+    case kAvxVnni: RunAvxVnni(p, r0, r1); return;
+#endif
+    case kAvx2: RunAvx2(p, r0, r1); return;
+    default: break;
+  }
+#else
+  (void)isa;
+#endif
+  RunScalar(p, r0, r1);
+}
+
+}  // namespace bitnet_ternary
+
+#endif  // BITNET_JAX_KERNELS_CPU_ISA_H_
