@@ -15,12 +15,13 @@ from bitnet_jax.cli import common
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.formats.gguf.reader import read_gguf
 from bitnet_jax.model.config import load_config
-from bitnet_jax.runtime.benchmark import benchmark
+from bitnet_jax.runtime.benchmark import benchmark, check_fits
 from bitnet_jax.runtime.generate import MAX_BATCH  # larger batches would run as several calls
+from bitnet_jax.cli.parser import CommandParser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> CommandParser:
+    parser = CommandParser(
         prog="bitnet-jax bench",
         description="Time prefill and decode on random prompts after a warm-up run (compile "
                     "time is reported separately). --prompt-tokens + --gen-tokens must fit in "
@@ -41,8 +42,10 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     path = common.resolve_model(args.model)
     # Checked here before the weights load, when the header tells the context cheaply; the
-    # runtime's benchmark() checks it again (with the same CLI wording) in any case.
-    _check_context(args, _peek_context(path))
+    # runtime's benchmark() runs the same check_fits after loading in any case.
+    context = _peek_context(path)
+    if context is not None:
+        check_fits(args.prompt_tokens, args.gen_tokens, context)
     model = common.load_model_from_args(args)
     policy = common.run_policy(args, model)
     stats = benchmark(model, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
@@ -71,17 +74,6 @@ def _batch(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer from 1 to {MAX_BATCH}, "
                                          f"got {text!r}")
     return value
-
-
-def _check_context(args: argparse.Namespace, context: int | None) -> None:
-    if context is None:
-        return
-    need = args.prompt_tokens + args.gen_tokens
-    if need > context:
-        raise BitNetError(
-            f"--prompt-tokens {args.prompt_tokens} + --gen-tokens {args.gen_tokens} = {need} "
-            f"tokens do not fit in the model's context of {context} tokens "
-            f"(max_position_embeddings); lower them so that their sum is at most {context}.")
 
 
 def _peek_context(path: Path) -> int | None:

@@ -11,6 +11,15 @@ from bitnet_jax.runtime.placement import describe, resolve_device, resolve_polic
 from bitnet_jax.runtime.sampling import SamplingParams
 
 
+def check_fits(prompt_tokens: int, gen_tokens: int, context: int) -> None:
+    """Refuse a benchmark whose prompt plus generated tokens exceed the model's context."""
+    if prompt_tokens + gen_tokens > context:
+        where = (f"{prompt_tokens} prompt + {gen_tokens} generated tokens do not fit the model's "
+                 f"{context}-token context (max_position_embeddings); ")
+        raise GenerationError(where + "lower prompt_tokens or gen_tokens.",
+                              cli_message=where + "lower --prompt-tokens or --gen-tokens.")
+
+
 def benchmark(model, *, prompt_tokens: int = 128, gen_tokens: int = 64, batch: int = 1,
               backend: str = "auto", policy=None, seed: int = 0) -> dict:
     """Measure prefill and decode throughput on random prompts, after a warm-up run.
@@ -19,12 +28,7 @@ def benchmark(model, *, prompt_tokens: int = 128, gen_tokens: int = 64, batch: i
       A dict with prefill_tokens_per_s, decode_tokens_per_s (all rows together), the seconds
       behind them, compile_s (from the warm-up run), batch, the token counts and the device.
     """
-    context = model.config.max_position_embeddings
-    if prompt_tokens + gen_tokens > context:
-        where = (f"{prompt_tokens} prompt + {gen_tokens} generated tokens do not fit the model's "
-                 f"{context}-token context (max_position_embeddings); ")
-        raise GenerationError(where + "lower prompt_tokens or gen_tokens.",
-                              cli_message=where + "lower --prompt-tokens or --gen-tokens.")
+    check_fits(prompt_tokens, gen_tokens, model.config.max_position_embeddings)
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, model.config.vocab_size, (batch, prompt_tokens)).tolist()
     kwargs = dict(max_new_tokens=gen_tokens, sampling=SamplingParams(temperature=0.0),
