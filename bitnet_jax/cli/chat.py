@@ -7,7 +7,6 @@ session (Ctrl-C at the prompt quits).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from bitnet_jax.cli import common
@@ -15,10 +14,11 @@ from bitnet_jax.cli.infer import print_stream
 from bitnet_jax.cli.main import error_message
 from bitnet_jax.errors import CheckpointError, GenerationError
 from bitnet_jax.runtime.generate import stream
+from bitnet_jax.cli.parser import CommandParser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> CommandParser:
+    parser = CommandParser(
         prog="bitnet-jax chat",
         description="Chat in the terminal. /reset clears the conversation; /exit or Ctrl-D "
                     "quits; Ctrl-C stops a reply.")

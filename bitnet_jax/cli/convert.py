@@ -6,7 +6,6 @@ output is written to DST.partial and renamed when complete, so a failed run leav
 
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
 from pathlib import Path
@@ -14,10 +13,11 @@ from pathlib import Path
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.formats.gguf.write import QTYPES, write_model_gguf
 from bitnet_jax.formats.loader import load_model
+from bitnet_jax.cli.parser import CommandParser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> CommandParser:
+    parser = CommandParser(
         prog="bitnet-jax convert",
         description="Convert an HF BitNet/Llama folder or a GGUF file to GGUF.")
     parser.add_argument("src", metavar="SRC", help="HF model folder or .gguf file")

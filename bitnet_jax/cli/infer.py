@@ -12,10 +12,11 @@ import sys
 from bitnet_jax.cli import common
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.runtime.generate import stream
+from bitnet_jax.cli.parser import CommandParser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> CommandParser:
+    parser = CommandParser(
         prog="bitnet-jax infer",
         description="Stream a continuation of a prompt to stdout (statistics go to stderr).")
     common.add_model_args(parser)

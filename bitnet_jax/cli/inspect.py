@@ -6,14 +6,14 @@ Imported as bitnet_jax.cli.inspect, so it does not shadow the standard library's
 
 from __future__ import annotations
 
-import argparse
 
 from bitnet_jax.formats.gguf.describe import describe
 from bitnet_jax.formats.gguf.reader import read_gguf
+from bitnet_jax.cli.parser import CommandParser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bitnet-jax inspect",
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="bitnet-jax inspect",
                                      description="Show what a GGUF file holds.")
     parser.add_argument("file", metavar="FILE", help=".gguf file")
     return parser

@@ -7,7 +7,7 @@ This is the only place that turns errors into output and exit codes:
   2    bad arguments: one line `error: <message> (see `bitnet-jax CMD --help`)` on stderr
   130  Ctrl-C, at any moment, with no traceback
 
-Only the standard library and bitnet_jax.errors are imported here, and each command module is
+Only the standard library, bitnet_jax.errors and cli/parser.py are imported here; each command is
 imported inside main()'s try block, so `--version` answers at once and Ctrl-C while JAX is
 still importing exits quietly too. stdout carries only a command's output (generated text, or
 one JSON line for `bench --json`); statistics and messages go to stderr.
@@ -15,8 +15,6 @@ one JSON line for `bench --json`); statistics and messages go to stderr.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import gc
 import importlib
 import os
@@ -25,9 +23,11 @@ import sys
 import threading
 
 import bitnet_jax
+from bitnet_jax.cli.parser import usage_error
 from bitnet_jax.errors import BitNetError
 
-# Command name -> one-line help. Each lives in bitnet_jax/cli/<name>.py as main(argv) -> int.
+# Command name -> one-line help. Each lives in bitnet_jax/cli/<name>.py as main(argv) -> int and
+# parses its arguments with cli/parser.py's CommandParser (argument errors: one line, exit 2).
 COMMANDS = {
     "infer": "generate text from a prompt (alias: generate)",
     "chat": "interactive multi-turn chat",
@@ -82,7 +82,7 @@ def error_message(exc: BaseException) -> str:
 
 def _run(argv: list[str]) -> int:
     if not argv:
-        return _usage_error("no command given; choose one of " + ", ".join(COMMANDS), "bitnet-jax")
+        return usage_error("no command given; choose one of " + ", ".join(COMMANDS), "bitnet-jax")
     first = argv[0]
     if first in ("-V", "--version"):
         print(f"bitnet-jax {bitnet_jax.__version__}")
@@ -94,14 +94,10 @@ def _run(argv: list[str]) -> int:
     if name not in COMMANDS:
         what = f"unknown option {first!r}" if first.startswith("-") else \
             f"unknown command {first!r}"
-        return _usage_error(f"{what}; choose one of {', '.join(COMMANDS)}", "bitnet-jax")
+        return usage_error(f"{what}; choose one of {', '.join(COMMANDS)}", "bitnet-jax")
     try:
-        with _one_line_usage_errors():
-            command = _import(name)
-            return command.main(argv[1:]) or 0
-    except _UsageError as exc:
-        return _usage_error(exc.message, exc.prog)
-    except SystemExit as exc:  # argparse after --help, or a command that exits itself
+        return _import(name).main(argv[1:]) or 0
+    except SystemExit as exc:  # argparse (--help: 0; argument errors, already one line: 2)
         return _exit_code(exc)
     except BitNetError as exc:
         _say(f"error: {error_message(exc)}")
@@ -133,35 +129,6 @@ def _help() -> str:
               "  -V, --version  print the version and exit", "",
               "`bitnet-jax COMMAND --help` shows a command's options."]
     return "\n".join(lines)
-
-
-class _UsageError(Exception):
-    def __init__(self, message: str, prog: str):
-        super().__init__(message)
-        self.message, self.prog = message, prog
-
-
-@contextlib.contextmanager
-def _one_line_usage_errors():
-    """Make every argparse parser raise _UsageError instead of printing usage and exiting.
-
-    The command modules build their own parsers; patching the class for the duration of the
-    command is what lets this module print each argument error as one line.
-    """
-    def error(parser, message):
-        raise _UsageError(message, parser.prog)
-
-    saved = argparse.ArgumentParser.error
-    argparse.ArgumentParser.error = error
-    try:
-        yield
-    finally:
-        argparse.ArgumentParser.error = saved
-
-
-def _usage_error(message: str, prog: str) -> int:
-    _say(f"error: {message} (see `{prog} --help`)")
-    return 2
 
 
 def _exit_code(exc: SystemExit) -> int:

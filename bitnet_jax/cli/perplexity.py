@@ -6,7 +6,6 @@ mean NLL (nats), perplexity, bits per token and seconds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -18,6 +17,7 @@ from bitnet_jax.errors import ConfigError
 from bitnet_jax.formats.loader import load_model
 from bitnet_jax.model.policy import POLICIES
 from bitnet_jax.train.perplexity import strided_nll
+from bitnet_jax.cli.parser import CommandParser
 
 DEFAULT_CONTEXT = 1024  # capped at the model's max_position_embeddings
 
@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     Returns:
       0. User errors raise BitNetError; bad arguments (e.g. --stride 0) exit 2 (argparse).
     """
-    parser = argparse.ArgumentParser(prog="bitnet-jax perplexity",
+    parser = CommandParser(prog="bitnet-jax perplexity",
                                      description="Strided perplexity of a model on a text file.")
     common.add_model_argument(parser)
     parser.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file")

@@ -12,10 +12,11 @@ import re
 
 from bitnet_jax.cli import common
 from bitnet_jax.formats.tokenizer import load_tokenizer
+from bitnet_jax.cli.parser import CommandParser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> CommandParser:
+    parser = CommandParser(
         prog="bitnet-jax tokenize",
         description="Show how a model's tokenizer encodes a text into token ids, or decode "
                     "token ids back into text.")

@@ -6,13 +6,13 @@ this module always works, and main() raises a BitNetError naming the extra.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import warnings
 
 from bitnet_jax.cli import common
 from bitnet_jax.errors import BitNetError
+from bitnet_jax.cli.parser import CommandParser
 
 TRAIN_EXTRA = ("optax", "flax")
 INSTALL_HINT = "pip install 'bitnet-jax[train]'"
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
     Returns:
       0. User errors raise BitNetError; bad arguments exit 2 (argparse).
     """
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="bitnet-jax train", description="Quantisation-aware training of a BitNet model.",
         epilog="Any run-config field can be overridden as --field=value (e.g. --steps=200).",
         allow_abbrev=False)  # so --no/--stop are never taken for our own flags
