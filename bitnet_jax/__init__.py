@@ -14,9 +14,10 @@ The names are imported on first use (PEP 562), so `import bitnet_jax` does not i
 
 from __future__ import annotations
 
-import importlib
+from bitnet_jax._lazy import lazy_exports
 
 _EXPORTS = {
+    "__version__": "bitnet_jax._version",
     "BitNetError": "bitnet_jax.errors",
     "DEFAULT_MODEL": "bitnet_jax.formats.base",
     "Model": "bitnet_jax.formats.base",
@@ -41,30 +42,5 @@ _EXPORTS = {
     "load_tokenizer": "bitnet_jax.formats.tokenizer",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
-
-
-def _version() -> str:
-    # Deferred: importlib.metadata costs ~25 ms, most of `bitnet-jax`'s start before Ctrl-C works.
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("bitnet-jax")
-    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
-        return "0+unknown"
-
-
-def __getattr__(name: str):
-    if name == "__version__":
-        globals()[name] = _version()
-        return globals()[name]
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bitnet_jax' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS) | {"__version__"})
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -19,47 +19,35 @@ The names below are imported on first use (PEP 562), as in `bitnet_jax`: the cor
 
 from __future__ import annotations
 
-import importlib
+from bitnet_jax._lazy import lazy_exports
 
 _EXPORTS = {
-    "TrainConfig": "config",
-    "config_from_dict": "config",
-    "load_train_config": "config",
-    "parse_overrides": "config",
-    "batch_at": "data",
-    "eval_windows": "data",
-    "load_tokens": "data",
-    "eval_step": "perplexity",
-    "evaluate": "perplexity",
-    "strided_nll": "perplexity",
-    "token_nll": "perplexity",
-    "STATE_FILE": "state",
-    "export": "state",
-    "latent_from_ternary": "state",
-    "load_state": "state",
-    "model_for": "state",
-    "save_state": "state",
-    "LossPlot": "plot",
-    "plot_metrics": "plot",
-    "METRICS_FILE": "loop",
-    "loss_fn": "loop",
-    "make_optimizer": "loop",
-    "optimizer_for": "loop",
-    "train": "loop",
-    "train_step": "loop",
+    "TrainConfig": "bitnet_jax.train.config",
+    "config_from_dict": "bitnet_jax.train.config",
+    "load_train_config": "bitnet_jax.train.config",
+    "parse_overrides": "bitnet_jax.train.config",
+    "batch_at": "bitnet_jax.train.data",
+    "eval_windows": "bitnet_jax.train.data",
+    "load_tokens": "bitnet_jax.train.data",
+    "eval_step": "bitnet_jax.train.perplexity",
+    "evaluate": "bitnet_jax.train.perplexity",
+    "strided_nll": "bitnet_jax.train.perplexity",
+    "token_nll": "bitnet_jax.train.perplexity",
+    "STATE_FILE": "bitnet_jax.train.state",
+    "export": "bitnet_jax.train.state",
+    "latent_from_ternary": "bitnet_jax.train.state",
+    "load_state": "bitnet_jax.train.state",
+    "model_for": "bitnet_jax.train.state",
+    "save_state": "bitnet_jax.train.state",
+    "LossPlot": "bitnet_jax.train.plot",
+    "plot_metrics": "bitnet_jax.train.plot",
+    "METRICS_FILE": "bitnet_jax.train.loop",
+    "loss_fn": "bitnet_jax.train.loop",
+    "make_optimizer": "bitnet_jax.train.loop",
+    "optimizer_for": "bitnet_jax.train.loop",
+    "train": "bitnet_jax.train.loop",
+    "train_step": "bitnet_jax.train.loop",
 }
 
 __all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the keys of _EXPORTS, all strings)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bitnet_jax.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
