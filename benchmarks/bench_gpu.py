@@ -346,7 +346,7 @@ def cmd_decode(args) -> None:
                     @jax.jit
                     def prefill(params, prompt):
                         cache = init_cache(cfg, batch, length, policy.compute)
-                        h, cache = apply(params, prompt, cfg, policy, cache=cache, index=0)
+                        h, cache = apply(params, prompt, cfg, policy, cache=cache)
                         tok = jnp.argmax(unembed(params, h[:, -1], cfg, policy), -1)
                         return tok.astype(jnp.int32), cache
 
@@ -355,7 +355,7 @@ def cmd_decode(args) -> None:
                         def step(carry, _):
                             tok, cache, index = carry
                             h, cache = apply(params, tok[:, None], cfg, policy, cache=cache,
-                                             index=index)
+                                             pos=jnp.full((batch,), index, jnp.int32))
                             nxt = jnp.argmax(unembed(params, h[:, -1], cfg, policy), -1)
                             return (nxt.astype(jnp.int32), cache, index + 1), nxt
 

@@ -115,7 +115,7 @@ plt.show()
 t = tokens.shape[1]
 positions = jnp.arange(t, dtype=jnp.int32)[None, :]
 cos, sin = layers.rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
-mask = attention_mask(jnp.zeros((1,), jnp.int32), jnp.int32(0), t, t)
+mask = attention_mask(jnp.zeros((1,), jnp.int32), t, t)
 x1, _ = M.block(p0, x, cos, sin, mask, cfg, policy)  # [1, T, D]: layer 0's output
 
 # Cross-check: running a one-layer slice of the params through the scanned model gives the same.

@@ -123,6 +123,23 @@ def tiny_packed_params(tiny_cfg, tiny_params):
 
 
 @pytest.fixture(scope="session")
+def chat_model(tiny_cfg, tiny_packed_params):
+    """The tiny packed model with peaked logits and a character tokenizer (tiny_chat.py)."""
+    from bitnet_jax.formats.base import Model
+    from tiny_chat import char_tokenizer, peaked
+
+    return Model(tiny_cfg, peaked(tiny_packed_params), char_tokenizer())
+
+
+@pytest.fixture(scope="session")
+def greedy_reference(tiny_cfg):
+    """run(params, prompt, n, eos=()): greedy tokens from uncached forward passes."""
+    from tiny_chat import greedy_reference as build
+
+    return build(tiny_cfg)
+
+
+@pytest.fixture(scope="session")
 def tiny_float_cfg(tiny_cfg):
     """The tiny shapes as a plain float Llama (no quantisation, no sub-norms, SiLU)."""
     return tiny_cfg.replace(quant_method=None, use_sub_norms=False, hidden_act="silu",

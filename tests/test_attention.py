@@ -22,28 +22,27 @@ jit_attention = jax.jit(lambda *a: attention(*a)[0], static_argnums=(5, 6))
 
 
 def test_causal_mask_literal():
-    mask = attention_mask(jnp.asarray([0]), jnp.int32(0), 4, 4)
+    mask = attention_mask(jnp.asarray([0]), 4, 4)
     assert np.asarray(mask, int).tolist() == [[[1, 0, 0, 0],
                                                [1, 1, 0, 0],
                                                [1, 1, 1, 0],
                                                [1, 1, 1, 1]]]
 
 
-def test_left_padded_mask_literal():
-    # Row 1 starts at slot 2: its padding slots are never attended, and padding queries see
-    # nothing at all (they are fully masked; their outputs are ignored).
-    mask = attention_mask(jnp.asarray([0, 2]), jnp.int32(0), 4, 4)
-    assert np.asarray(mask, int)[1].tolist() == [[0, 0, 0, 0],
-                                                 [0, 0, 0, 0],
-                                                 [0, 0, 1, 0],
-                                                 [0, 0, 1, 1]]
+def test_ragged_rows_mask_literal():
+    # Every slot's sequence starts at position 0; row 1 is two tokens further along than row 0.
+    mask = attention_mask(jnp.asarray([0, 2]), 2, 5)
+    assert np.asarray(mask, int).tolist() == [[[1, 0, 0, 0, 0],
+                                               [1, 1, 0, 0, 0]],
+                                              [[1, 1, 1, 0, 0],
+                                               [1, 1, 1, 1, 0]]]
 
 
 def test_decode_mask_literal():
-    # Two new tokens written at slots 3 and 4 of a 6-slot cache, row starting at slot 1.
-    mask = attention_mask(jnp.asarray([1]), jnp.int32(3), 2, 6)
-    assert np.asarray(mask, int).tolist() == [[[0, 1, 1, 1, 0, 0],
-                                               [0, 1, 1, 1, 1, 0]]]
+    # Two new tokens at positions 3 and 4 of a 6-position cache row.
+    mask = attention_mask(jnp.asarray([3]), 2, 6)
+    assert np.asarray(mask, int).tolist() == [[[1, 1, 1, 1, 0, 0],
+                                               [1, 1, 1, 1, 1, 0]]]
 
 
 def test_init_cache_layout(tiny_cfg):
@@ -88,7 +87,7 @@ def test_gqa_attention_matches_numpy(tiny_cfg, tiny_float_params, tiny_params, r
     x = rng.normal(size=(3, 7, 32)).astype(np.float32)
     positions = np.broadcast_to(np.arange(7), (3, 7))
     cos, sin = rope_frequencies(jnp.asarray(positions), cfg.head_dim, cfg.rope_theta)
-    mask = attention_mask(jnp.zeros((3,), jnp.int32), jnp.int32(0), 7, 7)
+    mask = attention_mask(jnp.zeros((3,), jnp.int32), 7, 7)
     y = jit_attention(p, jnp.asarray(x), cos, sin, mask, cfg, F32)
     assert y.shape == (3, 7, 32) and y.dtype == jnp.float32
     want = np_attention(p, x.astype(np.float64), positions, cfg)
@@ -105,14 +104,14 @@ def test_attention_returns_the_cache_it_wrote(tiny_cfg, tiny_params, rng):
     x = jnp.asarray(rng.normal(size=(2, 5, 32)), jnp.float32)
     positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
     cos, sin = rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
-    mask = attention_mask(jnp.zeros((2,), jnp.int32), jnp.int32(0), 5, 5)
+    mask = attention_mask(jnp.zeros((2,), jnp.int32), 5, 5)
     cache = init_cache(cfg, batch=2, length=5)
     xla = F32.replace(kernel="xla")
 
     @jax.jit
     def cached(p, x, cache):
         return attention(p, x, cos, sin, mask, cfg, xla, cache, layer=jnp.int32(1),
-                         index=jnp.int32(0), starts=jnp.zeros((2,), jnp.int32))
+                         pos=jnp.zeros((2,), jnp.int32))
 
     y_cached, new = cached(p, x, cache)
     y, none = jax.jit(lambda p, x: attention(p, x, cos, sin, mask, cfg, xla))(p, x)
@@ -123,24 +122,24 @@ def test_attention_returns_the_cache_it_wrote(tiny_cfg, tiny_params, rng):
     np.testing.assert_allclose(np.asarray(y_cached), np.asarray(y), rtol=1e-6, atol=1e-6)
 
 
-# (heads N, kv heads K, head_dim H, batch, new tokens T, cache slots S, write cursor, starts):
-# decode and prefill chunks, GQA and MHA, H not a multiple of 8 (1bitLLM 3B has H = 100), left
-# padding with pad queries that see no slot at all, and a write that ends at the last slot. The
-# last two are the tiny model's prefill and a decode step with the starts of test_model.py.
+# (heads N, kv heads K, head_dim H, query rows Bq, new tokens T, cache length S, positions,
+# slot): decode steps of every slot at its own position and prefill chunks into one slot of a
+# 3-slot cache, GQA and MHA, H not a multiple of 8 (1bitLLM 3B has H = 100), and writes that end
+# at the last position.
 ATTN_CASES = [
-    (4, 2, 8, 2, 1, 16, 9, (0, 3)),
-    (16, 16, 96, 1, 1, 64, 40, (0,)),
-    (8, 2, 100, 3, 4, 32, 5, (0, 7, 2)),
-    (4, 4, 128, 2, 6, 8, 2, (0, 5)),
-    (6, 3, 12, 1, 3, 12, 9, (0,)),
-    (4, 2, 8, 3, 4, 11, 0, (0, 2, 1)),
-    (4, 2, 8, 3, 1, 11, 6, (0, 2, 1)),
+    (4, 2, 8, 2, 1, 16, (9, 3), None),
+    (16, 16, 96, 1, 1, 64, (40,), None),
+    (8, 2, 100, 3, 4, 32, (5, 20, 0), None),
+    (4, 4, 128, 2, 6, 8, (2, 0), None),
+    (6, 3, 12, 1, 3, 12, (9,), 2),
+    (4, 2, 8, 1, 4, 11, (0,), 1),
+    (4, 2, 8, 3, 1, 11, (6, 2, 10), None),
 ]
 
 
 @pytest.mark.parametrize("cache_dtype", ["float32", "float16", "bfloat16"])
-@pytest.mark.parametrize("n,k,h,b,t,s,index,starts", ATTN_CASES)
-def test_cached_attention_cpu_kernel_matches_xla(n, k, h, b, t, s, index, starts, cache_dtype):
+@pytest.mark.parametrize("n,k,h,b,t,s,pos,slot", ATTN_CASES)
+def test_cached_attention_cpu_kernel_matches_xla(n, k, h, b, t, s, pos, slot, cache_dtype):
     # Both paths read the same (possibly 16-bit) cache values widened to float32.
     if jax.default_backend() != "cpu" or not cpu_ffi.available():
         pytest.skip(f"CPU FFI extension not available: {cpu_ffi.unavailable_reason()}")
@@ -150,13 +149,15 @@ def test_cached_attention_cpu_kernel_matches_xla(n, k, h, b, t, s, index, starts
     q = jnp.asarray(rng.normal(size=(b, t, n, h)) * 2, jnp.float32)
     knew = jnp.asarray(rng.normal(size=(b, k, t, h)), jnp.float32)
     vnew = jnp.asarray(rng.normal(size=(b, k, t, h)), jnp.float32)
-    cache = {"k": jnp.asarray(rng.normal(size=(3, b, k, s, h)), cache_dtype),
-             "v": jnp.asarray(rng.normal(size=(3, b, k, s, h)), cache_dtype)}
-    starts = jnp.asarray(starts, jnp.int32)
-    mask = attention_mask(starts, jnp.int32(index), t, s)
+    rows = b if slot is None else 3
+    cache = {"k": jnp.asarray(rng.normal(size=(3, rows, k, s, h)), cache_dtype),
+             "v": jnp.asarray(rng.normal(size=(3, rows, k, s, h)), cache_dtype)}
+    pos = jnp.asarray(pos, jnp.int32)
+    mask = attention_mask(pos, t, s)
+    slot = None if slot is None else jnp.int32(slot)
 
     def run(cache, layer, kernel):
-        return cached_attention(q, knew, vnew, cache, layer, jnp.int32(index), starts, mask, cfg,
+        return cached_attention(q, knew, vnew, cache, layer, pos, slot, mask, cfg,
                                 Policy(kernel=kernel))
 
     run = jax.jit(run, static_argnums=2)

@@ -1,13 +1,11 @@
 """The generation engine (bitnet_jax/engine.py, bitnet_jax/generate.py) on the tiny config.
 
-The tiny model's final-norm gain is scaled by 4 so logits are peaked (1st-percentile top-2 gap
-~0.02): greedy choices are then far from float ties, and token-level equalities are exact.
+The model is conftest's `chat_model` (tests/tiny_chat.py): logits are peaked, so greedy choices
+are far from float ties and token-level equalities are exact.
 Most tests share batch bucket 4 and cache length 32 so they reuse compiled programs.
 """
 
 from __future__ import annotations
-
-import string
 
 import jax
 import jax.numpy as jnp
@@ -22,60 +20,19 @@ from bitnet_jax.runtime.benchmark import benchmark
 from bitnet_jax.runtime.generate import SamplingParams, generate, stream, warmup
 from bitnet_jax.formats.base import Model
 from bitnet_jax.model.params import pack_params
-from bitnet_jax.tokenizer import Tokenizer, from_gguf_metadata
-from bitnet_jax.tokenizer._pretok import bytes_to_unicode
+from tiny_chat import peaked as _peaked
 
 CONTEXT = 64  # tiny.json max_position_embeddings
-NORM_SCALE = 4.0
-
-
-CHARS = string.ascii_lowercase + " " + string.ascii_uppercase + ".,!?\n"
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m.role }}, {{ m.content }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant, {% endif %}")
-
-
-def char_tokenizer() -> Tokenizer:
-    """A real byte-level BPE tokenizer with no merges for the 61-token tiny vocabulary: ids 0-2
-    are <unk> <s> </s>, ids 3..60 one character each (CHARS)."""
-    b2u = bytes_to_unicode()
-    return from_gguf_metadata({
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
-        "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>"] + [b2u[ord(c)] for c in CHARS],
-        "tokenizer.ggml.token_type": [3, 3, 3] + [1] * len(CHARS),
-        "tokenizer.ggml.merges": [], "tokenizer.ggml.bos_token_id": 1,
-        "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.add_bos_token": True,
-        "tokenizer.chat_template": CHAT_TEMPLATE})
-
-
-def _peaked(params: dict) -> dict:
-    return dict(params, norm=params["norm"] * NORM_SCALE)
 
 
 @pytest.fixture(scope="module")
-def model(tiny_cfg, tiny_packed_params):
-    return Model(tiny_cfg, _peaked(tiny_packed_params), char_tokenizer())
+def model(chat_model):
+    return chat_model
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_cfg):
-    """Greedy continuation computed with full forward passes, no cache (the ground truth)."""
-    fwd = jax.jit(lambda p, t: model_lib.forward(p, t, tiny_cfg))
-
-    def run(params, prompt, n, eos=()):
-        seq = list(prompt)
-        out = []
-        while len(out) < n and len(seq) < CONTEXT:
-            # Right padding cannot reach back through the causal mask: one compile for all lengths.
-            padded = np.zeros((1, CONTEXT), np.int32)
-            padded[0, :len(seq)] = seq
-            token = int(np.argmax(fwd(params, jnp.asarray(padded))[0, len(seq) - 1]))
-            if token in eos:
-                break
-            out.append(token)
-            seq.append(token)
-        return out
-
-    return run
+def reference(greedy_reference):
+    return greedy_reference
 
 
 def _prompts(lengths, seed=0):
@@ -84,31 +41,38 @@ def _prompts(lengths, seed=0):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["latent", "packed"])
-def test_prefill_plus_decode_steps_equal_one_forward(tiny_cfg, tiny_params, packed):
-    # The engine's cache layout: rows left-padded to a shared end, one write cursor, then
-    # one-token steps (teacher-forced) compared with a forward pass over each whole sequence.
+def test_prefill_into_slots_plus_decode_steps_equal_one_forward(tiny_cfg, tiny_params, packed):
+    # The engine's cache layout: each prompt prefilled into its own slot (a one-row call with a
+    # traced slot and a right-padded chunk), then one-token steps of every slot at its own
+    # position (teacher-forced), compared with a forward pass over each whole sequence.
     params = _peaked(pack_params(tiny_params, tiny_cfg) if packed else tiny_params)
     seqs = _prompts([12, 9, 11], seed=1)
     plens = [7, 3, 6]
-    end, steps, b = max(plens), 4, len(seqs)
-    tokens = np.zeros((b, end), np.int32)
-    for r, (s, n) in enumerate(zip(seqs, plens)):
-        tokens[r, end - n:] = s[:n]
-    starts = jnp.asarray([end - n for n in plens], jnp.int32)
+    steps, b, t = 4, len(seqs), 8
     cache = init_cache(tiny_cfg, b, 16)
 
     @jax.jit
-    def run(params, cache, tokens, index):
-        h, cache = model_lib.apply(params, tokens, tiny_cfg, cache=cache, index=index,
-                                   starts=starts)
+    def prefill(params, cache, tokens, slot):
+        h, cache = model_lib.apply(params, tokens, tiny_cfg, cache=cache,
+                                   pos=jnp.zeros((1,), jnp.int32), slot=slot)
         return model_lib.unembed(params, h, tiny_cfg), cache
 
-    logits, cache = run(params, cache, jnp.asarray(tokens), jnp.int32(0))
-    got = [np.asarray(logits[:, -1])]
+    @jax.jit
+    def step(params, cache, tokens, pos):
+        h, cache = model_lib.apply(params, tokens, tiny_cfg, cache=cache, pos=pos)
+        return model_lib.unembed(params, h, tiny_cfg), cache
+
+    got = [np.zeros((b, tiny_cfg.vocab_size), np.float32) for _ in range(steps + 1)]
+    for r in (2, 0, 1):  # any slot order
+        chunk = np.zeros((1, t), np.int32)
+        chunk[0, :plens[r]] = seqs[r][:plens[r]]
+        logits, cache = prefill(params, cache, jnp.asarray(chunk), jnp.int32(r))
+        got[0][r] = np.asarray(logits[0, plens[r] - 1])
     for j in range(steps):
-        step = np.array([[s[n + j]] for s, n in zip(seqs, plens)], np.int32)
-        logits, cache = run(params, cache, jnp.asarray(step), jnp.int32(end + j))
-        got.append(np.asarray(logits[:, 0]))
+        tokens = np.array([[s[n + j]] for s, n in zip(seqs, plens)], np.int32)
+        pos = jnp.asarray([n + j for n in plens], jnp.int32)
+        logits, cache = step(params, cache, jnp.asarray(tokens), pos)
+        got[j + 1] = np.asarray(logits[:, 0])
     # Each row's whole sequence, right-padded: causal attention keeps the padding out of reach.
     full = np.zeros((b, 16), np.int32)
     for r, seq in enumerate(seqs):
@@ -152,7 +116,7 @@ def test_no_recompile_inside_a_bucket_or_for_new_request_values(model):
 
 def test_long_prompt_is_prefilled_in_chunks(model, reference, monkeypatch):
     monkeypatch.setattr(engine, "MAX_PREFILL_CHUNK", 16)
-    assert engine.prefill_chunks(40, 1, 64) == [(0, 16), (16, 16), (32, 16)]
+    assert engine.prefill_plan(40, 64) == [(0, 16), (16, 16), (32, 16)]
     prompt = _prompts([40], seed=6)[0]
     result = generate(model, [prompt], max_new_tokens=6, temperature=0, ignore_eos=True)[0]
     assert result.token_ids == reference(model.params, prompt, 6)
@@ -240,12 +204,13 @@ def test_non_finite_logits_raise(model):
 
 
 def test_warmup_compiles_what_a_request_then_uses(model):
-    seconds = warmup(model, batch_sizes=(2,), prompt_lengths=(12,), max_new_tokens=40)
+    # Eight slots: a shape no other test here compiles.
+    seconds = warmup(model, batch_sizes=(8,), prompt_lengths=(12,), max_new_tokens=40)
     assert seconds > 0
     before = dict(engine.TRACES)
-    generate(model, _prompts([12, 5], seed=9), max_new_tokens=40, temperature=0)
+    generate(model, _prompts([12, 5, 9, 1, 7], seed=9), max_new_tokens=40, temperature=0)
     assert dict(engine.TRACES) == before
-    assert warmup(model, batch_sizes=(2,), prompt_lengths=(12,), max_new_tokens=40) == 0.0
+    assert warmup(model, batch_sizes=(8,), prompt_lengths=(12,), max_new_tokens=40) == 0.0
 
 
 @pytest.mark.parametrize("kv", ["float16", "bfloat16"])

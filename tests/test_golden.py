@@ -42,7 +42,7 @@ def _greedy_with_cache(params, cfg, first: int, n: int, cache_len: int):
     def run(params):
         def step(carry, pos):
             token, cache = carry
-            h, cache = apply(params, token.reshape(1, 1), cfg, cache=cache, index=pos)
+            h, cache = apply(params, token.reshape(1, 1), cfg, cache=cache, pos=pos[None])
             logits = unembed(params, h, cfg)[0, 0]
             nxt = jnp.argmax(logits).astype(jnp.int32)
             return (nxt, cache), (nxt, logits)

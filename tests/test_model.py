@@ -36,14 +36,16 @@ jit_forward = jax.jit(forward, static_argnums=(2, 3))
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def jit_logits(params, tokens, cfg, cache=None, index=0, starts=None):
+def jit_logits(params, tokens, cfg, cache=None, pos=None, slot=None):
     """apply + unembed: (logits [B, T, V], new cache or None)."""
-    h, cache = apply(params, tokens, cfg, cache=cache, index=index, starts=starts)
+    h, cache = apply(params, tokens, cfg, cache=cache, pos=pos, slot=slot)
     return unembed(params, h, cfg), cache
 
 
 jit_block = jax.jit(lambda *a: block(*a)[0], static_argnums=(5, 6))
-NO_PAD = jnp.zeros((B,), jnp.int32)  # explicit starts, so padded and unpadded calls share code
+def at(i):
+    """Every row's next position is i: [B] int32 (a traced value, so calls share programs)."""
+    return jnp.full((B,), i, jnp.int32)
 
 
 def _tokens(vocab: int, seed: int = 7, shape=(B, T)) -> jax.Array:
@@ -51,7 +53,7 @@ def _tokens(vocab: int, seed: int = 7, shape=(B, T)) -> jax.Array:
 
 
 def _right_padded_forward(params, cfg, rows):
-    """Logits of each row run alone from position 0 (no `starts`), as a list of [n, V].
+    """Logits of each row run alone from position 0, as a list of [n, V].
 
     Rows are placed at the start of one [B, T] batch; causality makes the filler after them
     irrelevant, so this reuses the [B, T] compilation instead of one per row length.
@@ -121,7 +123,7 @@ def test_forward_and_apply_shapes(tiny_cfg, tiny_packed_params):
     h, none = jax.eval_shape(lambda p, t: apply(p, t, cfg), params, tokens)
     assert h.shape == (B, T, 32) and h.dtype == jnp.float32 and none is None
     cache = init_cache(cfg, B, S)
-    logits, new_cache = jit_logits(params, tokens[:, :4], cfg, cache, jnp.int32(0), NO_PAD)
+    logits, new_cache = jit_logits(params, tokens[:, :4], cfg, cache, at(0))
     assert logits.shape == (B, 4, 61)
     assert jax.tree.map(jnp.shape, new_cache) == jax.tree.map(jnp.shape, cache)
     # Slots 0..3 now hold this call's keys and values; later slots are still empty.
@@ -167,7 +169,7 @@ def test_packed_equals_latent_per_layer(tiny_cfg, tiny_params, tiny_packed_param
     x = embed(tiny_params, _tokens(61), policy)
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
     cos, sin = rope_frequencies(positions, tiny_cfg.head_dim, tiny_cfg.rope_theta)
-    mask = attention_mask(jnp.zeros((B,), jnp.int32), jnp.int32(0), T, T)
+    mask = attention_mask(jnp.zeros((B,), jnp.int32), T, T)
     for i in range(tiny_cfg.num_hidden_layers):
         y_latent = np.asarray(
             jit_block(layer(tiny_params, i), x, cos, sin, mask, tiny_cfg, policy))
@@ -206,10 +208,10 @@ def test_decode_matches_full_forward(variant):
     tokens = _tokens(cfg.vocab_size)
     full = np.asarray(jit_forward(params, tokens, cfg, None))
     cache = init_cache(cfg, B, S)
-    logits, cache = jit_logits(params, tokens[:, :4], cfg, cache, jnp.int32(0), NO_PAD)
+    logits, cache = jit_logits(params, tokens[:, :4], cfg, cache, at(0))
     outs = [logits]
     for i in range(4, T):
-        logits, cache = jit_logits(params, tokens[:, i:i + 1], cfg, cache, jnp.int32(i), NO_PAD)
+        logits, cache = jit_logits(params, tokens[:, i:i + 1], cfg, cache, at(i))
         outs.append(logits)
     np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=0, atol=tol)
 
@@ -220,53 +222,53 @@ def test_chunked_prefill_matches_full_forward(tiny_cfg, tiny_packed_params):
     tokens = _tokens(cfg.vocab_size, seed=11)
     full = np.asarray(jit_forward(params, tokens, cfg, None))
     cache = init_cache(cfg, B, S)
-    first, cache = jit_logits(params, tokens[:, :4], cfg, cache, jnp.int32(0), NO_PAD)
-    second, cache = jit_logits(params, tokens[:, 4:], cfg, cache, jnp.int32(4), NO_PAD)
+    first, cache = jit_logits(params, tokens[:, :4], cfg, cache, at(0))
+    second, cache = jit_logits(params, tokens[:, 4:], cfg, cache, at(4))
     got = np.concatenate([first, second], axis=1)
     np.testing.assert_allclose(got, full, rtol=0, atol=MODEL_TOL)
 
 
-def test_left_padding_does_not_change_real_tokens(variant):
-    # Rows of length 7, 4 and 1, left-padded to T=7 with junk ids; `starts` marks the first
-    # real slot. Real positions must match each row run alone; padded queries stay finite.
+def test_right_padding_is_invisible_to_real_tokens(variant):
+    # Rows of length 7, 4 and 1 in one [B, T] call, right-padded with junk ids: causality keeps
+    # the junk out of reach of the real positions, which match each row run alone.
     cfg, params, tol = variant
     lengths = [7, 4, 1]
     rows = [np.asarray(_tokens(cfg.vocab_size, seed=20 + r, shape=(1, n)))[0]
             for r, n in enumerate(lengths)]
-    batch = np.full((B, T), 5, np.int32)
-    for r, row in enumerate(rows):
-        batch[r, T - len(row):] = row
-    starts = jnp.asarray([T - n for n in lengths], jnp.int32)
-    padded, _ = jit_logits(params, jnp.asarray(batch), cfg, None, 0, starts)
-    padded = np.asarray(padded)
-    assert np.isfinite(padded).all()
+    real = np.arange(T)[None, :] < np.asarray(lengths)[:, None]
+    outs = []
+    for junk in (5, 9):
+        batch = np.full((B, T), junk, np.int32)
+        for r, row in enumerate(rows):
+            batch[r, :len(row)] = row
+        outs.append(np.asarray(jit_logits(params, jnp.asarray(batch), cfg)[0]))
+    assert np.isfinite(outs[0]).all()
+    np.testing.assert_array_equal(outs[0][real], outs[1][real])
     for r, alone in enumerate(_right_padded_forward(params, cfg, rows)):
-        np.testing.assert_allclose(padded[r, T - lengths[r]:], alone, rtol=0, atol=tol,
+        np.testing.assert_allclose(outs[0][r, :lengths[r]], alone, rtol=0, atol=tol,
                                    err_msg=f"row {r}")
-    # The pad ids themselves are invisible.
-    batch2 = np.where(np.arange(T)[None, :] < np.asarray(starts)[:, None], 9, batch)
-    padded2, _ = jit_logits(params, jnp.asarray(batch2), cfg, None, 0, starts)
-    real = np.arange(T)[None, :] >= np.asarray(starts)[:, None]
-    np.testing.assert_array_equal(np.asarray(padded2)[real], padded[real])
 
 
-def test_left_padded_decode_matches_unpadded(variant):
-    # Prefill a left-padded batch (prompts of 4, 2 and 3 ids) into the cache, then decode 3
-    # steps feeding fixed ids per row: each row's logits equal its own unpadded forward.
+def test_slots_at_their_own_positions_match_unpadded(variant):
+    # The serving engine's pattern: prompts of 4, 2 and 3 ids prefilled one at a time into
+    # their own cache rows (a one-row call with a traced slot), then 3 decode steps of all rows
+    # at their own positions: each row's logits equal its own unpadded forward.
     cfg, params, tol = variant
-    lengths, prompt_len, steps = [4, 2, 3], 4, 3
+    lengths, steps = [4, 2, 3], 3
     rows = [np.asarray(_tokens(cfg.vocab_size, seed=40 + r, shape=(1, n + steps)))[0]
             for r, n in enumerate(lengths)]
-    batch = np.zeros((B, prompt_len), np.int32)
-    for r, n in enumerate(lengths):
-        batch[r, prompt_len - n:] = rows[r][:n]
-    starts = jnp.asarray([prompt_len - n for n in lengths], jnp.int32)
     cache = init_cache(cfg, B, S)
-    logits, cache = jit_logits(params, jnp.asarray(batch), cfg, cache, jnp.int32(0), starts)
-    got = [[logits[r, -1]] for r in range(B)]
+    got = [[] for _ in range(B)]
+    for r in (1, 2, 0):
+        chunk = np.zeros((1, 4), np.int32)
+        chunk[0, :lengths[r]] = rows[r][:lengths[r]]
+        logits, cache = jit_logits(params, jnp.asarray(chunk), cfg, cache,
+                                   jnp.zeros((1,), jnp.int32), jnp.int32(r))
+        got[r].append(logits[0, lengths[r] - 1])
     for s in range(steps):
         new = jnp.asarray([[rows[r][lengths[r] + s]] for r in range(B)], jnp.int32)
-        logits, cache = jit_logits(params, new, cfg, cache, jnp.int32(prompt_len + s), starts)
+        pos = jnp.asarray([n + s for n in lengths], jnp.int32)
+        logits, cache = jit_logits(params, new, cfg, cache, pos)
         for r in range(B):
             got[r].append(logits[r, 0])
     for r, alone in enumerate(_right_padded_forward(params, cfg, rows)):
@@ -289,8 +291,8 @@ def test_bf16_policy_runs_and_returns_f32_logits(tiny_cfg, tiny_packed_params):
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
-def jit_logits_policy(params, tokens, cfg, policy, cache=None, index=0, starts=None):
-    h, cache = apply(params, tokens, cfg, policy, cache=cache, index=index, starts=starts)
+def jit_logits_policy(params, tokens, cfg, policy, cache=None, pos=None):
+    h, cache = apply(params, tokens, cfg, policy, cache=cache, pos=pos)
     return unembed(params, h, cfg, policy), cache
 
 
@@ -298,8 +300,8 @@ def test_cpu_kernels_give_the_xla_logits(tiny_cfg, tiny_packed_params, tiny_floa
                                          tiny_float_params, monkeypatch):
     # kernel="ffi" runs the packed ternary kernel on the stacked weights, the int8 head kernel
     # and the cached-attention kernel; kernel="xla" runs none of them. The integer kernels are
-    # exact, so with the attention kernel off the logits are bit-identical, KV cache and left
-    # padding included. The attention kernel sums in another order than XLA (a few 1e-7,
+    # exact, so with the attention kernel off the logits are bit-identical, KV cache and rows
+    # at different positions included. The attention kernel sums in another order than XLA (a few 1e-7,
     # test_attention.py); through the BitNet model that noise flips any int8 activation within
     # ~1e-5 of a rounding tie (conftest), and inputs of this size always hold some (the closest
     # over seeds 0-7: 5e-6 to 5e-5 of a step). So the attention kernel is checked end to end on
@@ -311,15 +313,14 @@ def test_cpu_kernels_give_the_xla_logits(tiny_cfg, tiny_packed_params, tiny_floa
         pytest.skip(f"CPU FFI extension not available: {cpu_ffi.unavailable_reason()}")
     ffi, xla = Policy(kernel="ffi"), Policy(kernel="xla")
     tokens = _tokens(tiny_cfg.vocab_size, seed=5)
-    starts = jnp.asarray([0, 2, 1], jnp.int32)  # left padding
+    offsets = jnp.asarray([0, 2, 1], jnp.int32)  # each row at its own position
 
     def cached(run, params, cfg, policy):
         cache = init_cache(cfg, B, S)
-        logits, cache = run(params, tokens[:, :4], cfg, policy, cache, jnp.int32(0), starts)
+        logits, cache = run(params, tokens[:, :4], cfg, policy, cache, offsets)
         steps = [logits[:, -1]]
         for i in range(4, T):
-            logits, cache = run(params, tokens[:, i:i + 1], cfg, policy, cache, jnp.int32(i),
-                                starts)
+            logits, cache = run(params, tokens[:, i:i + 1], cfg, policy, cache, offsets + i)
             steps.append(logits[:, -1])
         return np.stack(steps, axis=1)
 
@@ -350,11 +351,10 @@ def test_16bit_kv_cache_stays_close_to_float32(tiny_cfg, tiny_packed_params, cac
     outs = {}
     for dtype in ("float32", cache_dtype):
         cache = init_cache(cfg, B, S, dtype)
-        logits, cache = jit_logits(params, tokens[:, :4], cfg, cache, jnp.int32(0), NO_PAD)
+        logits, cache = jit_logits(params, tokens[:, :4], cfg, cache, at(0))
         steps = [logits]
         for i in range(4, T):
-            logits, cache = jit_logits(params, tokens[:, i:i + 1], cfg, cache, jnp.int32(i),
-                                       NO_PAD)
+            logits, cache = jit_logits(params, tokens[:, i:i + 1], cfg, cache, at(i))
             steps.append(logits)
         assert cache["k"].dtype == jnp.dtype(dtype)
         outs[dtype] = np.concatenate(steps, axis=1)

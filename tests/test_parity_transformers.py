@@ -239,7 +239,7 @@ def _int8_flip_report(model, hf_model, tokens) -> str:
     b, t = tokens.shape
     cos, sin = rope_frequencies(jnp.broadcast_to(jnp.arange(t), (b, t)), cfg.head_dim,
                                 cfg.rope_theta)
-    mask = attention_mask(jnp.zeros((b,), jnp.int32), jnp.int32(0), t, t)
+    mask = attention_mask(jnp.zeros((b,), jnp.int32), t, t)
     x = jnp.asarray(np.asarray(params["embed_tokens"])[tokens])
     attention_mod.bitlinear = model_mod.bitlinear = recording
     try:
@@ -345,7 +345,7 @@ def test_each_layer_matches_with_teacher_forcing(dirs, name):
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     cos, sin = rope_frequencies(positions, cfg.head_dim, cfg.rope_theta)
-    mask = attention_mask(jnp.zeros((b,), jnp.int32), jnp.int32(0), t, t)
+    mask = attention_mask(jnp.zeros((b,), jnp.int32), t, t)
     run = jax.jit(lambda *a: block(*a)[0], static_argnums=(5, 6))
     emb = np.asarray(params["embed_tokens"])[tokens]
     np.testing.assert_array_equal(emb, hidden[0])

@@ -94,6 +94,10 @@ def attention_kernel(kernel: str, q: jax.Array, cache_k: jax.Array) -> str:
     return "ffi" if cpu_ffi.attention_usable(q, cache_k) else "xla"
 
 
-def cached_attention_ffi(q, cache_k, cache_v, layer, index, starts) -> jax.Array:
-    """The CPU attention kernel over one layer of the stacked cache, in place (cpu/ffi.py)."""
-    return cpu_ffi.attention_ffi(q, cache_k, cache_v, layer, index, starts)
+def cached_attention_ffi(q, cache_k, cache_v, layer, rows, pos) -> jax.Array:
+    """The CPU attention kernel over one layer of the stacked cache, in place (cpu/ffi.py).
+
+    q [Bq, T, N, H]; caches [L, B, K, S, H]; layer int32 []; rows, pos int32 [Bq]: query t of
+    row i sits at position pos[i] + t of cache row rows[i] and sees its positions 0..pos[i] + t.
+    """
+    return cpu_ffi.attention_ffi(q, cache_k, cache_v, layer, rows, pos)

@@ -45,36 +45,38 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
     return out.transpose(0, 3, 1, 2, 4).astype(policy.compute).reshape(b, t, n, h)
 
 
-def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, layer, index,
-                     starts: jax.Array, mask: jax.Array, cfg: ModelConfig,
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, layer,
+                     pos: jax.Array, slot, mask: jax.Array, cfg: ModelConfig,
                      policy: Policy) -> tuple[jax.Array, dict]:
     """Write this call's keys/values into layer `layer` of the cache and attend over it.
 
     Args:
-      q: [B, T, N, H] queries; k, v: [B, K, T, H] new keys/values for slots index..index+T-1.
+      q: [Bq, T, N, H] queries; k, v: [Bq, K, T, H] new keys/values at positions pos..pos+T-1.
       cache: {"k", "v"} [L, B, K, S, H].
-      layer, index: int32 scalars; starts: [B] first visible slot per row; mask: [B, T, S].
+      layer: int32 scalar; pos: [Bq] int32; slot: None or an int32 scalar (model/cache.py).
+      mask: [Bq, T, S].
 
     Returns:
-      (out [B, T, N, H] in the compute dtype, the updated cache).
+      (out [Bq, T, N, H] in the compute dtype, the updated cache).
 
-    With the CPU kernel (kernels.attention_kernel) attention reads the layer's visible slots in
-    place (kernels/cpu/attention_cpu.h); otherwise XLA slices the layer out and runs `attend`
-    over all S slots.
+    With the CPU kernel (kernels.attention_kernel) attention reads the layer's visible positions
+    in place (kernels/cpu/attention_cpu.h); otherwise XLA slices the layer out and runs `attend`
+    over all S positions.
     """
-    cache = kv_cache.write(cache, k, v, layer, index)
+    cache = kv_cache.write(cache, k, v, layer, pos, slot)
     if kernels.attention_kernel(policy.kernel, q, cache["k"]) == "ffi":
+        rows = kv_cache.cache_rows(q.shape[0], slot)
         out = kernels.cached_attention_ffi(q.astype(jnp.float32), cache["k"], cache["v"], layer,
-                                           index, starts)
+                                           rows, pos)
         return out.astype(policy.compute), cache
-    keys, values = kv_cache.layer_view(cache, layer)
+    keys, values = kv_cache.layer_view(cache, layer, q.shape[0], slot)
     out = attend(q, keys.astype(policy.compute), values.astype(policy.compute), mask, cfg, policy)
     return out, cache
 
 
 def attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
               cfg: ModelConfig, policy: Policy, cache: dict | None = None, *, layer=None,
-              index=None, starts=None) -> tuple[jax.Array, dict | None]:
+              pos=None, slot=None) -> tuple[jax.Array, dict | None]:
     """One attention block: projections, RoPE, GQA softmax attention, sub-norm, output.
 
     Args:
@@ -85,8 +87,9 @@ def attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.A
       cfg: model config.
       policy: precision policy.
       cache: optional KV cache {"k", "v"} [L, B, K, S, H]; this call's keys/values go to layer
-        `layer`, slots index..index+T-1 (int32 scalars), and rows see slots from starts [B] on.
-        Without it the call attends over its own T tokens only (S = T).
+        `layer` (int32 scalar) at positions pos[i]..pos[i]+T-1 ([B] int32) of cache row i, or of
+        cache row `slot` for a one-row call (model/cache.py). Without it the call attends over
+        its own T tokens only (S = T).
 
     Returns:
       (out [B, T, D], the updated cache or None).
@@ -101,7 +104,7 @@ def attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.A
     if cache is None:
         out = attend(q, k, v, mask, cfg, policy)
     else:
-        out, cache = cached_attention(q, k, v, cache, layer, index, starts, mask, cfg, policy)
+        out, cache = cached_attention(q, k, v, cache, layer, pos, slot, mask, cfg, policy)
     out = out.reshape(b, t, n * h)
     if cfg.use_sub_norms:
         out = rms_norm(out, p["attn_sub_norm"], cfg.rms_norm_eps)

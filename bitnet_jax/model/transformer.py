@@ -73,27 +73,27 @@ def feed_forward(p: dict, x: jax.Array, cfg: ModelConfig, policy: Policy) -> jax
 
 
 def block(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-          cfg: ModelConfig, policy: Policy, cache: dict | None = None, *, layer=None, index=None,
-          starts=None) -> tuple[jax.Array, dict | None]:
+          cfg: ModelConfig, policy: Policy, cache: dict | None = None, *, layer=None, pos=None,
+          slot=None) -> tuple[jax.Array, dict | None]:
     """One pre-norm decoder layer: x + attn(norm(x)), then + ffn(norm(x)).
 
     Args:
       p: this layer's params; x: [B, T, D]; cos, sin: [B, T, H]; mask: [B, T, S].
-      cache, layer, index, starts: the KV cache and where this call writes (attention.attention).
+      cache, layer, pos, slot: the KV cache and where this call writes (attention.attention).
 
     Returns:
       (x [B, T, D], the updated cache or None).
     """
     a = rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps)
     attn, cache = attention(p["self_attn"], a, cos, sin, mask, cfg, policy, cache, layer=layer,
-                            index=index, starts=starts)
+                            pos=pos, slot=slot)
     x = x + attn
     m = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
     return x + feed_forward(p["mlp"], m, cfg, policy), cache
 
 
 def apply(params: dict, tokens: jax.Array, cfg: ModelConfig, policy: Policy | str | None = None,
-          *, cache: dict | None = None, index=0, starts=None):
+          *, cache: dict | None = None, pos=None, slot=None):
     """Run the decoder stack and the final norm.
 
     Args:
@@ -101,28 +101,29 @@ def apply(params: dict, tokens: jax.Array, cfg: ModelConfig, policy: Policy | st
       tokens: [B, T] int32 token ids.
       cfg: model config (static under jit).
       policy: precision policy or preset name.
-      cache: optional KV cache {"k", "v"} [L, B, K, S, H] (model/cache.py); this call's tokens
-        are written at slots index..index+T-1. Without a cache, attention is causal over the T
-        tokens.
-      index: int32 scalar write cursor (cache only).
-      starts: [B] int32 first valid slot per row (left padding); default all 0.
+      cache: optional KV cache {"k", "v"} [L, B', K, S, H] (model/cache.py). Row i's tokens go
+        to positions pos[i]..pos[i]+T-1 of cache row i (slot None, B == B') or, for a one-row
+        call, of cache row `slot`; each query attends to its row's positions 0..its own.
+        Without a cache, attention is causal over the T tokens.
+      pos: [B] int32 position of each row's first token (default all 0); also the RoPE offset.
+      slot: int32 scalar cache row of a one-row call (cache only).
 
     Returns:
       (h, cache): h [B, T, D] after the final RMSNorm, and the updated cache (or None).
     """
     policy = get_policy(policy)
     b, t = tokens.shape
-    index = jnp.asarray(index, jnp.int32)
-    starts = jnp.zeros((b,), jnp.int32) if starts is None else jnp.asarray(starts, jnp.int32)
+    pos = jnp.zeros((b,), jnp.int32) if pos is None else jnp.asarray(pos, jnp.int32)
     s = t if cache is None else cache["k"].shape[3]
-    cos, sin = rope_frequencies(kv_cache.positions(starts, index, t), cfg.head_dim,
-                                cfg.rope_theta)
-    mask = kv_cache.attention_mask(starts, index, t, s)
+    cos, sin = rope_frequencies(kv_cache.positions(pos, t), cfg.head_dim, cfg.rope_theta)
+    # Without a cache keys are this call's tokens: key j sits at position pos + j.
+    mask = kv_cache.attention_mask(pos if cache is not None else jnp.zeros_like(pos), t, s)
+    if slot is not None:
+        slot = jnp.asarray(slot, jnp.int32)
 
     def layer_step(p, layer, carry):
         x, cache = carry
-        return block(p, x, cos, sin, mask, cfg, policy, cache, layer=layer, index=index,
-                     starts=starts)
+        return block(p, x, cos, sin, mask, cfg, policy, cache, layer=layer, pos=pos, slot=slot)
 
     x, cache = scan_layers(layer_step, params["layers"], (embed(params, tokens, policy), cache))
     return rms_norm(x, params["norm"], cfg.rms_norm_eps), cache

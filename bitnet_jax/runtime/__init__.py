@@ -1,10 +1,13 @@
-"""Running a model: where (placement), the jitted programs (engine), the host loop (generate).
+"""Running a model: where (placement), the jitted programs (engine), the slot scheduler, generate.
 
   placement.py      backend / device / policy resolution, parameter placement
   compile_cache.py  JAX's persistent compilation cache
   sampling.py       SamplingParams and the in-graph sampler
-  engine.py         decode state, prefill, the chunked decode loop, shape buckets
-  generate.py       generate / stream / warmup: the host loop around the engine
+  engine.py         slot decode state, prefill-into-a-slot, the chunked decode loop, buckets
+  scheduler.py      Engine: request queue, decode slots, the step loop (continuous batching)
+  handle.py         Handle / Event: what a caller holds for one submitted request
+  request.py        prompts to validated token ids
+  generate.py       generate / stream / warmup on the Engine
   detokenize.py     per-sequence text: incremental decoding and stop strings
   benchmark.py      prefill and decode throughput
 """

@@ -1,16 +1,16 @@
 // Decode/prefill attention over the stacked float32 KV cache, read in place (CPU).
 //
-//   q:      f32 [B, T, N, H]          this call's queries, RoPE applied
-//   k, v:   [L, B, K, S, H]           the whole cache (attention.py layout) in float32, float16
-//                                     or bfloat16, this call's keys and values already written at
-//                                     slots index..index+T-1; each value is widened to float32
-//   out:    f32 [B, T, N, H]
+//   q:      f32 [Bq, T, N, H]         this call's queries, RoPE applied
+//   k, v:   [L, B, K, S, H]           the whole cache (model/cache.py layout) in float32, float16
+//                                     or bfloat16, this call's keys and values already written;
+//                                     each value is widened to float32
+//   rows:   int32 [Bq]                the cache row (slot) of each query row
+//   pos:    int32 [Bq]                the position of each query row's first query
+//   out:    f32 [Bq, T, N, H]
 //
-// Query t of row b sits in slot index+t and sees the slots starts[b] <= s <= index+t (left
-// padding, attention.py); query head n uses kv head n / G. out = softmax(q.k / sqrt(H)) . v with
-// the softmax in float32, as attention.attend computes it. A query with no visible slot (a pad
-// position) gets what the XLA path gives it: every score masked to the same value, i.e. the mean
-// of v over all S slots.
+// Query t of row i sits at position pos[i]+t of cache row rows[i] and sees its positions
+// 0..pos[i]+t (capped at S-1); query head n uses kv head n / G. out = softmax(q.k / sqrt(H)) . v
+// with the softmax in float32, as attention.attend computes it.
 //
 // Why a kernel: inside lax.scan XLA copies the layer's [B, K, S, H] slice of each cache before
 // its dot (3 MB per layer of the large model at S=256, 5 ms of a 20 ms decode step here), and it
@@ -37,13 +37,13 @@ namespace bitnet_attention {
 enum CacheType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 struct Problem {
-  const float* q;       // [B, T, N, H]
+  const float* q;       // [Bq, T, N, H]
   const void* k;        // [B, K, S, H] of the selected layer, element type `cache`
   const void* v;        // [B, K, S, H]
-  const int32_t* starts;  // [B]
-  float* out;           // [B, T, N, H]
-  int64_t b, t, n, kh, s, h;
-  int64_t index;
+  const int32_t* rows;  // [Bq] cache row of each query row
+  const int32_t* pos;   // [Bq] position of each query row's first query
+  float* out;           // [Bq, T, N, H]
+  int64_t b, t, n, kh, s, h;  // b = Bq
   int cache;            // CacheType
   bool avx2;            // use the AVX2+FMA(+F16C) dot / axpy
 };
@@ -169,24 +169,19 @@ inline void RunUnitT(const Problem& p, int64_t unit, std::vector<float>& scores)
   const int64_t t = unit % p.t;
   const int64_t ki = (unit / p.t) % p.kh;
   const int64_t bi = unit / (p.t * p.kh);
-  const int64_t base = (bi * p.kh + ki) * p.s * p.h;  // element offset of this (row, head)
+  // element offset of this (cache row, head); rows[] and pos[] were range-checked by the handler
+  const int64_t base = (static_cast<int64_t>(p.rows[bi]) * p.kh + ki) * p.s * p.h;
   const float scale = 1.0f / std::sqrt(static_cast<float>(p.h));
-  int64_t lo = p.starts[bi], hi = p.index + t;  // visible slots [lo, hi]
-  if (lo < 0) lo = 0;
+  int64_t hi = static_cast<int64_t>(p.pos[bi]) + t;  // visible positions [0, hi]
   if (hi > p.s - 1) hi = p.s - 1;
-  const bool none = lo > hi;
-  if (none) {  // all scores masked alike: uniform weights over all S slots
-    lo = 0;
-    hi = p.s - 1;
-  }
-  const int64_t len = hi - lo + 1;
+  const int64_t lo = 0, len = hi + 1;
   scores.resize(static_cast<size_t>(g * len));
   for (int64_t gi = 0; gi < g; ++gi) {
     const float* qv = p.q + ((bi * p.t + t) * p.n + ki * g + gi) * p.h;
     float* sc = scores.data() + gi * len;
     float mx = -INFINITY;
     for (int64_t s = 0; s < len; ++s) {
-      sc[s] = none ? 0.f : Dot<C>(p.avx2, qv, p.k, base + (lo + s) * p.h, p.h) * scale;
+      sc[s] = Dot<C>(p.avx2, qv, p.k, base + (lo + s) * p.h, p.h) * scale;
       mx = sc[s] > mx ? sc[s] : mx;
     }
     float sum = 0.f;

@@ -11,8 +11,8 @@ model).
 `int8_matmul_ffi(x_q [M, I] int8, w [V, I] int8) -> [M, V] int32` is the int8 LM head
 (params.quantize_lm_head, int8_cpu.h), exact and equal to XLA's int8 dot.
 
-`attention_ffi(q, k, v, layer, index, starts)` attends over the visible slots of one layer of the
-stacked KV cache (float32, float16 or bfloat16) in place (attention_cpu.h); it equals
+`attention_ffi(q, k, v, layer, rows, pos)` attends over the visible positions of one layer of
+the stacked KV cache (float32, float16 or bfloat16) in place (attention_cpu.h); it equals
 attention.attend on the same cache up to float rounding.
 
 library.py loads the shared object and chooses its kernel path; its public functions
@@ -232,22 +232,24 @@ def attention_usable(q: jax.Array, cache_k: jax.Array) -> bool:
             and jax.default_backend() == "cpu" and available())
 
 
-def attention_ffi(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer, index,
-                  starts: jax.Array) -> jax.Array:
-    """softmax(q·kᵀ/√H)·v over layer `layer` of the cache, visible slots only.
+def attention_ffi(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer, rows: jax.Array,
+                  pos: jax.Array) -> jax.Array:
+    """softmax(q·kᵀ/√H)·v over layer `layer` of the cache, visible positions only, in place.
 
     Args:
-      q: [B, T, N, H] float32 queries (RoPE applied), for slots index..index+T-1.
+      q: [Bq, T, N, H] float32 queries (RoPE applied).
       cache_k, cache_v: [L, B, K, S, H] float32, float16 or bfloat16, this call's keys/values
         already written.
-      layer, index: int32 scalars.
-      starts: [B] int32, first visible slot per row.
+      layer: int32 scalar.
+      rows: [Bq] int32, the cache row of each query row.
+      pos: [Bq] int32; query t of row i sits at position pos[i] + t and sees positions
+        0..pos[i] + t of its cache row.
 
     Returns:
-      [B, T, N, H] float32.
+      [Bq, T, N, H] float32.
     """
     require_library()
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     call = jax.ffi.ffi_call(ATTENTION_TARGET, out, vmap_method="sequential")
     return call(q, cache_k, cache_v, jnp.asarray(layer, jnp.int32),
-                jnp.asarray(index, jnp.int32), jnp.asarray(starts, jnp.int32))
+                jnp.asarray(rows, jnp.int32), jnp.asarray(pos, jnp.int32))

@@ -148,22 +148,23 @@ ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer
   return Run(pool, job, v, ChunkRows(i, v), m * v * i);
 }
 
-// q [B, T, N, H] float32, k/v caches [L, B, K, S, H] (float32, float16 or bfloat16), layer
-// and index int32 scalars, starts [B] int32 -> out [B, T, N, H]: attention over the visible
-// slots of layer `layer` (attention_cpu.h). One work unit per (row, kv head, query).
+// q [Bq, T, N, H] float32, k/v caches [L, B, K, S, H] (float32, float16 or bfloat16), layer
+// int32 scalar, rows [Bq] and pos [Bq] int32 -> out [Bq, T, N, H]: query t of row i attends
+// over positions 0..pos[i]+t of cache row rows[i] in layer `layer` (attention_cpu.h). One work
+// unit per (row, kv head, query).
 ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
-                      ffi::AnyBuffer v, ffi::Buffer<ffi::S32> layer,
-                      ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::S32> starts,
-                      ffi::ResultBuffer<ffi::F32> out) {
+                      ffi::AnyBuffer v, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows,
+                      ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions();
   const auto kd = k.dimensions();
   if (qd.size() != 4 || kd.size() != 5 || !Same(v.dimensions(), kd) ||
-      !Same(out->dimensions(), qd) || layer.element_count() != 1 || index.element_count() != 1 ||
-      static_cast<int64_t>(starts.element_count()) != qd[0] || kd[1] != qd[0] ||
-      kd[4] != qd[3] || kd[2] == 0 || qd[2] % kd[2] != 0) {
+      !Same(out->dimensions(), qd) || layer.element_count() != 1 ||
+      static_cast<int64_t>(rows.element_count()) != qd[0] ||
+      static_cast<int64_t>(pos.element_count()) != qd[0] || kd[4] != qd[3] || kd[2] == 0 ||
+      qd[2] % kd[2] != 0) {
     return ReadyFuture(ffi::Error::InvalidArgument(
-        "bitnet_attention expects q [B, T, N, H], caches [L, B, K, S, H] with N % K == 0, "
-        "scalar layer and index, starts [B]; got q " + Dims(qd) + ", k " + Dims(kd)));
+        "bitnet_attention expects q [Bq, T, N, H], caches [L, B, K, S, H] with N % K == 0, a "
+        "scalar layer, rows [Bq] and pos [Bq]; got q " + Dims(qd) + ", k " + Dims(kd)));
   }
   int cache;
   switch (k.element_type()) {
@@ -177,19 +178,30 @@ ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuf
   if (v.element_type() != k.element_type()) {
     return ReadyFuture(ffi::Error::InvalidArgument("bitnet_attention k and v dtypes differ"));
   }
-  const int64_t l = kd[0], b = qd[0], t = qd[1], n = qd[2], kh = kd[2], s = kd[3], h = qd[3];
-  const int64_t at = layer.typed_data()[0], idx = index.typed_data()[0];
-  if (at < 0 || at >= l || idx < 0 || idx + t > s) {
+  const int64_t l = kd[0], bc = kd[1], b = qd[0], t = qd[1], n = qd[2], kh = kd[2], s = kd[3],
+                h = qd[3];
+  const int64_t at = layer.typed_data()[0];
+  if (at < 0 || at >= l) {
     return ReadyFuture(ffi::Error::InvalidArgument(
-        "bitnet_attention layer " + std::to_string(at) + " / slots " + std::to_string(idx) +
-        ".." + std::to_string(idx + t) + " outside the cache " + Dims(kd)));
+        "bitnet_attention layer " + std::to_string(at) + " outside the cache " + Dims(kd)));
+  }
+  int64_t visible = 0;  // positions read per kv head, summed over rows (the work estimate)
+  for (int64_t i = 0; i < b; ++i) {
+    const int64_t row = rows.typed_data()[i], p0 = pos.typed_data()[i];
+    if (row < 0 || row >= bc || p0 < 0) {
+      return ReadyFuture(ffi::Error::InvalidArgument(
+          "bitnet_attention row " + std::to_string(row) + " / position " + std::to_string(p0) +
+          " outside the cache " + Dims(kd)));
+    }
+    visible += std::min(p0 + t, s);
   }
   if (b == 0 || t == 0 || n == 0 || h == 0) return ReadyFuture();
-  const int64_t per_layer = b * kh * s * h * (cache == ba::kF32 ? 4 : 2);  // bytes
+  const int64_t per_layer = bc * kh * s * h * (cache == ba::kF32 ? 4 : 2);  // bytes
   const ba::Problem problem{q.typed_data(),
                             static_cast<const char*>(k.untyped_data()) + at * per_layer,
                             static_cast<const char*>(v.untyped_data()) + at * per_layer,
-                            starts.typed_data(), out->typed_data(), b, t, n, kh, s, h, idx, cache,
+                            rows.typed_data(), pos.typed_data(), out->typed_data(), b, t, n, kh,
+                            s, h, cache,
                             g_isa.load(std::memory_order_relaxed) != bt::kScalar &&
                                 ba::HasAvx2Fma()};
   auto job = std::make_shared<Job>();
@@ -198,8 +210,8 @@ ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuf
     for (int64_t u = u0; u < u1; ++u) ba::RunUnit(problem, u, scores);
   };
   const int64_t units = b * kh * t;
-  // Work ~ bytes of cache read: (idx + t) visible slots of k and v per unit.
-  return Run(pool, job, units, 1, units * (idx + t) * h * (cache == ba::kF32 ? 8 : 4));
+  // Work ~ bytes of cache read: the visible positions of k and v per unit.
+  return Run(pool, job, units, 1, visible * kh * t * h * (cache == ba::kF32 ? 8 : 4));
 }
 
 }  // namespace
