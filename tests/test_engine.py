@@ -122,6 +122,18 @@ def test_cancel_and_timeout_free_their_slots(served, chat_model, greedy_referenc
     assert keep.token_ids == greedy_reference(chat_model.params, other, 40)
 
 
+def test_batch_mode_with_more_requests_than_slots(chat_model, greedy_reference):
+    # generate()'s mode: the admitted prompts are all prefilled before the slots decode
+    # together; queued requests take the slots that free up.
+    eng = Engine(chat_model, slots=2, context=32, interleave=False)
+    prompts = _prompts([3, 8, 5, 2, 6], seed=13)
+    handles = [eng.submit(p, max_new_tokens=4 + i, sampling=GREEDY, ignore_eos=True)
+               for i, p in enumerate(prompts)]
+    eng.run_until_done(handles)
+    for i, (p, h) in enumerate(zip(prompts, handles)):
+        assert h.token_ids == greedy_reference(chat_model.params, p, 4 + i)
+
+
 def test_queue_full_and_oversized_prompts_are_refused(chat_model):
     eng = Engine(chat_model, slots=1, context=32, max_queue=2)
     eng.submit([3, 4], max_new_tokens=1)

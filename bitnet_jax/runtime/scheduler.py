@@ -206,7 +206,8 @@ class Engine:
             self._prefill_chunk(min(prefilling, key=lambda s: s.handle.id))
             did = True
         decoding = [s for s in self._active if s is not None and s.decoding]
-        waiting = any(s is not None and s.plan for s in self._active) or bool(self._queue)
+        # Prompts that can be prefilled now (a queued request with no free slot cannot).
+        waiting = any(s is not None and s.plan for s in self._active)
         if decoding and (self.interleave or not waiting):
             self._decode_chunk(decoding, engine.DECODE_CHUNK if not waiting or not
                                self.interleave else INTERLEAVED_STEPS)
