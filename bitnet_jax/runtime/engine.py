@@ -206,13 +206,14 @@ def decode(params: dict, state: dict, n_steps: jax.Array, stop: jax.Array, *, cf
       n_steps: int32 [] steps wanted this call (traced: any value reuses the program).
       stop: [B] bool slots the host ended (stop strings, cancellation, idle); marked done first.
       chunk: static size of the output buffers.
-      logprobs: static; also return the TOP_LOGPROBS most likely tokens of each step.
+      logprobs: static; also return each token's logprob and the TOP_LOGPROBS most likely
+        tokens of each step.
       rows: static number of leading slots to run.
 
     Returns:
       (state, out): out["tokens"] [rows, chunk] int32 holds the token each slot produced at
-      each step, or -1; out["logprob"] [rows, chunk] its logprob; with `logprobs`,
-      out["top_ids"] and out["top_logprobs"] [rows, chunk, TOP_LOGPROBS].
+      each step, or -1; with `logprobs` also out["logprob"] [rows, chunk] its logprob and
+      out["top_ids"], out["top_logprobs"] [rows, chunk, TOP_LOGPROBS].
     """
     TRACES["decode"] += 1
     b = rows
@@ -243,14 +244,15 @@ def decode(params: dict, state: dict, n_steps: jax.Array, stop: jax.Array, *, cf
         st = dict(st, length=length, count=count, seen=seen,
                   token=jnp.where(active, tok, st["token"]), done=st["done"] | (active & ended),
                   finite=st["finite"] & (finite | ~active))
-        lp = _logprobs(logits, tok, top=logprobs)
+        # The log_softmax over V costs ~5% of a large-vocabulary step: only when asked for.
+        lp = _logprobs(logits, tok, top=True) if logprobs else {}
         lp["tokens"] = jnp.where(active, tok, -1)
         out = jax.tree.map(lambda o, v: jax.lax.dynamic_update_index_in_dim(o, v, i, 1), out, lp)
         return i + 1, st, cache, out
 
-    out = {"tokens": jnp.full((b, chunk), -1, jnp.int32),
-           "logprob": jnp.zeros((b, chunk), jnp.float32)}
+    out = {"tokens": jnp.full((b, chunk), -1, jnp.int32)}
     if logprobs:
+        out["logprob"] = jnp.zeros((b, chunk), jnp.float32)
         out["top_ids"] = jnp.zeros((b, chunk, TOP_LOGPROBS), jnp.int32)
         out["top_logprobs"] = jnp.zeros((b, chunk, TOP_LOGPROBS), jnp.float32)
     _, live, cache, out = jax.lax.while_loop(cond, body,
