@@ -4,7 +4,7 @@ The import graph is read from the source with `ast` (every import statement anyw
 file, TYPE_CHECKING blocks and function bodies included), so a cycle cannot hide behind a
 deferred import. The same graph, collapsed to the subpackages, must be one-way too: the rooms
 of README's Design section (errors, quant <- kernels <- model <- tokenizer, formats <- runtime
-<- train <- cli).
+<- train <- server <- cli).
 """
 
 from __future__ import annotations
@@ -121,3 +121,18 @@ def test_files_hold_one_concern_each(suffix):
     long = [f"{p.relative_to(PACKAGE.parent)}: {n} lines" for p in sorted(PACKAGE.rglob("*" + suffix))
             if (n := len(p.read_text().splitlines())) > MAX_LINES]
     assert not long, f"files over {MAX_LINES} lines:\n" + "\n".join(long)
+
+
+# The rooms of README's Design section, in import order (a room imports only rooms before it).
+ROOM_ORDER = ("errors", "quant", "kernels", "model", "tokenizer", "formats", "runtime", "train",
+              "server", "cli")
+
+
+def test_server_room_sits_between_train_and_cli():
+    rooms: dict[str, set[str]] = {}
+    for src, dsts in _graph().items():
+        rooms.setdefault(_room(src), set()).update(_room(d) for d in dsts)
+    above = set(ROOM_ORDER[:ROOM_ORDER.index("server") + 1])
+    assert rooms["server"] <= above, f"server imports {sorted(rooms['server'] - above)}"
+    importers = {r for r, dsts in rooms.items() if "server" in dsts and r != "server"}
+    assert importers <= {"cli"}, f"only the CLI may import the server; so do {importers}"

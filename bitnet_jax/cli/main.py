@@ -37,6 +37,7 @@ COMMANDS = {
     "inspect": "describe a GGUF file",
     "train": "quantisation-aware training",
     "perplexity": "perplexity of a model on a text file",
+    "serve": "OpenAI-compatible HTTP server ([serve] extra)",
 }
 ALIASES = {"generate": "infer"}
 PACKAGE = "bitnet_jax.cli"

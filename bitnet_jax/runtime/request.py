@@ -96,6 +96,11 @@ def _per_prompt(value, n: int, name: str) -> list:
     return [value] * n
 
 
+def encode_prompt(item, tok, chat: bool = False, system: str | None = None) -> list[int]:
+    """Token ids of one prompt (text, conversation or ids) exactly as generate() encodes it."""
+    return _encode(item, tok, chat, system)
+
+
 def _encode(item, tok, chat: bool, system: str | None) -> list[int]:
     is_conversation = isinstance(item, (list, tuple)) and item and isinstance(item[0], dict)
     if isinstance(item, str) or is_conversation:
