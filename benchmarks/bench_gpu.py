@@ -5,17 +5,20 @@ Subcommands (python3 -m benchmarks.bench_gpu SUBCOMMAND --help):
   kernels  ternary matmul timing table: Pallas vs the XLA int8 path vs dense int8 vs bf16 dot,
            on the BitNet-2B4T linear shapes (O x I) at several M, with a parity check
   sweep    Pallas block-config sweep per shape and M (data for tuning `default_config`)
-  decode   model-level greedy decode tokens/s with random 2B4T weights     [lead-owned hook]
-  parity   GPU vs CPU logits of the same random model                     [lead-owned hook]
+  decode   the real engine (runtime.benchmark) on a random 2B4T-shaped model built on the
+           host: decode tokens/s per policy, kernel and batch, peak memory from memory_stats()
+  parity   device vs CPU float32 logits of the same random model (a few layers)
 
-Timing method (device time, not host dispatch): one jitted `lax.scan` applies the op to N
-weight copies in turn, N chosen so the copies total about 512 MB, far above the H100's 50 MB
-(H200: 60 MB) L2, so every call reads its weight from HBM as in a real forward pass. Each
-iteration adds the [M, O] result into the carry so nothing can be dead-code eliminated; that
-add is in every method's number. Time per call = median wall time of `reps` scans / N.
+Timing method (device time, not host dispatch): one jitted loop applies the op to N weight
+copies in turn, N chosen so the copies total about 512 MB, far above the H100's 50 MB (H200:
+60 MB) L2, so every call reads its weight from HBM as in a real forward pass. Each op gets the
+whole stack and the copy index, as the layer scan hands weights to the kernels: Pallas reads
+copy i in place, the XLA paths slice it. Each iteration adds the [M, O] result into the carry
+so nothing can be dead-code eliminated; that add is in every method's number. Time per call =
+median wall time of `reps` loops / N.
 
 Nothing here has run on a GPU yet; `--allow-cpu` runs the same code on CPU (Pallas in
-interpret mode, tiny shapes) only to check the script itself.
+interpret mode, tiny shapes) only to check the script (benchmarks/gpu_check.sh --smoke).
 """
 
 from __future__ import annotations
@@ -77,16 +80,19 @@ def _parse_ints(text: str) -> tuple[int, ...]:
 
 
 def time_per_call(op, x, ws, reps: int) -> float:
-    """Seconds per `op(x, w)` call, w cycling through the stacked copies `ws` [N, ...]."""
-    out0 = jax.eval_shape(op, x, ws[0])
+    """Seconds per `op(x, ws, i)` call, i cycling through the stacked copies `ws` [N, ...].
+
+    Each op takes the whole stack and an index, as the layer scan hands weights to the kernels
+    (kernels/stacked.py): the Pallas kernel reads copy i in place, the XLA paths slice it.
+    """
+    out0 = jax.eval_shape(op, x, ws, jnp.int32(0))
 
     @jax.jit
     def run(x, ws):
-        def body(acc, w):
-            return acc + op(x, w).astype(acc.dtype), None
+        def body(i, acc):
+            return acc + op(x, ws, i).astype(acc.dtype)
 
-        acc, _ = jax.lax.scan(body, jnp.zeros(out0.shape, out0.dtype), ws)
-        return acc
+        return jax.lax.fori_loop(0, ws.shape[0], body, jnp.zeros(out0.shape, out0.dtype))
 
     run(x, ws).block_until_ready()  # compile + warm up
     times = []
@@ -120,22 +126,28 @@ def _random_packed(key, n: int, r: int, i: int) -> jax.Array:
 
 
 def _methods(interpret: bool, config=None):
-    """name -> (weight kind, op). Weight kinds: packed uint8 [R, I], int8 [O, I], bf16 [O, I]."""
+    """name -> (weight kind, op(x, stack, i)). Weight kinds (per copy): packed uint8 [R, I],
+    int8 [O, I], bf16 [O, I]."""
     nt = (((1,), (1,)), ((), ()))
 
-    def pallas(x, w):
-        return pallas_gpu.ternary_matmul_pallas(x, w, interpret=interpret, config=config)
+    def pallas(x, ws, i):  # reads copy i of the stack in place
+        return pallas_gpu.ternary_matmul_pallas(x, ws, i, interpret=interpret, config=config)
 
-    def int8_dense(x, t):
+    def xla_int8(x, ws, i):
+        return ternary_matmul_xla(x, jax.lax.dynamic_index_in_dim(ws, i, 0, keepdims=False))
+
+    def int8_dense(x, ws, i):
+        t = jax.lax.dynamic_index_in_dim(ws, i, 0, keepdims=False)
         return jax.lax.dot_general(x, t, nt, preferred_element_type=jnp.int32)
 
-    def bf16_dot(x, wb):
+    def bf16_dot(x, ws, i):
+        wb = jax.lax.dynamic_index_in_dim(ws, i, 0, keepdims=False)
         return jax.lax.dot_general(x.astype(jnp.bfloat16), wb, nt,
                                    preferred_element_type=jnp.float32)
 
     return {
         "pallas": ("packed", pallas),
-        "xla_int8": ("packed", ternary_matmul_xla),  # in-graph unpack + int8 dot (the reference)
+        "xla_int8": ("packed", xla_int8),  # in-graph unpack + int8 dot (the reference)
         "xla_int8_dense": ("int8", int8_dense),  # weights pre-unpacked to int8: no unpack cost
         "bf16_dot": ("bf16", bf16_dot),  # a dense bf16 model's linear layer
     }
@@ -169,7 +181,7 @@ def cmd_kernels(args) -> None:
                     if name == "pallas":
                         rec["config"] = _cfg_dict(cfg)
                         rec["variant"] = pallas_gpu.select_variant(m)
-                        rec["exact"] = bool(jnp.array_equal(op(x, ws[0]), ref))
+                        rec["exact"] = bool(jnp.array_equal(op(x, ws, jnp.int32(0)), ref))
                     sec = time_per_call(op, x, ws, args.reps)
                 except Exception as e:  # report it; one failure must not stop the table
                     rec.update(error=f"{type(e).__name__}: {str(e)[:400]}")
@@ -256,11 +268,12 @@ def cmd_sweep(args) -> None:
                     return
                 rec = {"bench": "sweep", "o": o, "i": i, "m": m, "config": _cfg_dict(cfg)}
 
-                def op(x, w, cfg=cfg):
-                    return pallas_gpu.ternary_matmul_pallas(x, w, interpret=interpret, config=cfg)
+                def op(x, ws, i, cfg=cfg):
+                    return pallas_gpu.ternary_matmul_pallas(x, ws, i, interpret=interpret,
+                                                            config=cfg)
 
                 try:
-                    rec["exact"] = bool(jnp.array_equal(op(x, packed[0]), ref))
+                    rec["exact"] = bool(jnp.array_equal(op(x, packed, jnp.int32(0)), ref))
                     sec = time_per_call(op, x, packed, args.reps)
                 except Exception as e:
                     rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -300,8 +313,7 @@ def cmd_env(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Model-level hooks (lead-owned). They use the model API as it stands (load_config, init_params,
-# pack_params, init_cache, apply, unembed, forward); the lead finishes them.
+# Model level: a random 2B4T-shaped model built on the host, run by the real engine
 
 
 def _policy(name: str, kernel: str):
@@ -311,104 +323,92 @@ def _policy(name: str, kernel: str):
     return Policy(param_dtype=dtype, compute_dtype=dtype, output_dtype="float32", kernel=kernel)
 
 
-def _random_model(config_path: str, layers: int | None, policy, seed: int = 0):
-    from bitnet_jax import init_params, load_config, pack_params
+# The 81 bytes whose four 2-bit planes all hold a valid code 0..2 (quant.py layout).
+_VALID_BYTES = np.array([a | b << 2 | c << 4 | d << 6 for a in range(3) for b in range(3)
+                         for c in range(3) for d in range(3)], np.uint8)
+
+
+def random_model(config_path: str, layers: int = 0, seed: int = 0):
+    """A Model with random packed ternary weights, built with NumPy on the host (seconds for
+    2B4T; no jax work until the engine places it). Weight scales 1/sqrt(2I/3) keep activations
+    O(1) through the layers, so bf16 logits stay finite and decoding runs every step."""
+    from bitnet_jax.formats.base import Model
+    from bitnet_jax.model.config import load_config
+    from bitnet_jax.runtime.memory import param_specs
 
     cfg = load_config(config_path)
     if layers:
         cfg = cfg.replace(num_hidden_layers=layers)
-    params = pack_params(init_params(cfg, jax.random.PRNGKey(seed), policy), cfg)
-    return cfg, params
+    rng = np.random.default_rng(seed)
+    specs = param_specs(cfg, _policy("f32", "auto"))
+
+    def leaf(path, spec):
+        name = jax.tree_util.keystr(path)
+        if spec.dtype == jnp.uint8:
+            return _VALID_BYTES[rng.integers(0, 81, spec.shape, dtype=np.uint8)]
+        if name.endswith("['scale']"):
+            i = specs_i[name.rsplit("['scale']", 1)[0]]
+            return np.full(spec.shape, 1.0 / math.sqrt(2 * i / 3), np.float32)
+        if "norm" in name:
+            return np.ones(spec.shape, np.float32)
+        return rng.standard_normal(spec.shape, dtype=np.float32)
+
+    flat = jax.tree_util.tree_flatten_with_path(specs)[0]
+    specs_i = {jax.tree_util.keystr(p).rsplit("['packed']", 1)[0]: s.shape[-1]
+               for p, s in flat if jax.tree_util.keystr(p).endswith("['packed']")}
+    params = jax.tree_util.tree_map_with_path(leaf, specs)
+    return Model(cfg, params, tokenizer=None)
+
+
+def _peak_bytes():
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use"), stats.get("bytes_limit")
 
 
 def cmd_decode(args) -> None:
-    """Greedy decode tokens/s with random weights: prefill, then `new` steps in one jitted scan."""
+    """Decode tokens/s of the real engine (runtime.benchmark: generate with greedy sampling,
+    after a warm-up run) on a random 2B4T-shaped model, per policy, kernel and batch."""
     _check_backend(args.allow_cpu)
-    from bitnet_jax.model.attention import init_cache
-    from bitnet_jax.model.transformer import apply, unembed
+    from bitnet_jax.runtime.benchmark import benchmark
 
-    # TODO(lead): switch to the shipped loop (bitnet_jax.runtime.benchmark.benchmark(model, prompt_tokens=,
-    # gen_tokens=, batch=) was landing as this was written) so this measures sampling, stop
-    # tokens and donation too; this stand-in is a greedy scan over model.apply + unembed.
+    backend = "gpu" if _on_gpu() else "cpu"
+    model = random_model(args.config, args.layers)
     for pol_name in args.policies.split(","):
         for kernel in args.kernels.split(","):
-            policy = _policy(pol_name, kernel)
-            cfg, params = _random_model(args.config, args.layers, policy)
             for batch in _parse_ints(args.batch):
                 rec = {"bench": "decode", "policy": pol_name, "kernel": kernel, "batch": batch,
                        "prompt": args.prompt_len, "new": args.new_tokens,
-                       "layers": cfg.num_hidden_layers, "config": Path(args.config).name}
+                       "layers": model.config.num_hidden_layers,
+                       "config": Path(args.config).name}
                 try:
-                    length = args.prompt_len + args.new_tokens
-                    prompt = jax.random.randint(jax.random.PRNGKey(batch), (batch, args.prompt_len),
-                                                0, cfg.vocab_size, jnp.int32)
-
-                    @jax.jit
-                    def prefill(params, prompt):
-                        cache = init_cache(cfg, batch, length, policy.compute)
-                        h, cache = apply(params, prompt, cfg, policy, cache=cache)
-                        tok = jnp.argmax(unembed(params, h[:, -1], cfg, policy), -1)
-                        return tok.astype(jnp.int32), cache
-
-                    @jax.jit
-                    def decode(params, tok, cache):
-                        def step(carry, _):
-                            tok, cache, index = carry
-                            h, cache = apply(params, tok[:, None], cfg, policy, cache=cache,
-                                             pos=jnp.full((batch,), index, jnp.int32))
-                            nxt = jnp.argmax(unembed(params, h[:, -1], cfg, policy), -1)
-                            return (nxt.astype(jnp.int32), cache, index + 1), nxt
-
-                        init = (tok, cache, jnp.int32(args.prompt_len))
-                        _, toks = jax.lax.scan(step, init, None, length=args.new_tokens)
-                        return toks
-
-                    t0 = time.perf_counter()
-                    tok, cache = jax.block_until_ready(prefill(params, prompt))
-                    decode(params, tok, cache).block_until_ready()  # compile + warm
-                    rec["compile_s"] = round(time.perf_counter() - t0, 1)
-                    t0 = time.perf_counter()
-                    tok, cache = jax.block_until_ready(prefill(params, prompt))
-                    t_prefill = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    decode(params, tok, cache).block_until_ready()
-                    t_decode = time.perf_counter() - t0
-                except Exception as e:
+                    out = benchmark(model, prompt_tokens=args.prompt_len,
+                                    gen_tokens=args.new_tokens, batch=batch, backend=backend,
+                                    policy=_policy(pol_name, kernel))
+                except Exception as e:  # report it; one failure must not stop the table
                     rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
                     emit(rec)
                     continue
-                rec.update(prefill_ms=round(t_prefill * 1e3, 2),
-                           ms_per_step=round(t_decode / args.new_tokens * 1e3, 3),
-                           tokens_per_s=round(batch * args.new_tokens / t_decode, 1))
+                peak, limit = _peak_bytes()
+                rec.update({k: (round(v, 3) if isinstance(v, float) else v)
+                            for k, v in out.items()}, peak_bytes_in_use=peak, bytes_limit=limit)
                 emit(rec)
-            del params
-
-
-def _cast_float_params(params, dtype):
-    """Cast float leaves (embeddings, norms) to `dtype`; packed leaves, scales included, stay."""
-    from bitnet_jax.quant import is_packed
-
-    def cast(a):
-        if is_packed(a) or not jnp.issubdtype(a.dtype, jnp.floating):
-            return a
-        return a.astype(dtype)
-
-    return jax.tree.map(cast, params, is_leaf=is_packed)
 
 
 def cmd_parity(args) -> None:
-    """Logits of one random model on the GPU (each kernel/policy) vs float32 XLA on the CPU."""
+    """Logits of one random model on the device (each kernel/policy) vs float32 XLA on the CPU."""
     _check_backend(args.allow_cpu)
     from bitnet_jax import forward
 
     cpu = jax.devices("cpu")[0]
     ref_policy = _policy("f32", "xla")
-    cfg, params = _random_model(args.config, args.layers, ref_policy, seed=3)
-    tokens = jax.random.randint(jax.random.PRNGKey(5), (args.batch, args.tokens), 0,
-                                cfg.vocab_size, jnp.int32)
+    model = random_model(args.config, args.layers, seed=3)
+    cfg, params = model.config, model.params
+    tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (args.batch, args.tokens))
+    tokens = tokens.astype(np.int32)
     with jax.default_device(cpu):
         ref = np.asarray(jax.jit(lambda p, t: forward(p, t, cfg, ref_policy))(
             jax.device_put(params, cpu), jax.device_put(tokens, cpu)))
+    dev = jax.devices()[0]
     for pol_name in args.policies.split(","):
         for kernel in args.kernels.split(","):
             policy = _policy(pol_name, kernel)
@@ -416,10 +416,11 @@ def cmd_parity(args) -> None:
                    "matmul_precision": args.matmul_precision,
                    "layers": cfg.num_hidden_layers, "tokens": args.tokens, "batch": args.batch}
             try:
-                p = _cast_float_params(params, policy.param)
+                p = jax.device_put(_cast_float_params(params, policy.param), dev)
                 # f32 dots on Hopper default to TF32; "highest" isolates kernel differences.
                 with jax.default_matmul_precision(args.matmul_precision):
-                    got = np.asarray(jax.jit(lambda p, t: forward(p, t, cfg, policy))(p, tokens))
+                    got = np.asarray(jax.jit(lambda p, t: forward(p, t, cfg, policy))(
+                        p, jax.device_put(tokens, dev)))
             except Exception as e:
                 rec["error"] = f"{type(e).__name__}: {str(e)[:400]}"
                 emit(rec)
@@ -430,6 +431,19 @@ def cmd_parity(args) -> None:
                        argmax_agree=float(np.mean(got.argmax(-1) == ref.argmax(-1))),
                        finite=bool(np.isfinite(got).all()))
             emit(rec)
+
+
+def _cast_float_params(params, dtype):
+    """Cast float leaves (embeddings, norms) to `dtype`; packed leaves, scales included, stay."""
+    from bitnet_jax.quant import is_packed
+
+    def cast(a):
+        if is_packed(a):
+            return a
+        a = np.asarray(a)
+        return a.astype(dtype) if np.issubdtype(a.dtype, np.floating) else a
+
+    return jax.tree.map(cast, params, is_leaf=is_packed)
 
 
 # ------------------------------------------------------------------------------------------------

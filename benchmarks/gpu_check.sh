@@ -3,48 +3,52 @@
 # internet). Prints one JSON object per line; full logs go to $OUT (the device tool returns
 # them) or /tmp/bitnet_gpu_check.
 #
-# Usage (repo root):  bash benchmarks/gpu_check.sh [STAGE ...]
-#   stages, in the default order: env tests kernels decode parity sweep
-#   per-stage wall limits (seconds) via env: T_TESTS=150 T_KERNELS=150 T_DECODE=150
-#   T_PARITY=60 T_SWEEP=40 (defaults sum to ~560 s, inside one 600 s device command).
-#   Through the device tool:  run(command="bash benchmarks/gpu_check.sh", timeout_s=600,
-#   carry=[".whl"]); a second call can run the rest, e.g. "bash benchmarks/gpu_check.sh sweep"
-#   with T_SWEEP=400.
+# Usage (repo root):
+#   bash benchmarks/gpu_check.sh [STAGE ...]     on a GPU; stages: env tests kernels parity decode
+#                                                 (default, in this order) and sweep (extra)
+#   bash benchmarks/gpu_check.sh --smoke [STAGE ...]   the same stages on CPU with tiny shapes
+#                                                 (Pallas in interpret mode): checks the script
+# Per-stage wall limits (seconds, env): T_ENV=30 T_TESTS=90 T_KERNELS=60 T_PARITY=60
+# T_DECODE=200 T_SWEEP=120. The default stages sum to 440 s, under 8 minutes with start-up, so a
+# rerun fits in a 15-minute GPU window. Through the device tool:
+#   run(command="bash benchmarks/gpu_check.sh", timeout_s=540, carry=[".whl"])
+# PYTHON=... picks the interpreter (default python3; --smoke prefers .venv/bin/python).
 #
-# $OUT receives at most 7 files (the tool returns 8): one log per stage plus pallas_tests.xml.
-#
-# Packages. The device image already has jax 0.11.2 (+ jax-cuda13 plugin/pjrt), numpy,
-# safetensors, sentencepiece, tokenizers, tiktoken, jinja2, tqdm, optax, flax and pytest
-# (/work/.library/device/KINDS.md). Only **gguf** is missing; its own needs (numpy, pyyaml,
-# requests, tqdm) are there. Fetch it once on the dev machine, in the repo root (.whl/ is
-# git-ignored), and name .whl in `carry`:
+# Packages. The device image has jax 0.11.2 (+ jax-cuda13 plugin/pjrt), numpy, sentencepiece,
+# tokenizers, tiktoken, jinja2, tqdm, flax, optax and pytest. Wheels in .whl/ (git-ignored;
+# name it in `carry`) are installed first when present, e.g. gguf:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-#     --platform manylinux2014_x86_64 -d .whl gguf==0.19.0
-# The kernel stages do not need gguf; the script installs .whl/*.whl when present and goes on
-# without them otherwise.
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl gguf==0.19.0
 #
-# What each stage answers (nothing here has run on a GPU yet):
-#   env      device kind, jax/jaxlib versions, whether the Pallas Triton backend is present.
+# What each stage answers:
+#   env      device kind, jax/jaxlib versions, Pallas Triton backend present, nvidia-smi.
 #   tests    tests/test_kernels_pallas.py compiled on the GPU (interpret=None -> compiled):
-#            does Triton IR -> PTX compile under jax 0.11.2 / CUDA 13, and is it exact?
-#   kernels  timing table on the 2B4T shapes (OxI 2560x2560, 640x2560, 6912x2560, 2560x6912)
-#            at M=1,8,32,64,512: pallas vs xla_int8 (in-graph unpack) vs xla_int8_dense vs
-#            bf16_dot, with a parity flag for pallas.
-#   decode   [lead-owned] greedy decode tokens/s, random 2B4T weights, batch 1/8/32/64,
-#            bf16 policy with the pallas and xla kernels (f32 at batch 1 and 64).
-#   parity   [lead-owned] GPU logits (f32/bf16, pallas/xla) vs the float32 CPU reference.
-#   sweep    Pallas block-config sweep, to retune pallas_gpu.default_config.
+#            ternary matmul (fused, stacked, masked) bit for bit and cached attention.
+#   kernels  Pallas == XLA (exact flag) and timings on the 2B4T linear shapes at M=1,8,64,512.
+#   parity   device logits (f32/bf16, pallas/xla) vs the CPU float32 reference, 4 layers.
+#   decode   the real engine (runtime.benchmark) on a random 2B4T-shaped model built on the
+#            host: decode tokens/s at batch 1, 8, 64 in bf16 and f32, peak memory_stats().
+#   sweep    Pallas block-config sweep, to retune pallas.default_config (not in the default).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+SMOKE=0
+if [ "${1:-}" = "--smoke" ]; then
+  SMOKE=1
+  shift
+fi
 OUTDIR="${OUT:-/tmp/bitnet_gpu_check}"
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+if [ "$SMOKE" = 1 ] && [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then
+  PY=.venv/bin/python
+fi
 
 if compgen -G ".whl/*.whl" >/dev/null; then
-  if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl >/tmp/bitnet_pip.log 2>&1; then
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
     echo '{"bench": "wheels", "status": "installed"}'
@@ -54,7 +58,23 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(env tests kernels decode parity sweep)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(env tests kernels parity decode)
+
+if [ "$SMOKE" = 1 ]; then  # tiny shapes on CPU: Pallas in interpret mode
+  ALLOW=(--allow-cpu)
+  CONFIG=configs/tiny.json
+  KERNEL_ARGS=(--shapes 48x32,16x48 --ms 1,3,70 --reps 1 --max-copies 4)
+  PARITY_ARGS=(--config "$CONFIG" --tokens 8)
+  DECODE_ARGS=(--config "$CONFIG" --batch 1,8 --prompt-len 8 --new-tokens 8)
+  SWEEP_ARGS=(--shapes 48x32 --ms 1 --reps 1 --max-copies 4)
+else
+  ALLOW=()
+  CONFIG=configs/bitnet-b1.58-2B-4T.json
+  KERNEL_ARGS=(--ms 1,8,64,512 --methods pallas,xla_int8,bf16_dot --reps 3)
+  PARITY_ARGS=(--config "$CONFIG" --layers 4 --tokens 16)
+  DECODE_ARGS=(--config "$CONFIG" --batch 1,8,64 --prompt-len 16 --new-tokens 64)
+  SWEEP_ARGS=(--ms 1,8,64,512 --reps 3)
+fi
 
 # stage NAME LIMIT CMD...: run with a wall limit, tee the log, print a JSON status line.
 stage() {
@@ -63,11 +83,11 @@ stage() {
   local t0=$SECONDS
   timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUTDIR/$name.log"
   local rc=${PIPESTATUS[0]}
-  echo "{\"bench\": \"stage\", \"stage\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - t0)), \"timed_out\": $([ "$rc" = 124 ] && echo true || echo false)}"
+  echo "{\"bench\": \"stage\", \"stage\": \"$name\", \"smoke\": $SMOKE, \"rc\": $rc, \"seconds\": $((SECONDS - t0)), \"timed_out\": $([ "$rc" = 124 ] && echo true || echo false)}"
 }
 
 tests_to_json() {
-  python3 - "$OUTDIR/pallas_tests.xml" <<'EOF'
+  "$PY" - "$OUTDIR/pallas_tests.xml" <<'EOF'
 import json, sys
 import xml.etree.ElementTree as ET
 try:
@@ -82,6 +102,8 @@ for case in root.iter("testcase"):
         if node is not None:
             outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
             detail = (node.get("message") or "")[:300]
+    if outcome == "passed":
+        continue  # the summary line says how many passed
     rec = {"bench": "test", "name": case.get("name"), "outcome": outcome,
            "seconds": round(float(case.get("time", 0)), 2)}
     if detail:
@@ -96,29 +118,29 @@ for s in "${STAGES[@]}"; do
       nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem \
         --format=csv,noheader >/tmp/bitnet_nvidia_smi.txt 2>&1 || true
       echo "{\"bench\": \"nvidia-smi\", \"line\": \"$(head -1 /tmp/bitnet_nvidia_smi.txt | tr -d '"\\')\"}"
-      stage env 60 python3 -m benchmarks.bench_gpu env
+      stage env "${T_ENV:-30}" "$PY" -m benchmarks.bench_gpu env
       ;;
     tests)
-      stage tests "${T_TESTS:-150}" python3 -m pytest -q -p no:cacheprovider \
+      stage tests "${T_TESTS:-90}" "$PY" -m pytest -q -p no:cacheprovider \
         tests/test_kernels_pallas.py --junitxml="$OUTDIR/pallas_tests.xml"
       tests_to_json
       ;;
     kernels)
-      stage kernels "${T_KERNELS:-150}" python3 -m benchmarks.bench_gpu kernels
-      ;;
-    decode)
-      # TODO(lead): extend once bitnet_jax.runtime.generate lands (see bench_gpu.cmd_decode).
-      stage decode "${T_DECODE:-150}" bash -c '
-        python3 -m benchmarks.bench_gpu decode --policies bf16 --kernels pallas,xla --batch 1,8,32,64 &&
-        python3 -m benchmarks.bench_gpu decode --policies f32 --kernels pallas --batch 1,64'
+      stage kernels "${T_KERNELS:-60}" "$PY" -m benchmarks.bench_gpu kernels "${ALLOW[@]}" \
+        "${KERNEL_ARGS[@]}"
       ;;
     parity)
-      stage parity "${T_PARITY:-60}" python3 -m benchmarks.bench_gpu parity
+      stage parity "${T_PARITY:-60}" "$PY" -m benchmarks.bench_gpu parity "${ALLOW[@]}" \
+        "${PARITY_ARGS[@]}"
+      ;;
+    decode)
+      stage decode "${T_DECODE:-200}" "$PY" -m benchmarks.bench_gpu decode "${ALLOW[@]}" \
+        "${DECODE_ARGS[@]}" --policies bf16,f32 --kernels auto
       ;;
     sweep)
       # bench_gpu stops itself at its budget, 10 s before the stage's wall limit.
-      stage sweep "${T_SWEEP:-40}" python3 -m benchmarks.bench_gpu sweep --ms 1,8,64,512 \
-        --reps 3 --budget-s "$(( ${T_SWEEP:-40} - 10 ))"
+      stage sweep "${T_SWEEP:-120}" "$PY" -m benchmarks.bench_gpu sweep "${ALLOW[@]}" \
+        "${SWEEP_ARGS[@]}" --budget-s "$(( ${T_SWEEP:-120} - 10 ))"
       ;;
     *)
       echo "{\"bench\": \"error\", \"error\": \"unknown stage $s\"}"

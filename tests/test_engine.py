@@ -238,3 +238,14 @@ def test_memory_stays_bounded_over_a_thousand_requests(served):
     assert grown < 2_000_000, f"{grown} bytes kept after 900 requests"
     assert dict(engine.TRACES) == before
     assert served.stats() == {"slots": 4, "queue_depth": 0, "busy_slots": 0}
+
+
+def test_an_engine_that_does_not_fit_is_refused_before_allocating(chat_model, monkeypatch):
+    # BITNET_JAX_MEMORY_LIMIT is the budget (a GPU's free memory where the device reports it).
+    from bitnet_jax.errors import DeviceError
+
+    kv_per_slot = 2 * 2 * 2 * 8 * 64 * 4  # 2 (k, v) x L x K x H x S x float32: 16 KiB
+    monkeypatch.setenv("BITNET_JAX_MEMORY_LIMIT", str(20 * kv_per_slot))
+    with pytest.raises(DeviceError, match=r"use at most \d+ slots at context 64"):
+        Engine(chat_model, slots=64, context=64)
+    Engine(chat_model, slots=4, context=64)  # fits

@@ -504,6 +504,14 @@ def test_serve_bad_flag_is_one_line(capsys):
     assert len(err) == 1 and "--port" in err[0]
 
 
+def test_serve_refuses_multi_host_with_one_line(capsys):
+    # Multi-host serving would need every process to follow process 0's engine steps.
+    assert cli_main(["serve", "--coordinator", "127.0.0.1:1", "--num-processes", "2",
+                     "--process-id", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "one host" in err[0] and "--tensor-parallel" in err[0]
+
+
 def test_serve_without_the_extra_says_how_to_install_it(monkeypatch, capsys):
     import importlib.util
     real = importlib.util.find_spec

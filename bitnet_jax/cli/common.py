@@ -2,8 +2,10 @@
 
   add_model_argument(parser)          --model, defaulting to the bundled model
   resolve_model(value) -> Path        the --model value, or the bundled model (checked)
-  add_model_args(parser)              --model, --backend, --lm-head, --kv-cache
-  load_model_from_args(args)          check the backend, then load the model
+  add_model_args(parser)              --model, --backend, --lm-head, --kv-cache, and the
+                                      multi-device flags (--tensor-parallel, --data-parallel,
+                                      --coordinator, --num-processes, --process-id)
+  load_model_from_args(args)          start multi-host JAX, check the backend, load (sharded)
   run_policy(args, model)             the precision policy with --lm-head/--kv-cache applied
   add_sampling_args(parser)           --max-tokens, --temperature, --top-k, ... (checked)
   sampling_params(args)               SamplingParams from those flags
@@ -16,13 +18,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
+
+import jax
 
 from bitnet_jax.errors import BitNetError, CheckpointError
 from bitnet_jax.formats import loader
 from bitnet_jax.model.params import lm_head_format
 from bitnet_jax.model.policy import get_policy
+from bitnet_jax.model import sharding
 from bitnet_jax.runtime.placement import resolve_device, resolve_policy
 from bitnet_jax.runtime.sampling import SamplingParams
 
@@ -64,14 +70,74 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache", choices=("auto", "float32", "float16", "bfloat16"),
                         default="auto", help="KV cache dtype (auto: float16 on CPU, as "
                         "llama.cpp; the compute dtype on GPU)")
+    group = parser.add_argument_group("multiple devices (README, Multiple devices)")
+    group.add_argument("--tensor-parallel", type=positive_int, default=1, metavar="N",
+                       help="split the model over N devices (default 1)")
+    group.add_argument("--data-parallel", type=positive_int, default=1, metavar="M",
+                       help="split the batch over M groups of those (default 1)")
+    group.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="multi-host: process 0's address for jax.distributed (or "
+                       "JAX_COORDINATOR_ADDRESS); with --num-processes and --process-id")
+    group.add_argument("--num-processes", type=positive_int, metavar="N",
+                       help="multi-host: number of processes")
+    group.add_argument("--process-id", type=non_negative_int, metavar="I",
+                       help="multi-host: this process's index; only process 0 prints")
 
 
 def load_model_from_args(args: argparse.Namespace):
-    """Check the backend first (fail fast), then load args.model (default: the bundled one)."""
-    resolve_device(args.backend)
+    """Start multi-host JAX if asked (before anything touches a device), check the backend
+    (fail fast), then load args.model (default: the bundled one), sharded over the
+    --tensor-parallel x --data-parallel mesh when that is larger than one device."""
+    start_distributed(args)
+    device = resolve_device(args.backend)
     path = resolve_model(args.model)
     # The int8 LM head is made while loading, so the float table is never held in full.
-    return loader.load_model(path, policy=get_policy("cpu").replace(lm_head=args.lm_head))
+    policy = get_policy("cpu").replace(lm_head=args.lm_head)
+    return loader.load_model(path, policy=policy, mesh=run_mesh(args, device.platform))
+
+
+def start_distributed(args: argparse.Namespace) -> None:
+    """jax.distributed.initialize for --coordinator/--num-processes/--process-id (or JAX's
+    environment variables); every process but 0 then writes nothing to stdout."""
+    flags = (args.coordinator, args.num_processes, args.process_id)
+    if all(f is None for f in flags) and not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return
+    try:
+        jax.distributed.initialize(coordinator_address=args.coordinator,
+                                   num_processes=args.num_processes, process_id=args.process_id)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BitNetError(f"multi-host start failed ({first}); pass --coordinator HOST:PORT "
+                          "--num-processes N --process-id I on every process.") from None
+    _keep_stdout_for_text(jax.process_index() == 0)
+
+
+def _keep_stdout_for_text(printer: bool) -> None:
+    """stdout carries only process 0's text: the CPU collectives (gloo) write notes to file
+    descriptor 1 from C++, so fd 1 now points at stderr and sys.stdout at a copy of the real
+    stdout (process 0) or at /dev/null (the others)."""
+    sys.stdout.flush()
+    if printer:
+        out = os.fdopen(os.dup(1), "w", encoding=sys.stdout.encoding, errors=sys.stdout.errors,
+                        buffering=1)
+    else:
+        out = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
+    os.dup2(2, 1)
+    sys.stdout = out
+
+
+def run_mesh(args: argparse.Namespace, platform: str):
+    """The data x tensor mesh of --data-parallel and --tensor-parallel on `platform`'s devices,
+    or None for one device in one process."""
+    tp, dp = args.tensor_parallel, args.data_parallel
+    devices = jax.devices(platform)
+    if jax.process_count() > 1 and tp * dp != len(devices):
+        raise BitNetError(f"{jax.process_count()} processes hold {len(devices)} devices, but "
+                          f"--data-parallel x --tensor-parallel = {dp} x {tp} uses {tp * dp}; "
+                          "make the mesh cover every device.")
+    if tp * dp == 1:
+        return None
+    return sharding.make_mesh(tensor=tp, data=dp, devices=devices)
 
 
 def run_policy(args: argparse.Namespace, model):

@@ -59,6 +59,13 @@ def main(argv: list[str]) -> int:
     if missing:
         raise BitNetError(f"`bitnet-jax serve` needs the [serve] extra ({', '.join(missing)} "
                           "missing); install it with `pip install \"bitnet-jax[serve]\"`.")
+    if (args.coordinator is not None or (args.num_processes or 1) > 1
+            or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        # Every process would have to follow process 0's engine steps in lockstep, and the
+        # requests reach process 0 only: not built. One host's devices can be used in full.
+        raise BitNetError("`bitnet-jax serve` runs on one host; drop --coordinator/"
+                          "--num-processes and use --tensor-parallel/--data-parallel over this "
+                          "host's devices, or run one server per host behind a load balancer.")
     if args.api_key is not None and not args.api_key.strip():
         raise BitNetError("--api-key is empty; pass a non-empty key or leave it out.")
     # Imported once the extra is known to be there, so its absence is the one line above.

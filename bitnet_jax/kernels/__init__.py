@@ -3,12 +3,15 @@
   dispatch.py   the one place that picks "xla", "ffi" (CPU) or "pallas" (GPU)
   stacked.py    the layer scan over stacked params whose packed weights the kernels read in place
   xla.py        the plain XLA reference every other kernel is tested against
+  sharded.py    the custom kernels per shard inside shard_map on a sharded model
   cpu/          the jax.ffi CPU kernels (C++ sources and their loader)
-  gpu/          the Pallas GPU kernel
+  gpu/          the Pallas GPU kernels (ternary matmul, cached attention), the kernel="auto"
+                fallback, and the compile-only GPU tools (aot.py, hlo.py)
 """
 
-from bitnet_jax.kernels.dispatch import (attention_kernel, cached_attention_ffi, choose_kernel,
-                                         int8_matmul, ternary_matmul, ternary_matmul_many)
+from bitnet_jax.kernels.dispatch import (attention_kernel, cached_attention_ffi,
+                                         cached_attention_pallas, choose_kernel, int8_matmul,
+                                         ternary_matmul, ternary_matmul_many)
 
-__all__ = ["attention_kernel", "cached_attention_ffi", "choose_kernel", "int8_matmul",
-           "ternary_matmul", "ternary_matmul_many"]
+__all__ = ["attention_kernel", "cached_attention_ffi", "cached_attention_pallas",
+           "choose_kernel", "int8_matmul", "ternary_matmul", "ternary_matmul_many"]

@@ -3,8 +3,8 @@
 `ternary_matmul(x_q [M, I] int8, packed [O/4, I] uint8) -> [M, O] int32` is exact, so every
 implementation must agree bit for bit with `ternary_matmul_xla` (parity tests in tests/).
 `packed` may also be the stacked [L, O/4, I] weights of all layers with a `layer` index; the CPU
-kernel reads that matrix in place, the others slice it first. `int8_matmul` is the int8 LM head
-([M, I] x [V, I] int8 -> [M, V] int32), through the CPU kernel or XLA's int8 dot.
+and Pallas kernels read that matrix in place, XLA slices it first. `int8_matmul` is the int8 LM
+head ([M, I] x [V, I] int8 -> [M, V] int32), through the CPU kernel or XLA's int8 dot.
 `attention_kernel` says whether cached attention runs the CPU kernel (cpu/attention_cpu.h).
 
 The implementation is chosen at trace time by `choose_kernel` from a policy's `kernel`:
@@ -12,14 +12,23 @@ The implementation is chosen at trace time by `choose_kernel` from a policy's `k
   "xla"     in-graph unpack + int8 dot (portable reference)
   "ffi"     packed CPU kernel through jax.ffi (AVX-512/VNNI, AVX2 or portable C++)
   "pallas"  Pallas GPU kernel
-  "auto"    ffi on CPU when the extension loads, pallas on GPU, xla otherwise
+  "auto"    ffi on CPU when the extension loads, pallas on GPU (xla, with one warning, where
+            the Pallas kernel does not compile: kernels/gpu/fallback.py), xla otherwise
+
+The platform is the one the program is traced for: jax's default device when one is set (a
+compile-only GPU included), else the default backend (kernels/gpu/platform.py).
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
+from bitnet_jax.kernels import sharded
 from bitnet_jax.kernels.cpu import ffi as cpu_ffi
+from bitnet_jax.kernels.gpu import fallback as gpu_fallback
+from bitnet_jax.kernels.gpu.platform import default_platform
 from bitnet_jax.kernels.xla import int8_matmul_xla, ternary_matmul_xla
 
 GPU_PLATFORMS = ("gpu", "cuda", "rocm")
@@ -30,11 +39,12 @@ def choose_kernel(kernel: str = "auto", platform: str | None = None) -> str:
 
     Args:
       kernel: "auto", "xla", "ffi" or "pallas".
-      platform: "cpu", "gpu", "cuda", "rocm", ... (default: JAX's default backend).
+      platform: "cpu", "gpu", "cuda", "rocm", ... (default: the traced program's target,
+        kernels/gpu/platform.py).
     """
     if kernel != "auto":
         return kernel
-    platform = platform or jax.default_backend()
+    platform = platform or default_platform()
     if platform == "cpu":
         return "ffi" if cpu_ffi.available() else "xla"
     if platform in GPU_PLATFORMS:
@@ -55,43 +65,81 @@ def ternary_matmul(x_q: jax.Array, packed: jax.Array, kernel: str = "auto",
                    layer=None) -> jax.Array:
     """Dispatch [M, I] int8 x packed [O/4, I] -> [M, O] int32 to the chosen implementation.
 
-    With `layer` (int32 scalar), `packed` is [L, O/4, I] and matrix `layer` is used.
+    With `layer` (int32 scalar), `packed` is [L, O/4, I] and matrix `layer` is used. `packed`
+    may also be blocked, [(L,) P, O/(4P), I] (kernels/sharded.py, sharded models).
     """
-    kernel = choose_kernel(kernel)
+    return ternary_matmul_many(x_q, [packed], kernel, layer)[0]
+
+
+def _ternary_one(x_q: jax.Array, packed: jax.Array, kernel: str, layer) -> jax.Array:
+    """One standard-layout weight on one device with a resolved kernel."""
     if kernel == "ffi":
         return cpu_ffi.ternary_matmul_ffi(x_q, packed, layer)
-    if layer is not None:
-        packed = jax.lax.dynamic_index_in_dim(packed, layer, 0, keepdims=False)
-    if kernel == "pallas":
+    if kernel == "pallas":  # reads matrix `layer` of the stack in place
         # Deferred: see _pallas_importable.
         from bitnet_jax.kernels.gpu import pallas
 
-        return pallas.ternary_matmul_pallas(x_q, packed)
+        return pallas.ternary_matmul_pallas(x_q, packed, layer)
+    if layer is not None:
+        packed = jax.lax.dynamic_index_in_dim(packed, layer, 0, keepdims=False)
     return ternary_matmul_xla(x_q, packed)
 
 
 def ternary_matmul_many(x_q: jax.Array, packed: list, kernel: str = "auto",
                         layer=None) -> list:
-    """`ternary_matmul` for several weights sharing x_q; the CPU kernel does them in one call."""
-    kernel = choose_kernel(kernel)
+    """`ternary_matmul` for several weights sharing x_q; the CPU kernel does them in one call.
+
+    On sharded operands the XLA path is partitioned by the compiler and the custom kernels run
+    per shard (kernels/sharded.py).
+    """
+    chosen = choose_kernel(kernel)
+    if (kernel == "auto" and chosen == "pallas"
+            and not any(sharded.is_blocked(w, layer) for w in packed)
+            and not gpu_fallback.pallas_usable(x_q, packed, layer)):
+        chosen = "xla"
+    kernel = chosen
+    if kernel == "xla":
+        return [sharded.blocked_matmul_xla(x_q, w, layer) if sharded.is_blocked(w, layer)
+                else _ternary_one(x_q, w, kernel, layer) for w in packed]
+    return sharded.ternary_many(functools.partial(_custom_many, kernel), x_q, packed, layer)
+
+
+def _custom_many(kernel: str, x_q: jax.Array, packed: list, layer) -> list:
     if kernel == "ffi":
         return cpu_ffi.ternary_matmul_many_ffi(x_q, packed, layer)
-    return [ternary_matmul(x_q, w, kernel, layer) for w in packed]
+    if kernel == "pallas":  # one pallas_call for all of them (q/k/v, gate/up)
+        # Deferred: see _pallas_importable.
+        from bitnet_jax.kernels.gpu import pallas
+
+        return pallas.ternary_matmul_many_pallas(x_q, packed, layer)
+    return [_ternary_one(x_q, w, kernel, layer) for w in packed]
 
 
 def int8_matmul(x_q: jax.Array, w: jax.Array, kernel: str = "auto") -> jax.Array:
     """[M, I] int8 x [V, I] int8 -> [M, V] int32: the CPU kernel for "ffi" (and "auto" on CPU),
     XLA's int8 dot otherwise."""
     if choose_kernel(kernel) == "ffi":
-        return cpu_ffi.int8_matmul_ffi(x_q, w)
+        return sharded.int8_head(cpu_ffi.int8_matmul_ffi, x_q, w)
     return int8_matmul_xla(x_q, w)
 
 
 def attention_kernel(kernel: str, q: jax.Array, cache_k: jax.Array) -> str:
-    """"ffi" if cached attention should run the CPU kernel (cpu/attention_cpu.h), else "xla"."""
-    if choose_kernel(kernel) != "ffi":
+    """Which cached attention runs: "ffi" (the CPU kernel, cpu/attention_cpu.h), "pallas" (the
+    GPU kernel, gpu/attention.py: `cached_attention_pallas`) or "xla" (model/attention.py)."""
+    chosen = choose_kernel(kernel)
+    if chosen == "pallas":
+        # Deferred: see _pallas_importable.
+        from bitnet_jax.kernels.gpu import attention as gpu_attention
+
+        usable = (gpu_attention.usable(q.shape, cache_k.shape)
+                  and sharded.attention_shardable(q, cache_k))
+        if usable and kernel == "auto":
+            usable = gpu_fallback.attention_usable(q, cache_k)
+        return "pallas" if usable else "xla"
+    if chosen != "ffi":
         return "xla"
-    return "ffi" if cpu_ffi.attention_usable(q, cache_k) else "xla"
+    usable = cpu_ffi.attention_usable(q, cache_k) and sharded.attention_shardable(q, cache_k)
+    return "ffi" if usable else "xla"
 
 
 def cached_attention_ffi(q, cache_k, cache_v, layer, rows, pos) -> jax.Array:
@@ -100,4 +148,14 @@ def cached_attention_ffi(q, cache_k, cache_v, layer, rows, pos) -> jax.Array:
     q [Bq, T, N, H]; caches [L, B, K, S, H]; layer int32 []; rows, pos int32 [Bq]: query t of
     row i sits at position pos[i] + t of cache row rows[i] and sees its positions 0..pos[i] + t.
     """
-    return cpu_ffi.attention_ffi(q, cache_k, cache_v, layer, rows, pos)
+    return sharded.attention(cpu_ffi.attention_ffi, q, cache_k, cache_v, layer, rows, pos)
+
+
+def cached_attention_pallas(q, cache_k, cache_v, layer, rows, pos) -> jax.Array:
+    """The Pallas GPU attention kernel over one layer of the stacked cache, in place
+    (gpu/attention.py); same arguments as `cached_attention_ffi`, q in the compute dtype."""
+    # Deferred: see _pallas_importable.
+    from bitnet_jax.kernels.gpu import attention as gpu_attention
+
+    return sharded.attention(gpu_attention.cached_attention_pallas, q, cache_k, cache_v, layer,
+                             rows, pos)

@@ -5,8 +5,8 @@ scan slice that feeds a custom call is copied first: 7 MB per layer of the large
 bytes again as the kernel reads. So the packed uint8 [L, O/4, I] arrays are not scanned over:
 `scan_layers` hands each layer the whole stack plus the layer index, as the leaf
 {"packed": [L, O/4, I], "layer": l, "scale": []}, and kernels.dispatch passes both to the kernel
-(the CPU kernel reads matrix l in place; the others slice it). Everything else is scanned as
-usual.
+(the CPU and Pallas GPU kernels read matrix l in place; XLA slices it, which on a GPU unpacks
+one layer at a time). Everything else is scanned as usual.
 """
 
 from __future__ import annotations

@@ -59,15 +59,21 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, laye
     Returns:
       (out [Bq, T, N, H] in the compute dtype, the updated cache).
 
-    With the CPU kernel (kernels.attention_kernel) attention reads the layer's visible positions
-    in place (kernels/cpu/attention_cpu.h); otherwise XLA slices the layer out and runs `attend`
-    over all S positions.
+    The CPU kernel (kernels.attention_kernel: kernels/cpu/attention_cpu.h) and the Pallas GPU
+    kernel (kernels/gpu/attention.py) read the layer's visible positions of the stacked cache in
+    place; otherwise XLA slices the layer out (a copy) and runs `attend` over all S positions.
     """
     cache = kv_cache.write(cache, k, v, layer, pos, slot)
-    if kernels.attention_kernel(policy.kernel, q, cache["k"]) == "ffi":
+    kernel = kernels.attention_kernel(policy.kernel, q, cache["k"])
+    if kernel == "ffi":
         rows = kv_cache.cache_rows(q.shape[0], slot)
         out = kernels.cached_attention_ffi(q.astype(jnp.float32), cache["k"], cache["v"], layer,
                                            rows, pos)
+        return out.astype(policy.compute), cache
+    if kernel == "pallas":
+        rows = kv_cache.cache_rows(q.shape[0], slot)
+        out = kernels.cached_attention_pallas(q.astype(policy.compute), cache["k"], cache["v"],
+                                              layer, rows, pos)
         return out.astype(policy.compute), cache
     keys, values = kv_cache.layer_view(cache, layer, q.shape[0], slot)
     out = attend(q, keys.astype(policy.compute), values.astype(policy.compute), mask, cfg, policy)

@@ -38,6 +38,7 @@ penalty, temperature and filtering (vLLM's default); the top TOP_LOGPROBS come o
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import time
 import warnings
@@ -131,7 +132,7 @@ def _state_initializer(sharding):
 def new_state(cfg: ModelConfig, slots: int, length: int, dtype, eos_width: int,
               device: jax.Device, shardings=None) -> dict:
     """init_state, allocated on `device`, or with `shardings` (a pytree of shardings mirroring
-    the state: runtime/sharding.py's state_shardings) across a mesh."""
+    the state: model/sharding.py's state_shardings) across a mesh."""
     if shardings is not None:
         return jax.jit(init_state, static_argnums=(0, 1, 2, 3, 4), out_shardings=shardings)(
             cfg, slots, length, jnp.dtype(dtype), eos_width)
@@ -297,7 +298,10 @@ def compiled(fn, args: tuple, static: dict, device, out_shardings=None) -> tuple
         return exe, 0.0
     enable_compilation_cache()
     t0 = time.perf_counter()
-    exe = lower(fn, args, static, out_shardings).compile()
+    # kernel="auto" and the Pallas kernels read the target platform from the default device.
+    target = jax.default_device(device) if isinstance(device, jax.Device) else _nothing()
+    with target:
+        exe = lower(fn, args, static, out_shardings).compile()
     _COMPILED[key] = exe
     count = sum(k[0] == fn.__name__ for k in _COMPILED)
     if count == MANY_PROGRAMS:  # jax-notes §6.1: say so when shapes keep changing
@@ -305,6 +309,10 @@ def compiled(fn, args: tuple, static: dict, device, out_shardings=None) -> tuple
                       "requests with many different slot counts, prompt buckets or models each "
                       "need their own (see bitnet_jax.warmup).", stacklevel=3)
     return exe, time.perf_counter() - t0
+
+
+def _nothing():
+    return contextlib.nullcontext()
 
 
 def lower(fn, args: tuple, static: dict, out_shardings=None) -> jax.stages.Lowered:

@@ -11,11 +11,11 @@ One `step()`:
   1. drop cancelled / timed-out requests (queued or in a slot) and admit queued ones to free
      slots;
   2. run one prefill chunk (at most MAX_PREFILL_CHUNK tokens) of the oldest prefilling request;
-  3. run one decode chunk for the decoding slots: short (INTERLEAVED_STEPS) while prompts are
-     waiting so a long prompt is prefilled between decode chunks instead of stalling running
-     streams for its whole prefill (`interleave=True`, the server); with `interleave=False`
-     (batch `generate`) decoding waits until every admitted prompt is prefilled, so the batch
-     decodes together.
+  3. run one decode chunk for the decoding slots. With `interleave=True` (the server) it is
+     short, `stream_steps` steps: text reaches clients every few tokens, and a long prompt is
+     prefilled between decode chunks instead of stalling running streams for its whole
+     prefill. With `interleave=False` (batch `generate`) decoding waits until every admitted
+     prompt is prefilled, so the batch decodes together, DECODE_CHUNK steps per call.
 After each device call the host decodes text incrementally, checks stop strings
 (detokenize.py) and pushes events to each request's Handle (handle.py).
 
@@ -37,12 +37,13 @@ from bitnet_jax.errors import BitNetError, GenerationError
 from bitnet_jax.runtime import engine
 from bitnet_jax.runtime.detokenize import SequenceText
 from bitnet_jax.runtime.handle import Handle
-from bitnet_jax.runtime.placement import ensure_on_device, place_params, resolve_device, resolve_policy
+from bitnet_jax.runtime.placement import place_params, resolve_device, resolve_policy
 from bitnet_jax.runtime.request import eos_ids, request_knobs
+from bitnet_jax.runtime.runner import Runner
 from bitnet_jax.runtime.sampling import SamplingParams
 from bitnet_jax.runtime.sequence import Sequence
 
-INTERLEAVED_STEPS = 4
+STREAM_STEPS = 2  # a decode call's host round trip is < 1 ms; a large-model step 10-100 ms
 
 
 class QueueFull(BitNetError):
@@ -59,12 +60,14 @@ class Engine:
       backend, policy: as in `generate`.
       max_queue: requests that may wait for a slot; `submit` raises QueueFull beyond it.
       interleave: prefill chunks alternate with decode chunks (module docstring).
+      stream_steps: decode steps per call with `interleave` (1..DECODE_CHUNK).
       device: run on this device instead of resolving `backend`.
     """
 
     def __init__(self, model, *, slots: int = 8, context: int | None = None,
                  backend: str = "auto", policy=None, max_queue: int = 1024,
-                 interleave: bool = True, device: jax.Device | None = None):
+                 interleave: bool = True, device: jax.Device | None = None,
+                 stream_steps: int = STREAM_STEPS):
         if not 1 <= int(slots) <= engine.BATCH_BUCKETS[-1]:
             raise GenerationError(f"slots={slots} must be between 1 and "
                                   f"{engine.BATCH_BUCKETS[-1]}.", cli_message=(
@@ -79,20 +82,17 @@ class Engine:
         self.context = engine.cache_length(context or cfg.max_position_embeddings,
                                            cfg.max_position_embeddings)
         self.max_queue, self.interleave = max_queue, interleave
+        self.stream_steps = max(1, min(int(stream_steps), engine.DECODE_CHUNK))
         self.default_eos = eos_ids(model, ignore_eos=False)
         self.eos_width = max(len(self.default_eos), 1)
-        self.mesh = None
-        self.where = self.device
-        self.state_shardings = None
-        self._static = {"cfg": cfg, "policy": self.policy}
-        self._state = None
+        self.runner = Runner(cfg, self.policy, self.params, self.device, slots=self.slots,
+                             context=self.context, eos_width=self.eos_width)
         self._queue: collections.deque[Sequence] = collections.deque()
         self._active: list[Sequence | None] = [None] * self.slots
         self._ids = itertools.count()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.compile_s = 0.0
 
     # -- submitting ----------------------------------------------------------------------------
 
@@ -193,7 +193,7 @@ class Engine:
             seqs = list(self._queue) + [s for s in self._active if s is not None]
             self._queue.clear()
             self._active = [None] * self.slots
-        self._state = None  # rebuilt at the next step
+        self.runner.state = None  # rebuilt at the next step
         for seq in seqs:
             self._finish(seq, "error", message)
 
@@ -209,8 +209,8 @@ class Engine:
         # Prompts that can be prefilled now (a queued request with no free slot cannot).
         waiting = any(s is not None and s.plan for s in self._active)
         if decoding and (self.interleave or not waiting):
-            self._decode_chunk(decoding, engine.DECODE_CHUNK if not waiting or not
-                               self.interleave else INTERLEAVED_STEPS)
+            self._decode_chunk(decoding, self.stream_steps if self.interleave
+                               else engine.DECODE_CHUNK)
             did = True
         return did
 
@@ -252,34 +252,13 @@ class Engine:
                 self._active[seq.slot] = None
             self._lock.notify_all()
 
-    def _ensure_state(self) -> dict:
-        if self._state is None:
-            self._state = engine.new_state(self.cfg, self.slots, self.context,
-                                           self.policy.kv_cache, self.eos_width, self.device,
-                                           self.state_shardings)
-        return self._state
-
     # -- device calls --------------------------------------------------------------------------
 
     def _call(self, fn, args: tuple, static: dict, seqs: list[Sequence]):
-        exe, seconds = engine.compiled(fn, args, static, self.where, self._out_shardings())
-        self.compile_s += seconds
-        t0 = time.perf_counter()
-        result = exe(*args)
-        jax.block_until_ready(result)
-        elapsed = time.perf_counter() - t0
+        result, elapsed, seconds = self.runner.call(fn, args, static)
         for seq in seqs:
             seq.handle.usage.compile_s += seconds
         return result, elapsed
-
-    def _out_shardings(self):
-        if self.mesh is None:
-            return None
-        return (self.state_shardings, self.where)
-
-    def _host(self, tree):
-        """Device values as numpy, whole, on every process (also for a multi-host mesh)."""
-        return jax.device_get(tree)
 
     def _prefill_chunk(self, seq: Sequence) -> None:
         start, t = seq.plan.pop(0)
@@ -290,14 +269,15 @@ class Engine:
         eos = np.full((1, self.eos_width), -1, np.int32)
         eos[0, :len(seq.eos)] = seq.eos
         last = not seq.plan
-        args = (self.params, self._ensure_state(), *ensure_on_device(
+        args = (self.params, self.runner.ensure_state(), *self.runner.put(
             (chunk, np.int32(seq.slot), np.int32(start), np.int32(n_valid), np.bool_(last),
-             knobs, eos), self.where))
-        (self._state, first), elapsed = self._call(engine.prefill, args, self._static, [seq])
+             knobs, eos)))
+        (self.runner.state, first), elapsed = self._call(engine.prefill, args, self.runner.static,
+                                                         [seq])
         seq.handle.usage.prefill_s += elapsed
         if not last:
             return
-        first, peek = self._host((first, _peek(self._state, seq.slot)))
+        first, peek = self.runner.host((first, _peek(self.runner.state, seq.slot)))
         seq.handle.usage.first_token = time.perf_counter()
         if not peek["finite"]:
             self._fail_nonfinite(seq)
@@ -314,11 +294,11 @@ class Engine:
             stop[s.slot] = False
         logprobs = any(s.logprobs is not None for s in seqs)
         rows = engine.batch_bucket(max(s.slot for s in seqs) + 1)
-        static = dict(self._static, chunk=engine.DECODE_CHUNK, logprobs=logprobs, rows=rows)
-        args = (self.params, self._ensure_state(),
-                *ensure_on_device((np.int32(n_steps), stop), self.where))
-        (self._state, out), elapsed = self._call(engine.decode, args, static, seqs)
-        out, peek = self._host((out, _peek(self._state)))
+        static = dict(self.runner.static, chunk=engine.DECODE_CHUNK, logprobs=logprobs, rows=rows)
+        args = (self.params, self.runner.ensure_state(),
+                *self.runner.put((np.int32(n_steps), stop)))
+        (self.runner.state, out), elapsed = self._call(engine.decode, args, static, seqs)
+        out, peek = self.runner.host((out, _peek(self.runner.state)))
         for seq in seqs:
             seq.handle.usage.decode_s += elapsed
             r = seq.slot
@@ -359,24 +339,12 @@ class Engine:
         """
         if prompt_lengths is None:
             prompt_lengths = [1 << n for n in range(self.context.bit_length())] + [self.context]
-        chunks = sorted({t for n in prompt_lengths
-                         for _, t in engine.prefill_plan(min(int(n), self.context), self.context)})
-        total = 0.0
-        for t in chunks:
-            total += self._compile(engine.prefill, "prefill", chunk=t)
-        for lp in (False, True) if logprobs else (False,):
-            for rows in (b for b in engine.BATCH_BUCKETS if b <= self.slots):
-                total += self._compile(engine.decode, "decode", chunk=chunks[0], logprobs=lp,
-                                       rows=rows)
-        self.compile_s += total
-        return total
+        return self.runner.warmup(prompt_lengths, logprobs)
 
-    def _compile(self, fn, name: str, **kw) -> float:
-        programs = engine.program_args(self.params, self.cfg, self.policy, slots=self.slots,
-                                       context=self.context, eos_width=self.eos_width,
-                                       device=self.where, state_shardings=self.state_shardings,
-                                       **kw)
-        return engine.compiled(fn, *programs[name], self.where, self._out_shardings())[1]
+    @property
+    def compile_s(self) -> float:
+        """Seconds this engine spent compiling programs."""
+        return self.runner.compile_s
 
 
 def _peek(state: dict, slot: int | None = None) -> dict:

@@ -1,59 +1,42 @@
 """Pallas GPU kernel for the packed ternary matmul (2-bit weights, int8 activations).
 
-`ternary_matmul_pallas(x_q [M, I] int8, packed [O/4, I] uint8) -> [M, O] int32` is exact and
-must equal `bitnet_jax.kernels.xla.ternary_matmul_xla` bit for bit.
+`ternary_matmul_many_pallas(x_q [M, I] int8, [packed_j], layer)` -> [[M, O_j] int32]: the
+products of one activation matrix with several packed weights (q/k/v, gate/up) in ONE
+pallas_call. With `layer` the weights are the stacked [L, O_j/4, I] arrays and the kernel reads
+matrix `layer` in place (no slice or copy in the layer scan, kernels/stacked.py), as the CPU
+kernel does. Exact: equal to `ternary_matmul_xla` bit for bit.
 
-Layout (bitlinear.py, spec §1.3): bits 2i..2i+1 of packed row r hold original output row
-r + i·O/4 as the code t+1 ∈ {0, 1, 2}; code 3 never occurs in valid data and means 0. So one
-packed tile [bn, bk] feeds four output strips, and the kernel writes the output viewed as
-[M, 4, O/4]: out[:, i, r] = Σ_k x[:, k]·t[r + i·O/4, k]. The weight is read once, as bytes.
+Layout (quant.py, spec §1.3): bits 2i..2i+1 of packed row r hold output row r + i·O/4 as the
+code t+1 ∈ {0, 1, 2}; code 3 never occurs in valid data and means 0. One packed tile [bn, bk]
+feeds four output strips, so the kernel writes the output viewed as [M, 4, O/4]. Each plane is
+unpacked in registers to c' ∈ {0, 1, 2} (shift, mask, and a select mapping 3 to 1), multiplied
+with the raw int8 activations, and the row sums of x, accumulated in the same loop, are
+subtracted at the end: Σ x·(c'−1) = Σ x·c' − Σ x. Padding is code 0 and contributes nothing.
 
-Arithmetic. Each plane is unpacked in registers to codes c' ∈ {0, 1, 2} (shift, mask, and a
-select that maps code 3 to 1), multiplied against the raw int8 activations, and the row sums of
-x are subtracted once in the epilogue: Σ x·(c'−1) = Σ x·c' − Σ x. Padding bytes are code 0, so
-they contribute nothing whatever x holds. The products run on the tensor cores as int8 × int8 →
-int32 (exact by construction); `dot="bfloat16"` instead runs bf16 × bf16 → f32 per k-step and
-adds the step results in int32, which is also exact because one step's partial sum is at most
-2·128·bk < 2^24. `dot="reduce"` uses elementwise multiply + row reduction (CUDA cores, no
-tensor cores), meant for M ≤ 8, where a 16-row MMA would mostly multiply padding.
+Products: `dot="int8"`: int8 × int8 → int32 tensor-core MMA; "bfloat16": bf16 MMA → f32 per
+k-step, added in int32 (exact: a step's sum is < 2·128·bk < 2^24); "reduce": multiply + row sums
+on the CUDA cores, row by row, for M ≤ 8 (default for M ≤ 4: no padded MMA rows).
 
-Two variants, chosen from M at trace time (`select_variant`):
-  gemv   M ≤ 64 (decode): all rows in one block (padded to 16 for the MMA), narrow weight tiles,
-         and split-K over a third grid axis so that even 2560-wide layers launch a few hundred
-         programs; the per-split partial sums are added in XLA (int32, exact).
-  gemm   M > 64 (prefill): classic 2-D tiling over (M, O/4), full K loop per program.
-Shapes that are not block multiples are zero-padded in the wrapper and the result sliced; the
-block pickers prefer power-of-two blocks that divide the real dimensions so the BitNet-2B4T
-weights (O/4 ∈ {160, 640, 1728}, I ∈ {2560, 6912}) are never copied.
+Grid (all axes parallel): (M blocks, row blocks of all weights together, K splits). A program
+finds its weight from its row-block index (static bounds, one `pl.when` per weight). Split-K
+partial sums [splits, M, 4, ΣO/4] are added by XLA in the consumer fusion; `default_config`
+keeps them under a quarter of the weight bytes. Rows or columns that are not block multiples
+are masked loads (zeros, code 0: no contribution), so weights are never copied whatever their
+shape; interpret mode alone pads them, because its dynamic slices clamp instead of masking.
 
-Lowering (facts read in jax 0.10.2's source, jax/_src/pallas/pallas_call.py `gpu_lowering`,
-mosaic_gpu/lowering.py, triton/lowering.py, and the Pallas changelog/quickstart):
-  * A `pl.pallas_call` with no `compiler_params` lowers to **Mosaic GPU** on CUDA (config flag
-    `jax_pallas_use_mosaic_gpu`, default True since jax 0.9) and warns that `pallas_call` for
-    Mosaic GPU is deprecated in favour of `plgpu.kernel`. Mosaic GPU has **no `dot_general`
-    lowering rule**: matmuls must be written with `plgpu.wgmma` on swizzled SMEM refs, and its
-    register arrays support reductions/broadcasts only for particular layouts. A portable
-    jnp-style kernel body therefore cannot lower there.
-  * Passing `compiler_params=pallas.triton.CompilerParams(num_warps, num_stages)` selects the
-    **Triton** lowering, which has rules for dot_general (int8 × int8 → int32 accumulate; it
-    rejects unsigned operands, hence the int8 codes), shifts, bitwise ops, converts, select,
-    reduce_sum, broadcasts, fori_loop (scf.for, software-pipelined by `num_stages`) and ref
-    loads/stores with dynamic `pl.ds` slices and integer indices. Every loaded/stored tensor
-    must have a power-of-two element count, and Triton's dot needs every dim ≥ 16. Grid axes
-    are all parallel (at most 3), so the K reduction is an in-kernel loop. The Triton backend
-    is deprecated in jax 0.11.0 ("will be removed in a future version") but still ships; the
-    quickstart calls it best-effort. This module uses it; a Mosaic GPU (wgmma) port is the
-    follow-up when Triton goes away.
-  * `interpret=True` runs the kernel as a jitted scan over the grid on any backend (the only way
-    to run Pallas on CPU); `compiler_params` is ignored there.
-
-Verified here (CPU, jax 0.10.2): interpret-mode parity with the XLA path for odd and extreme
-shapes, all three dot modes, split-K and both variants (tests/test_kernels_pallas.py), and that
-the kernels lower to Triton IR for CUDA (`jit(...).trace(...).lower(lowering_platforms=("cuda",))`
-needs no GPU with jaxlib 0.10.2, which hands the IR to XLA; with a newer jaxlib jax compiles it
-to PTX while lowering, for sm_90 when no GPU is visible, with the CUDA plugin's Triton compiler).
-Still needs a GPU run (benchmarks/gpu_check.sh): Triton IR → PTX compilation under jax 0.11.2 /
-CUDA 13, compiled parity, and the block configs' speed (the defaults below are untuned guesses).
+Backend: Triton, after checking both with the deviceless H100 compile (jax 0.11.2).
+  * Triton: `pl.pallas_call` lowers to it on GPU (jax/_src/pallas/pallas_call.py,
+    gpu_lowering); jnp-style bodies with int8 dot_general, shifts, selects, reductions,
+    fori_loop, pl.when and masked dynamic ref loads; sizes must be powers of two, dots ≥ 16 per
+    dim, no scalar prefetch (so the layer index is a 1-element input). Deprecated in jax 0.11
+    but shipped; every configuration here compiles to sm_90a (tests/test_gpu_aot.py).
+  * Mosaic GPU: `pallas_call` with `plgpu.CompilerParams` has no lowering rule (AssertionError
+    in gpu_lowering; only Triton registers one); kernels must be written anew with
+    `plgpu.kernel`, SMEM pipelines and `plgpu.wgmma` (template:
+    jax/experimental/pallas/ops/gpu/hopper_mixed_type_matmul_mgpu.py, int8 × bf16, Hopper
+    only), and the memory-bound decode GEMV (M ≤ 64) gains nothing from wgmma. Not ported.
+  Should Triton go, kernel="auto" falls back to XLA with one warning (kernels/gpu/fallback.py).
+`interpret=True` runs the same body as a jitted scan over the grid on any backend.
 """
 
 from __future__ import annotations
@@ -61,12 +44,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from bitnet_jax.errors import ConfigError, DeviceError
+from bitnet_jax.kernels.gpu.platform import default_platform, on_gpu
 
 try:  # The Triton backend is deprecated in jax 0.11 and may disappear from a later release.
     from jax.experimental.pallas import triton as _pl_triton
@@ -76,24 +61,24 @@ except ImportError:  # pragma: no cover - depends on the installed jax
 GEMV_MAX_M = 64
 _DOT_MODES = ("int8", "bfloat16", "reduce")
 _REDUCE_MAX_M = 8
+_REDUCE_DEFAULT_M = 4  # "reduce" unrolls per row: its code grows with M
 _MMA_MIN = 16  # Triton's dot needs every dimension >= 16.
-_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+_TARGET_PROGRAMS = 264  # two programs per SM of an H100 (132 SMs)
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
-    """Tiling of one pallas_call; frozen so it can be a static jit argument.
+    """Tiling of one pallas_call (frozen: a static jit argument).
 
     Attributes:
-      bm: activation rows per program (power of two ≥ 16 for the MMA modes; any size ≤ 8 for
-        "reduce", which walks the rows one by one).
+      bm: activation rows per program (power of two ≥ 16 for the MMA modes; the exact M ≤ 8
+        for "reduce", which walks the rows one by one).
       bn: packed weight rows per program (power of two ≥ 16); a program writes 4·bn outputs.
       bk: input columns per inner-loop step (power of two ≥ 32).
       splits: number of K splits (third grid axis); partial sums are added in XLA.
       num_warps: Triton warps per program.
       num_stages: Triton software-pipelining depth of the K loop.
-      dot: "int8" (int8 MMA, int32 accumulate), "bfloat16" (bf16 MMA, f32 per step) or
-        "reduce" (elementwise multiply + row sums, no MMA).
+      dot: "int8", "bfloat16" or "reduce" (module docstring).
     """
 
     bm: int
@@ -133,26 +118,21 @@ def _round_up(n: int, b: int) -> int:
     return -(-n // b) * b
 
 
-def _fit_block(dim: int, target: int, minimum: int) -> int:
-    """Largest power-of-two block in [minimum, target] dividing `dim`, else one to pad to.
-
-    Dividing blocks avoid copying the (large) weight to pad it on every call.
-    """
-    if dim <= target:
-        return max(minimum, _next_pow2(dim))
+def _fit_block(dims: Sequence[int], target: int, minimum: int) -> int:
+    """Largest power-of-two block in [minimum, target] dividing every dim (no masked loads),
+    else `target` (the last block is masked)."""
+    if max(dims) <= target and len(dims) == 1:
+        return max(minimum, _next_pow2(dims[0]))
     b = target
     while b >= minimum:
-        if dim % b == 0:
+        if all(d % b == 0 for d in dims):
             return b
         b //= 2
     return target
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
-    for d in range(max(1, min(n, cap)), 0, -1):
-        if n % d == 0:
-            return d
-    return 1
+    return next(d for d in range(max(1, min(n, cap)), 0, -1) if n % d == 0)
 
 
 def select_variant(m: int) -> str:
@@ -160,141 +140,169 @@ def select_variant(m: int) -> str:
     return "gemv" if m <= GEMV_MAX_M else "gemm"
 
 
-def default_config(m: int, r: int, i: int, variant: str | None = None) -> BlockConfig:
-    """Heuristic tiling for x [M, I] and packed [R = O/4, I]. Untuned: see gpu_check.sh.
+def default_config(m: int, r: int | Sequence[int], i: int, variant: str | None = None
+                   ) -> BlockConfig:
+    """Heuristic tiling for x [M, I] and packed weights with R_j = O_j/4 rows each. gemv (M ≤ 64): rows ≤ 4 use "reduce" (exact M rows, no padded MMA rows), more use an int8
+    MMA over 16..64 padded rows; split-K adds programs (aiming at two per H100 SM) while the
+    int32 partial sums stay under a quarter of the weight bytes. gemm (prefill): 2-D tiles, the
+    full K loop per program. Untuned on hardware (benchmarks/gpu_check.sh sweeps them).
 
     Args:
       m: activation rows M.
-      r: packed weight rows O/4.
+      r: packed rows O/4 of the weight, or of each weight of a fused call.
       i: input features I.
       variant: "gemv" or "gemm"; None picks by M (`select_variant`).
-
-    Returns:
-      A BlockConfig.
     """
+    rs = [r] if isinstance(r, int) else list(r)
     variant = variant or select_variant(m)
     if variant == "gemv":
-        bm = max(_MMA_MIN, _next_pow2(m))
-        bn = _fit_block(r, 32 if r >= 64 * 32 else 16, _MMA_MIN)
-        bk = _fit_block(i, 256, 32)
-        # Aim for ~2 programs per SM of an H100 (132 SMs); each split keeps >= 2 k-steps.
-        r_blocks = -(-r // bn)
+        bn = _fit_block(rs, 32 if sum(rs) >= 64 * 32 else 16, _MMA_MIN)
+        bk = _fit_block([i], 256, 32)
+        rows = m if m <= _REDUCE_DEFAULT_M else max(_MMA_MIN, _next_pow2(m))
+        blocks = sum(-(-x // bn) for x in rs)
         k_steps = -(-i // bk)
-        want = max(1, -(-264 // r_blocks))
-        splits = _largest_divisor_at_most(k_steps, min(want, max(1, k_steps // 2)))
-        return BlockConfig(bm=bm, bn=bn, bk=bk, splits=splits, num_warps=4, num_stages=3)
+        # partial sums splits·rows·4·ΣR·4 bytes <= ΣR·I/4 bytes of weights
+        by_bytes = max(1, i // (64 * rows))
+        want = max(1, -(-_TARGET_PROGRAMS // blocks))
+        splits = _largest_divisor_at_most(k_steps, min(want, by_bytes, max(1, k_steps // 2)))
+        if m <= _REDUCE_DEFAULT_M:
+            return BlockConfig(bm=m, bn=bn, bk=bk, splits=splits, dot="reduce")
+        return BlockConfig(bm=rows, bn=bn, bk=bk, splits=splits, num_warps=4, num_stages=3)
     if variant == "gemm":
         bm = 64 if m <= 128 else 128
-        bn = _fit_block(r, 32, _MMA_MIN)
-        bk = _fit_block(i, 64, 32)
-        return BlockConfig(bm=bm, bn=bn, bk=bk, splits=1,
-                           num_warps=8 if bm >= 128 else 4, num_stages=3)
+        return BlockConfig(bm=bm, bn=_fit_block(rs, 32, _MMA_MIN), bk=_fit_block([i], 64, 32),
+                           splits=1, num_warps=8 if bm >= 128 else 4, num_stages=3)
     raise ConfigError(f"Unknown Pallas variant {variant!r}; use 'gemv' or 'gemm'.")
 
 
-def _resolve_interpret(interpret: bool | None) -> bool:
-    platform = jax.default_backend()
+def resolve_interpret(interpret: bool | None) -> bool:
+    """None -> compiled on a GPU target (kernels/gpu/platform.py), interpret mode elsewhere;
+    False off a GPU is an error."""
     if interpret is None:
-        return platform not in _GPU_PLATFORMS
-    if not interpret and platform not in _GPU_PLATFORMS:
+        return not on_gpu()
+    if not interpret and not on_gpu():
         raise DeviceError(
-            f"The compiled Pallas kernel needs a GPU but the default backend is {platform!r}; "
-            "pass interpret=True (or None) or use kernel='xla'/'ffi'."
-        )
+            f"The compiled Pallas kernel needs a GPU but the target is {default_platform()!r}; "
+            "pass interpret=True (or None) or use kernel='xla'/'ffi'.")
     return bool(interpret)
 
 
-def ternary_matmul_pallas(
-    x_q: jax.Array,
-    packed: jax.Array,
-    *,
-    interpret: bool | None = None,
-    variant: str | None = None,
-    config: BlockConfig | None = None,
-) -> jax.Array:
-    """Exact int32 product of int8 activations and packed 2-bit ternary weights.
+def ternary_matmul_pallas(x_q: jax.Array, packed: jax.Array, layer=None, *,
+                          interpret: bool | None = None, variant: str | None = None,
+                          config: BlockConfig | None = None) -> jax.Array:
+    """Exact int32 product of int8 activations and one packed ternary weight.
 
     Args:
       x_q: [M, I] int8 activations.
-      packed: [O/4, I] uint8 codes in the bitlinear.py layout.
-      interpret: True runs Pallas interpret mode (any backend), False the compiled GPU kernel,
-        None picks compiled on GPU and interpret elsewhere.
-      variant: "gemv" or "gemm"; None chooses by M (`select_variant`).
-      config: explicit tiling; None uses `default_config`.
+      packed: [O/4, I] uint8 codes (quant.py layout), or the stacked [L, O/4, I] with `layer`.
+      layer: None, or an int32 scalar: use matrix `layer` of the stack, read in place.
+      interpret, variant, config: as in `ternary_matmul_many_pallas`.
 
     Returns:
       [M, O] int32 = x_q · tᵀ, equal to `ternary_matmul_xla`.
     """
-    if x_q.ndim != 2 or packed.ndim != 2:
+    return ternary_matmul_many_pallas(x_q, [packed], layer, interpret=interpret,
+                                      variant=variant, config=config)[0]
+
+
+def ternary_matmul_many_pallas(x_q: jax.Array, packed: Sequence[jax.Array], layer=None, *,
+                               interpret: bool | None = None, variant: str | None = None,
+                               config: BlockConfig | None = None) -> list[jax.Array]:
+    """`ternary_matmul_pallas` of one x_q with several weights of the same I, in one call.
+
+    Args:
+      x_q: [M, I] int8 activations.
+      packed: uint8 weights [O_j/4, I], or stacked [L, O_j/4, I] when `layer` is given.
+      layer: None or an int32 scalar (the stacked weights' matrix to use, read in place).
+      interpret: True runs Pallas interpret mode (any backend), False the compiled GPU kernel,
+        None picks compiled when the target is a GPU (`default_platform`).
+      variant: "gemv" or "gemm"; None chooses by M (`select_variant`).
+      config: explicit tiling; None uses `default_config`.
+
+    Returns:
+      [[M, O_j] int32], one per weight.
+    """
+    packed = list(packed)
+    want = 2 if layer is None else 3
+    if x_q.ndim != 2 or not packed or any(w.ndim != want for w in packed):
         raise ConfigError(
-            f"ternary_matmul_pallas needs x_q [M, I] and packed [O/4, I]; got shapes "
-            f"{x_q.shape} and {packed.shape} (fold leading dims into M first).")
-    if x_q.dtype != jnp.int8 or packed.dtype != jnp.uint8:
-        raise ConfigError(
-            f"ternary_matmul_pallas needs int8 activations and uint8 packed weights; got "
-            f"{x_q.dtype} and {packed.dtype} (quantize with bitlinear.quantize_activations).")
-    if x_q.shape[1] != packed.shape[1]:
-        raise ConfigError(
-            f"ternary_matmul_pallas: x_q has I={x_q.shape[1]} but packed has I={packed.shape[1]}.")
+            f"ternary_matmul_pallas needs x_q [M, I] and packed [O/4, I] (or [L, O/4, I] with a "
+            f"layer); got shapes {x_q.shape} and {[w.shape for w in packed]} (fold leading dims "
+            "into M first).")
+    if x_q.dtype != jnp.int8 or any(w.dtype != jnp.uint8 for w in packed):
+        raise ConfigError(f"ternary_matmul_pallas needs int8 activations and uint8 packed weights;"
+                          f" got {x_q.dtype} and {[str(w.dtype) for w in packed]} (quantize with "
+                          "quant.quantize_activations).")
+    if any(w.shape[-1] != x_q.shape[1] for w in packed):
+        raise ConfigError(f"ternary_matmul_pallas: x_q has I={x_q.shape[1]} but packed has "
+                          f"I={[w.shape[-1] for w in packed]}.")
     m, i = x_q.shape
-    r = packed.shape[0]
-    if m == 0 or r == 0 or i == 0:
-        return jnp.zeros((m, 4 * r), jnp.int32)
+    rs = [w.shape[-2] for w in packed]
+    if m == 0 or i == 0 or min(rs) == 0:
+        return [jnp.zeros((m, 4 * r), jnp.int32) for r in rs]
     if config is None:
-        config = default_config(m, r, i, variant)
+        config = default_config(m, rs, i, variant)
     elif variant is not None:
         raise ConfigError("Pass either variant or config to ternary_matmul_pallas, not both.")
     if config.dot == "reduce" and m > _REDUCE_MAX_M:
         raise ConfigError(f"dot='reduce' handles at most {_REDUCE_MAX_M} rows; got M={m}.")
-    interp = _resolve_interpret(interpret)
+    interp = resolve_interpret(interpret)
     if not interp and _pl_triton is None:
-        raise DeviceError(
-            "This jax has no Pallas Triton backend, which the compiled kernel needs; "
-            "use kernel='xla' or install jax<=0.11.")
-    return _ternary_matmul(x_q, packed, config=config, interpret=interp)
+        raise DeviceError("This jax has no Pallas Triton backend, which the compiled kernel "
+                          "needs; use kernel='xla' or install jax<=0.11.")
+    if layer is None:
+        packed, layer = [w[None] for w in packed], 0  # a leading L = 1: a free reshape
+    layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+    return list(_matmul_many(x_q, tuple(packed), layer, config=config, interpret=interp))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def _ternary_matmul(x_q, packed, *, config: BlockConfig, interpret: bool):
+def _matmul_many(x_q, ws: tuple, layer, *, config: BlockConfig, interpret: bool):
     m, i = x_q.shape
-    r = packed.shape[0]
     reduce_mode = config.dot == "reduce"
-    bm = m if reduce_mode else config.bm
+    bm, bn, bk, splits = (m if reduce_mode else config.bm), config.bn, config.bk, config.splits
+    ip = _round_up(i, bk * splits)
+    rs = tuple(w.shape[1] for w in ws)
+    masked = any(r % bn for r in rs) or ip != i
+    if masked and interpret:  # interpret mode's dynamic slices clamp: give them padded arrays
+        ws = tuple(jnp.pad(w, ((0, 0), (0, _round_up(r, bn) - r), (0, ip - i)))
+                   for w, r in zip(ws, rs))
     mp = _round_up(m, bm)
-    rp = _round_up(r, config.bn)
-    ip = _round_up(i, config.bk * config.splits)
-    ik = ip // config.splits  # K columns per split
-    steps = ik // config.bk
-
     x_p = x_q if (mp, ip) == (m, i) else jnp.pad(x_q, ((0, mp - m), (0, ip - i)))
-    w_p = packed if (rp, ip) == (r, i) else jnp.pad(packed, ((0, rp - r), (0, ip - i)))
-    # Row sums of x per split, subtracted in the kernel epilogue (codes c' = t + 1).
-    xsum = x_p.astype(jnp.int32).reshape(mp, config.splits, ik).sum(axis=-1).T  # [S, Mp]
-
-    grid = (mp // bm, rp // config.bn, config.splits)
-    kernel = functools.partial(
-        _reduce_kernel if reduce_mode else _mma_kernel, bk=config.bk, steps=steps,
-        dot=config.dot)
+    ik = ip // splits  # K columns per split
+    blocks = [-(-r // bn) for r in rs]
+    bounds = tuple((sum(blocks[:j]), sum(blocks[:j + 1])) for j in range(len(ws)))
+    rtot = sum(blocks) * bn
+    kernel = functools.partial(_kernel, bounds=bounds, bk=bk, steps=ik // bk, ik=ik,
+                               dot=config.dot, limits=(rs, i) if masked else None)
     compiler_params = None
     if not interpret:
         compiler_params = _pl_triton.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages)
+    out_shape = (splits, mp, 4, rtot)
+    # Bytes this call moves in HBM: one layer of each weight, x once (re-reads hit L2), the
+    # partial sums written once. hlo.py reads this instead of the stacked operands' full size.
+    moved = sum(rs) * i + mp * ip + 4 * math.prod(out_shape) + 4
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((config.splits, mp, 4, rp), jnp.int32),
-        grid=grid,
-        in_specs=[
-            pl.BlockSpec((bm, ik), lambda mi, ri, si: (mi, si)),
-            pl.BlockSpec((config.bn, ik), lambda mi, ri, si: (ri, si)),
-            pl.BlockSpec((None, bm), lambda mi, ri, si: (si, mi)),
-        ],
-        out_specs=pl.BlockSpec((None, bm, 4, config.bn), lambda mi, ri, si: (si, mi, 0, ri)),
+        out_shape=jax.ShapeDtypeStruct(out_shape, jnp.int32),
+        grid=(mp // bm, sum(blocks), splits),
+        in_specs=[pl.BlockSpec((1,), lambda mi, ri, si: (0,)),
+                  pl.BlockSpec((bm, ik), lambda mi, ri, si: (mi, si))]
+        + [pl.BlockSpec(w.shape, lambda mi, ri, si: (0, 0, 0)) for w in ws],
+        out_specs=pl.BlockSpec((None, bm, 4, bn), lambda mi, ri, si: (si, mi, 0, ri)),
         compiler_params=compiler_params,
         interpret=interpret,
-        name=f"ternary_matmul_{config.dot}",
-    )(x_p, w_p, xsum)
-    out = out[0] if config.splits == 1 else out.sum(axis=0, dtype=jnp.int32)
-    return out[:m, :, :r].reshape(m, 4 * r)
+        name=f"ternary_matmul_{config.dot}_x{len(ws)}",
+        metadata={"bytes_accessed": str(moved), "kernel": "ternary_matmul",
+                  "weights": str(len(ws)), "stacked_layers": str(ws[0].shape[0])},
+    )(layer, x_p, *ws)
+    acc = out[0] if splits == 1 else out.sum(axis=0, dtype=jnp.int32)  # [Mp, 4, Rtot]
+    res, start = [], 0
+    for r, nb in zip(rs, blocks):
+        res.append(acc[:m, :, start:start + r].reshape(m, 4 * r))
+        start += nb * bn
+    return tuple(res)
 
 
 def _codes(p: jax.Array, plane: int) -> jax.Array:
@@ -305,15 +313,47 @@ def _codes(p: jax.Array, plane: int) -> jax.Array:
     return c.astype(jnp.int8)
 
 
-def _mma_kernel(x_ref, w_ref, xs_ref, o_ref, *, bk: int, steps: int, dot: str):
-    """One [bm, 4, bn] output block: x_ref [bm, Ik] int8, w_ref [bn, Ik] uint8, xs_ref [bm]."""
-    bm, bn = x_ref.shape[0], w_ref.shape[0]
+def _kernel(layer_ref, x_ref, *refs, bounds, bk: int, steps: int, ik: int, dot: str, limits):
+    """One [bm, 4, bn] output block: x_ref [bm, ik] int8 (this split's columns), the stacked
+    weights [L, R_j, I] uint8 (whole, read at `layer`), o_ref [bm, 4, bn] int32. `limits`:
+    None, or (R_j per weight, I) when loads must be masked."""
+    *w_refs, o_ref = refs
+    rb, si = pl.program_id(1), pl.program_id(2)
+    layer = layer_ref[0]
+    body = _reduce_block if dot == "reduce" else _mma_block
+    for j, (w_ref, (lo, hi)) in enumerate(zip(w_refs, bounds)):
+        tile = functools.partial(_weight_tile, w_ref, layer, rb - lo, si, bn=o_ref.shape[-1],
+                                 bk=bk, ik=ik,
+                                 limit=None if limits is None else (limits[0][j], limits[1]))
+        if len(w_refs) == 1:
+            body(x_ref, tile, o_ref, bk=bk, steps=steps, dot=dot)
+        else:
+            pl.when((rb >= lo) & (rb < hi))(
+                functools.partial(body, x_ref, tile, o_ref, bk=bk, steps=steps, dot=dot))
+
+
+def _weight_tile(w_ref, layer, rblock, si, k, *, bn: int, bk: int, ik: int, limit):
+    """The [bn, bk] uint8 tile at k-step k; rows >= R or columns >= I read as 0 with `limit`."""
+    r0 = pl.multiple_of(rblock * bn, bn)
+    k0 = pl.multiple_of(si * ik + k * bk, bk)
+    view = w_ref.at[layer, pl.ds(r0, bn), pl.ds(k0, bk)]
+    if limit is None:
+        return view[...]
+    rows = r0 + jax.lax.broadcasted_iota(jnp.int32, (bn, bk), 0)
+    cols = k0 + jax.lax.broadcasted_iota(jnp.int32, (bn, bk), 1)
+    mask = (rows < limit[0]) & (cols < limit[1])
+    return _pl_triton.load(view, mask=mask, other=0)
+
+
+def _mma_block(x_ref, tile, o_ref, *, bk, steps, dot):
+    bm, bn = x_ref.shape[0], o_ref.shape[-1]
     nt = (((1,), (1,)), ((), ()))  # contract the last axis of both: x · cᵀ
 
-    def step(k, accs):
-        start = pl.multiple_of(k * bk, bk)
-        x = x_ref[:, pl.ds(start, bk)]
-        p = w_ref[:, pl.ds(start, bk)]
+    def step(k, carry):
+        accs, xs = carry
+        x = x_ref[:, pl.ds(pl.multiple_of(k * bk, bk), bk)]  # [bm, bk] int8
+        p = tile(k)
+        xs = xs + jnp.sum(x.astype(jnp.int32), axis=1)
         if dot == "bfloat16":
             x = x.astype(jnp.bfloat16)
         new = []
@@ -323,37 +363,37 @@ def _mma_kernel(x_ref, w_ref, xs_ref, o_ref, *, bk: int, steps: int, dot: str):
                 part = jax.lax.dot_general(x, c, nt, preferred_element_type=jnp.int32)
             else:  # bf16 holds int8 and {0,1,2} exactly; one step's sum is < 2^24, so exact.
                 part = jax.lax.dot_general(x, c.astype(jnp.bfloat16), nt,
-                                           preferred_element_type=jnp.float32)
-                part = part.astype(jnp.int32)
+                                           preferred_element_type=jnp.float32).astype(jnp.int32)
             new.append(accs[plane] + part)
-        return tuple(new)
+        return tuple(new), xs
 
     zeros = jnp.zeros((bm, bn), jnp.int32)
-    accs = jax.lax.fori_loop(0, steps, step, (zeros,) * 4)
-    xs = xs_ref[...][:, None]
+    accs, xs = jax.lax.fori_loop(0, steps, step, ((zeros,) * 4, jnp.zeros((bm,), jnp.int32)))
     for plane in range(4):
-        o_ref[:, plane, :] = accs[plane] - xs
+        o_ref[:, plane, :] = accs[plane] - xs[:, None]
 
 
-def _reduce_kernel(x_ref, w_ref, xs_ref, o_ref, *, bk: int, steps: int, dot: str):
-    """As `_mma_kernel` but with multiply + row sums per activation row (no tensor cores)."""
+def _reduce_block(x_ref, tile, o_ref, *, bk, steps, dot):
+    """As `_mma_block` with multiply + row sums per activation row (no tensor cores)."""
     del dot
-    bm, bn = x_ref.shape[0], w_ref.shape[0]
+    bm, bn = x_ref.shape[0], o_ref.shape[-1]
 
-    def step(k, accs):
+    def step(k, carry):
+        accs, xs = carry
         start = pl.multiple_of(k * bk, bk)
-        p = w_ref[:, pl.ds(start, bk)]
+        p = tile(k)
         codes = [_codes(p, plane).astype(jnp.int32) for plane in range(4)]
-        new = []
+        new, new_xs = [], []
         for row in range(bm):
-            x = x_ref[row, pl.ds(start, bk)].astype(jnp.int32)[None, :]  # [1, bk]
+            x = x_ref[row, pl.ds(start, bk)].astype(jnp.int32)  # [bk]
+            new_xs.append(xs[row] + jnp.sum(x))
             for plane in range(4):
-                new.append(accs[4 * row + plane] + jnp.sum(codes[plane] * x, axis=1))
-        return tuple(new)
+                new.append(accs[4 * row + plane] + jnp.sum(codes[plane] * x[None, :], axis=1))
+        return tuple(new), tuple(new_xs)
 
     zeros = jnp.zeros((bn,), jnp.int32)
-    accs = jax.lax.fori_loop(0, steps, step, (zeros,) * (4 * bm))
+    init = ((zeros,) * (4 * bm), (jnp.zeros((), jnp.int32),) * bm)
+    accs, xs = jax.lax.fori_loop(0, steps, step, init)
     for row in range(bm):
-        xs = xs_ref[row]
         for plane in range(4):
-            o_ref[row, plane, :] = accs[4 * row + plane] - xs
+            o_ref[row, plane, :] = accs[4 * row + plane] - xs[row]

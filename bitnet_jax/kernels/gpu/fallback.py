@@ -1,0 +1,115 @@
+"""kernel="auto" on a GPU: use the Pallas kernel only where it compiles, else XLA, warning once.
+
+A Pallas kernel can fail on a GPU where the XLA path works: a jax without the Triton backend
+(deprecated in jax 0.11), a lowering rule missing in a newer jax, a block config over the GPU's
+shared memory ("Shared memory size limit exceeded"), an unknown GPU model. Inside a traced
+program such a failure would surface when the whole program is lowered or compiled, as a
+traceback. So before `kernels.dispatch` sends a matmul to Pallas under kernel="auto", it asks
+`pallas_usable`, which compiles that one call on its own for the target device (abstract
+operands: nothing runs) and remembers the answer per shape and device kind. On failure the
+dispatcher uses the XLA path and the first failure is reported with one warning.
+kernel="pallas" skips the check, so a failure shows its real error.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+from bitnet_jax.kernels.gpu.platform import default_device
+
+_USABLE: dict[tuple, bool] = {}
+_WARNED: list[str] = []
+
+
+def pallas_usable(x_q: jax.Array, packed: list, layer) -> bool:
+    """True if the Pallas ternary matmul compiles for these operands on the target device.
+
+    Args:
+      x_q: [M, I] int8 activations (or their abstract value).
+      packed: the packed weights, [O_j/4, I] or stacked [L, O_j/4, I] with `layer`.
+      layer: None or the int32 layer index (only its presence matters).
+    """
+    stacked = layer is not None
+
+    def call(x, ws, layer):
+        return _pallas().ternary_matmul_many_pallas(x, ws, layer if stacked else None,
+                                                    interpret=False)
+
+    def args(spec):
+        return (spec(x_q.shape, jnp.int8), [spec(w.shape, jnp.uint8) for w in packed],
+                spec((), jnp.int32))
+
+    key = ("matmul", tuple(x_q.shape), tuple(tuple(w.shape) for w in packed), stacked)
+    return _usable(key, call, args)
+
+
+def attention_usable(q: jax.Array, cache_k: jax.Array) -> bool:
+    """True if the Pallas cached-attention kernel compiles for these shapes on the target."""
+
+    def call(q, ck, cv, layer, rows, pos):
+        # Deferred: attention.py imports jax.experimental.pallas (see _pallas).
+        from bitnet_jax.kernels.gpu import attention
+
+        return attention.cached_attention_pallas(q, ck, cv, layer, rows, pos, interpret=False)
+
+    def args(spec):
+        bq = q.shape[0]
+        return (spec(q.shape, q.dtype), spec(cache_k.shape, cache_k.dtype),
+                spec(cache_k.shape, cache_k.dtype), spec((), jnp.int32),
+                spec((bq,), jnp.int32), spec((bq,), jnp.int32))
+
+    key = ("attention", tuple(q.shape), str(q.dtype), tuple(cache_k.shape), str(cache_k.dtype))
+    return _usable(key, call, args)
+
+
+def _pallas():
+    # Deferred: pallas.py imports jax.experimental.pallas, needed only once a GPU is the target.
+    from bitnet_jax.kernels.gpu import pallas
+
+    return pallas
+
+
+def _usable(key: tuple, call, args) -> bool:
+    device = default_device()
+    key = key + (device.platform, device.device_kind)
+    if key not in _USABLE:
+        try:
+            _compile_probe(call, args, device)
+            _USABLE[key] = True
+        except Exception as e:  # noqa: BLE001 - any failure means: use the XLA path
+            _USABLE[key] = False
+            _warn_once(e)
+    return _USABLE[key]
+
+
+def _compile_probe(call, args, device) -> None:
+    """Lower and compile `call` alone for `device` (raises on failure); args(spec) builds its
+    abstract arguments from spec(shape, dtype)."""
+    sharding = jax.sharding.SingleDeviceSharding(device)
+
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+    with jax.default_device(device):
+        jax.jit(call).trace(*args(spec)).lower().compile()
+
+
+def _warn_once(error: Exception) -> None:
+    if _WARNED:
+        return
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    _WARNED.append(first)
+    warnings.warn(
+        f"bitnet_jax: the Pallas GPU kernel does not compile here ({type(error).__name__}: "
+        f"{first}); kernel='auto' runs the XLA path instead, which is slower. Use kernel='xla' "
+        "to choose it explicitly, or kernel='pallas' to see the full error.",
+        RuntimeWarning, stacklevel=4)
+
+
+def reset() -> None:
+    """Forget every probe result and the warning (tests)."""
+    _USABLE.clear()
+    _WARNED.clear()
