@@ -1,20 +1,26 @@
 """bitnet_jax vs llama.cpp on the same GGUF file, interleaved in one run, on this CPU.
 
 For each shape (large = bitnet_b1_58-large, 2b4t = BitNet-2B4T) a random-ternary TQ2_0 GGUF is
-written by benchmarks/make_random_gguf.py. Then, for 1 and 2 threads (a process pinned with
-taskset to that many cores: XLA's own thread flags are not reliable, jax-notes §5), it alternates
+written by benchmarks/make_random_gguf.py. Then, for each thread count (a process pinned with
+taskset to that many cores: XLA's own thread flags are not reliable, jax-notes §5) and prompt
+length, every round runs, one after the other,
 
-  llama.cpp   llama-bench -m FILE -t N -p P -n G -r REPS -o json
+  llama.cpp   llama-bench -m FILE -t N -p P -n G -r REPS -o json               (batch 1)
+  llama.cpp   llama-batched-bench -m FILE -t N -npp P -ntg G -npl 1,2,4,...     (batch B)
   bitnet_jax  bitnet-jax bench --model FILE --prompt-tokens P --gen-tokens G --batch B --json
 
-and reports tokens/s, the ratio to llama.cpp, peak RSS, and the memory-bandwidth roofline:
-bytes read per decoded token (packed linear weights + LM head + KV cache) divided by the read
-bandwidth measured here with the same thread count.
+and reports tokens/s of all rows together, the ratios to llama.cpp (batch 1 to llama-bench,
+batch B to llama-batched-bench's S_TG / S_PP at B parallel sequences with their own prompts),
+our batch-B decode over our batch-1 decode, peak RSS over the file size, and at batch 1 the
+memory-bandwidth roofline: bytes read per decoded token (packed linear weights + LM head + KV
+cache) divided by the read bandwidth measured here with the same thread count.
 
-  python benchmarks/bench_cpu.py --shapes large --threads 1 2 --batch 1 8 > results.jsonl
+  python benchmarks/bench_cpu.py --shapes large 2b4t --threads 1 2 --batch 1 2 4 8 16 \
+      --prompt-tokens 128 512 > results.jsonl
 
-llama-bench comes from benchmarks/build_llamacpp.sh (llama.cpp vendored in the llama-cpp-python
-sdist, -DGGML_NATIVE=ON). Prints one JSON line per measurement, then a summary line per case.
+The llama.cpp tools come from benchmarks/build_llamacpp.sh (llama.cpp vendored in the
+llama-cpp-python sdist, -DGGML_NATIVE=ON). Prints one JSON line per measurement, then a
+summary line per case. Timings on a shared machine are noisy: compare the interleaved ratios.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-CACHE = Path(os.environ.get("BITNET_JAX_BENCH_DIR", Path.home() / ".cache" / "bitnet_jax" / "bench"))
+CACHE = Path(os.environ.get("BITNET_JAX_BENCH_DIR",
+                           Path.home() / ".cache" / "bitnet_jax" / "bench"))
 
 
 def cpu_name() -> str:
@@ -87,8 +94,8 @@ def bytes_per_token(path: Path, lm_head_bytes_per_weight: float, ctx: int,
     arch = g.metadata["general.architecture"]
     d = g.metadata[f"{arch}.embedding_length"]
     layers = g.metadata[f"{arch}.block_count"]
-    kv = g.metadata.get(f"{arch}.attention.head_count_kv", g.metadata[f"{arch}.attention.head_count"])
     heads = g.metadata[f"{arch}.attention.head_count"]
+    kv = g.metadata.get(f"{arch}.attention.head_count_kv", heads)
     kv_bytes = 2 * layers * ctx * kv * (d // heads) * kv_bytes_per_value  # K and V
     return {"linear": lin, "lm_head": int(emb * lm_head_bytes_per_weight), "kv": kv_bytes}
 
@@ -106,6 +113,27 @@ def run_llama_bench(exe: str, path: Path, threads: int, p: int, g: int, reps: in
     return res
 
 
+def run_batched_bench(exe: str, path: Path, threads: int, p: int, g: int,
+                      batches: list[int]) -> dict:
+    """llama-batched-bench: B sequences with their own P-token prompts, then G tokens each.
+
+    Returns {B: {"prefill_tokens_per_s": S_PP, "decode_tokens_per_s": S_TG}}, both over all B
+    sequences (llama.cpp's pl*npp/t_pp and pl*ntg/t_tg).
+    """
+    ctx = max(batches) * (p + g) + 64
+    cmd = ["taskset", "-c", cores(threads), exe, "-m", str(path), "-t", str(threads),
+           "-c", str(ctx), "-b", "2048", "-ub", "512", "-npp", str(p), "-ntg", str(g),
+           "-npl", ",".join(str(b) for b in batches), "--output-format", "jsonl"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    res = {}
+    for line in out.splitlines():
+        if line.startswith("{"):
+            r = json.loads(line)
+            res[int(r["pl"])] = {"prefill_tokens_per_s": r["speed_pp"],
+                                 "decode_tokens_per_s": r["speed_tg"]}
+    return res
+
+
 def run_ours(path: Path, threads: int, p: int, g: int, batch: int) -> dict:
     cmd = ["taskset", "-c", cores(threads), sys.executable, "-m", "bitnet_jax", "bench",
            "--model", str(path), "--prompt-tokens", str(p), "--gen-tokens", str(g),
@@ -115,12 +143,16 @@ def run_ours(path: Path, threads: int, p: int, g: int, batch: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _best(rows: list[dict], key: str) -> float:
+    return max(r[key] for r in rows) if rows else 0.0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["large"], choices=("large", "2b4t"))
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--batch", nargs="+", type=int, default=[1])
-    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", nargs="+", type=int, default=[128])
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3, help="llama-bench repetitions")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per case")
@@ -128,14 +160,22 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-peer", action="store_true", help="measure bitnet_jax only")
     args = ap.parse_args(argv)
 
-    exe = args.llama_bench
-    if exe is None and not args.skip_peer:
-        exe = subprocess.run(["bash", str(ROOT / "benchmarks" / "build_llamacpp.sh")],
-                             capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    exe = batched = None
+    if not args.skip_peer:
+        exe = args.llama_bench
+        if exe is None:
+            built = subprocess.run(["bash", str(ROOT / "benchmarks" / "build_llamacpp.sh")],
+                                   capture_output=True, text=True, check=True).stdout.split()
+            exe = next(t for t in built if t.endswith("/llama-bench"))
+        batched = str(Path(exe).with_name("llama-batched-bench"))
     import jax
 
+    from bitnet_jax.kernels.cpu import ffi as cpu_ffi
+
     machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "jax": jax.__version__,
-               "python": platform.python_version()}
+               "python": platform.python_version(),
+               "isa": cpu_ffi.isa() if cpu_ffi.available() else None,
+               "load_avg": os.getloadavg()}
     print(json.dumps({"machine": machine}), flush=True)
     bw = {t: read_bandwidth(t) for t in args.threads}
     print(json.dumps({"read_bandwidth_gb_s": bw}), flush=True)
@@ -151,41 +191,74 @@ def main(argv=None) -> int:
                            check=True)
         size_mb = path.stat().st_size / 1e6
         for threads in args.threads:
-            for batch in args.batch:
-                peer, ours = [], []
+            for prompt in args.prompt_tokens:
+                peer, peer_b = [], []
+                ours = {b: [] for b in args.batch}
                 for _ in range(args.rounds):
-                    if not args.skip_peer and batch == 1:
-                        peer.append(run_llama_bench(exe, path, threads, args.prompt_tokens,
+                    if exe:
+                        peer.append(run_llama_bench(exe, path, threads, prompt,
                                                     args.gen_tokens, args.reps))
-                        print(json.dumps({"engine": "llama.cpp", "shape": shape,
-                                          "threads": threads, **peer[-1]}), flush=True)
-                    ours.append(run_ours(path, threads, args.prompt_tokens, args.gen_tokens, batch))
-                    print(json.dumps({"engine": "bitnet_jax", "shape": shape, "threads": threads,
-                                      "batch": batch, **ours[-1]}), flush=True)
-                best = {k: max(r[k] for r in ours)
-                        for k in ("decode_tokens_per_s", "prefill_tokens_per_s")}
-                ctx = args.prompt_tokens + args.gen_tokens // 2  # mean context while decoding
-                ours_bytes = bytes_per_token(
-                    path, 1.0 if ours[-1].get("lm_head") == "int8" else 2.0, ctx,
-                    4 if ours[-1].get("kv_cache", ours[-1].get("policy")) == "float32" else 2)
-                peer_bytes = bytes_per_token(path, 2.0, ctx)
-                roof_ours = bw[threads] * 1e9 / sum(ours_bytes.values())
-                roof_peer = bw[threads] * 1e9 / sum(peer_bytes.values())
-                summary = {"summary": True, "shape": shape, "threads": threads, "batch": batch,
-                           "file_mb": round(size_mb, 1), **{f"ours_{k}": round(v, 2) for k, v in best.items()},
-                           "ours_peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in ours),
-                           "ours_bytes_per_token": ours_bytes, "ours_roofline_tokens_per_s": round(roof_ours, 1)}
-                if batch == 1:  # at batch B one weight read serves B tokens: no per-token roofline
-                    summary["ours_roofline_fraction"] = round(best["decode_tokens_per_s"] / roof_ours, 3)
-                if peer:
-                    pbest = {k: max(r[k] for r in peer)
-                             for k in ("decode_tokens_per_s", "prefill_tokens_per_s")}
-                    summary.update({f"llamacpp_{k}": round(v, 2) for k, v in pbest.items()})
-                    summary["decode_ratio"] = round(best["decode_tokens_per_s"] / pbest["decode_tokens_per_s"], 3)
-                    summary["prefill_ratio"] = round(best["prefill_tokens_per_s"] / pbest["prefill_tokens_per_s"], 3)
-                    summary["llamacpp_roofline_tokens_per_s"] = round(roof_peer, 1)
-                    summary["llamacpp_roofline_fraction"] = round(pbest["decode_tokens_per_s"] / roof_peer, 3)
-                print(json.dumps(summary), flush=True)
+                        print(json.dumps({"engine": "llama.cpp", "tool": "llama-bench",
+                                          "shape": shape, "threads": threads,
+                                          "prompt_tokens": prompt, **peer[-1]}), flush=True)
+                        peer_b.append(run_batched_bench(batched, path, threads, prompt,
+                                                        args.gen_tokens, args.batch))
+                        for b, r in sorted(peer_b[-1].items()):
+                            print(json.dumps({"engine": "llama.cpp",
+                                              "tool": "llama-batched-bench", "shape": shape,
+                                              "threads": threads, "prompt_tokens": prompt,
+                                              "batch": b, **r}), flush=True)
+                    for batch in args.batch:
+                        ours[batch].append(run_ours(path, threads, prompt, args.gen_tokens,
+                                                    batch))
+                        print(json.dumps({"engine": "bitnet_jax", "shape": shape,
+                                          "threads": threads, **ours[batch][-1]}), flush=True)
+                ours1 = _best(ours.get(1, []), "decode_tokens_per_s")
+                for batch in args.batch:
+                    rows = ours[batch]
+                    best = {k: _best(rows, k)
+                            for k in ("decode_tokens_per_s", "prefill_tokens_per_s")}
+                    rss = max(r.get("peak_rss_mb", 0) for r in rows)
+                    summary = {"summary": True, "shape": shape, "threads": threads,
+                               "batch": batch, "prompt_tokens": prompt,
+                               "gen_tokens": args.gen_tokens, "file_mb": round(size_mb, 1),
+                               **{f"ours_{k}": round(v, 2) for k, v in best.items()},
+                               "ours_peak_rss_mb": round(rss, 1),
+                               "ours_rss_over_file": round(rss / size_mb, 3)}
+                    if ours1 and batch != 1:
+                        summary["ours_decode_over_batch1"] = round(
+                            best["decode_tokens_per_s"] / ours1, 3)
+                    if batch == 1:  # at batch B one weight read serves B tokens: no roofline
+                        ctx = prompt + args.gen_tokens // 2  # mean context while decoding
+                        ours_bytes = bytes_per_token(
+                            path, 1.0 if rows[-1].get("lm_head") == "int8" else 2.0, ctx,
+                            4 if rows[-1].get("kv_cache") == "float32" else 2)
+                        roof = bw[threads] * 1e9 / sum(ours_bytes.values())
+                        summary.update({"ours_bytes_per_token": ours_bytes,
+                                        "ours_roofline_tokens_per_s": round(roof, 1),
+                                        "ours_roofline_fraction": round(
+                                            best["decode_tokens_per_s"] / roof, 3)})
+                        if peer:
+                            pbest = {k: _best(peer, k)
+                                     for k in ("decode_tokens_per_s", "prefill_tokens_per_s")}
+                            summary.update({
+                                **{f"llama_bench_{k}": round(v, 2) for k, v in pbest.items()},
+                                "decode_ratio_llama_bench": round(
+                                    best["decode_tokens_per_s"] / pbest["decode_tokens_per_s"], 3),
+                                "prefill_ratio_llama_bench": round(
+                                    best["prefill_tokens_per_s"] / pbest["prefill_tokens_per_s"],
+                                    3)})
+                    got = [r[batch] for r in peer_b if batch in r]
+                    if got:
+                        bbest = {k: _best(got, k)
+                                 for k in ("decode_tokens_per_s", "prefill_tokens_per_s")}
+                        summary.update({
+                            **{f"llama_batched_{k}": round(v, 2) for k, v in bbest.items()},
+                            "decode_ratio_llama_batched": round(
+                                best["decode_tokens_per_s"] / bbest["decode_tokens_per_s"], 3),
+                            "prefill_ratio_llama_batched": round(
+                                best["prefill_tokens_per_s"] / bbest["prefill_tokens_per_s"], 3)})
+                    print(json.dumps(summary), flush=True)
     return 0
 
 

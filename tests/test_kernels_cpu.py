@@ -88,12 +88,16 @@ def _each_isa(fn):
 
 
 # M x I x O cases: every M, I and O of interest at least once, odd sizes for the column tails
-# (I % 32, I % 64) and the token remainders (M % 2, M % 4).
+# (I % 32, I % 64) and the token remainders (M % 2, M % 4). M = 1 runs the GEMV, M >= 2 the
+# GEMM on AVX-512 (ternary_gemm.h); O/4 = 3, 5, 9, 17 rows leave a remainder after its 4-row
+# blocks, and O/4 = 256 is cut into work items across XLA's threads.
 SHAPES = [
     (1, 32, 4), (1, 48, 12), (1, 100, 48), (1, 320, 1024), (1, 1000, 48),
     (2, 32, 12), (2, 1000, 1024), (3, 100, 4), (3, 320, 48),
     (7, 48, 1024), (7, 1000, 12), (8, 320, 12), (8, 100, 1024),
     (17, 32, 48), (17, 1000, 4), (64, 48, 48), (64, 320, 1024), (64, 100, 12),
+    (2, 64, 20), (4, 200, 36), (5, 130, 68), (9, 64, 20), (16, 1000, 36), (33, 200, 68),
+    (128, 96, 40), (512, 64, 20),
 ]
 
 
@@ -171,7 +175,9 @@ def test_ffi_several_weights_in_one_call(stacked):
 
 @needs_ffi
 @pytest.mark.parametrize("m,i,v", [(1, 32, 5), (1, 1536, 1000), (2, 100, 37), (3, 1000, 64),
-                                   (5, 64, 3), (8, 77, 129), (17, 320, 50)])
+                                   (5, 64, 3), (8, 77, 129), (17, 320, 50), (2, 1536, 2003),
+                                   (4, 130, 16), (8, 1536, 4100), (16, 200, 77),
+                                   (64, 96, 24)])
 def test_int8_head_kernel_matches_xla_exactly(m, i, v):
     rng = np.random.default_rng(m * 100 + i + v)
     x = rng.integers(-128, 128, (m, i), dtype=np.int8)
@@ -185,6 +191,22 @@ def test_int8_head_kernel_matches_xla_exactly(m, i, v):
     fn = jax.jit(cpu_ffi.int8_matmul_ffi)
     for name, got in _each_isa(lambda: fn(jnp.asarray(x), jnp.asarray(w))).items():
         assert got.dtype == np.int32 and got.shape == (m, v), name
+        np.testing.assert_array_equal(got, expected, err_msg=f"isa={name}")
+
+
+@needs_ffi
+def test_int8_head_gemm_exact_when_its_biased_sums_wrap():
+    # The M >= 2 GEMM sums (w + 128) * x (int8_gemm.h): past I = 65792 they wrap in int32, and
+    # minus 128 * sum(x) modulo 2^32 must still be exact (true sums large but within int32).
+    i = 70000
+    x = np.full((2, i), -128, np.int8)
+    x[1] = 127
+    w = np.full((8, i), 127, np.int8)
+    w[1::2] = -127
+    expected = x.astype(np.int64) @ w.T.astype(np.int64)
+    assert np.abs(expected).max() < 2**31
+    fn = jax.jit(cpu_ffi.int8_matmul_ffi)
+    for name, got in _each_isa(lambda: fn(jnp.asarray(x), jnp.asarray(w))).items():
         np.testing.assert_array_equal(got, expected, err_msg=f"isa={name}")
 
 
@@ -209,6 +231,18 @@ def test_ffi_valid_packing_roundtrip():
     got = cpu_ffi.ternary_matmul_kernel(x, quant.pack_ternary(t))
     expected = np.asarray(x, np.int64) @ np.asarray(t, np.int64).T
     np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+@needs_ffi
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 16, 64])
+def test_ffi_gemm_buckets_multithreaded(m):
+    # Decode/prefill M buckets on a weight cut into work items of whole 8-row blocks for XLA's
+    # threads (ffi_runtime.h) and into tiles (isa.h), I = 2600 (K tail), O/4 = 647 (3 rows left).
+    x, packed = _operands(100 + m, m, 2600, 2588)
+    expected = np.asarray(ternary_matmul_xla(x, packed))
+    fn = jax.jit(cpu_ffi.ternary_matmul_kernel)
+    for name, got in _each_isa(lambda: fn(x, packed)).items():
+        np.testing.assert_array_equal(got, expected, err_msg=f"isa={name} m={m}")
 
 
 @needs_ffi

@@ -14,6 +14,9 @@
 #ifndef _MM_HINT_T0
 #define _MM_HINT_T0 SIMDE_MM_HINT_T0
 #endif
+#ifndef _MM_HINT_T1
+#define _MM_HINT_T1 SIMDE_MM_HINT_T1
+#endif
 typedef simde__mmask64 __mmask64;
 static inline simde__m512i bitnet_shim_maskz_loadu_epi8(simde__mmask64 k, const void* p) {
   int8_t buf[64] = {0};
@@ -32,3 +35,15 @@ static inline int32_t bitnet_shim_reduce_add_epi32(simde__m512i a) {
   return s;
 }
 #define _mm512_reduce_add_epi32(a) bitnet_shim_reduce_add_epi32(a)
+#ifndef _mm512_shuffle_epi32
+typedef int _MM_PERM_ENUM;
+static inline simde__m512i bitnet_shim_shuffle_epi32(simde__m512i a, int imm) {
+  int32_t v[16], r[16];
+  std::memcpy(v, &a, 64);
+  for (int j = 0; j < 16; ++j) r[j] = v[(j & ~3) + ((imm >> (2 * (j & 3))) & 3)];
+  simde__m512i out;
+  std::memcpy(&out, r, 64);
+  return out;
+}
+#define _mm512_shuffle_epi32(a, imm) bitnet_shim_shuffle_epi32(a, static_cast<int>(imm))
+#endif

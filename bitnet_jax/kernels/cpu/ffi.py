@@ -1,15 +1,17 @@
 """The CPU kernels as JAX functions: one XLA custom call each, through `jax.ffi`.
 
 `ternary_matmul_ffi(x_q [M, I] int8, packed [O/4, I] uint8) -> [M, O] int32` is exact and agrees
-bit for bit with `ternary_matmul_xla`. The C++ (ternary_paths.h) reads the packed bytes directly
-(2 bits per weight), so a decode step streams 4x fewer weight bytes than the XLA int8 path and
-skips its in-graph unpack (jax-notes §2.2, §2.3). With `layer`, `packed` is the stacked
+bit for bit with `ternary_matmul_xla`. The C++ reads the packed bytes directly (2 bits per
+weight), so a decode step streams 4x fewer weight bytes than the XLA int8 path and skips its
+in-graph unpack (jax-notes §2.2, §2.3): a GEMV for M = 1 (ternary_paths.h) and, on AVX-512 VNNI,
+a GEMM for M >= 2 (ternary_gemm.h), chosen in the C++ by M. With `layer`, `packed` is the stacked
 [L, O/4, I] array of all layers and the kernel reads matrix `layer` in place: inside `lax.scan`
 XLA would otherwise copy each layer's slice before the custom call (7 MB per layer of the large
 model).
 
 `int8_matmul_ffi(x_q [M, I] int8, w [V, I] int8) -> [M, V] int32` is the int8 LM head
-(params.quantize_lm_head, int8_cpu.h), exact and equal to XLA's int8 dot.
+(params.quantize_lm_head; int8_cpu.h GEMV, int8_gemm.h GEMM for M >= 2 on AVX-512 VNNI), exact
+and equal to XLA's int8 dot.
 
 `attention_ffi(q, k, v, layer, rows, pos)` attends over the visible positions of one layer of
 the stacked KV cache (float32, float16 or bfloat16) in place (attention_cpu.h); it equals
@@ -145,7 +147,8 @@ def ternary_matmul_ffi(x_q: jax.Array, packed: jax.Array, layer=None) -> jax.Arr
     Uses the FFI kernel when it is available, else the XLA path (identical results). The kernel
     is used at every M: on the 2-core AVX2 dev box (benchmarks/bench_bitlinear.py) it took 2-7x
     less CPU time than the XLA path from M=1 to M=128, since XLA unpacks the whole weight to
-    int8 in a separate fusion on every call before its int8 dot.
+    int8 in a separate fusion on every call before its int8 dot. M >= 2 runs the GEMM kernel
+    on AVX-512 VNNI CPUs (benchmarks/README.md, CPU GEMM).
 
     Args:
       x_q: [M, I] int8 activations.

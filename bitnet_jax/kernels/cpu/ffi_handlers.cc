@@ -1,7 +1,8 @@
 // XLA FFI handlers for bitnet_jax's CPU kernels, and the C entry points library.py calls:
 //
-//   bitnet_ternary_matmul  packed ternary x int8 matmul, one or several weights (ternary_paths.h)
-//   bitnet_int8_matmul     int8 x int8 LM head (int8_cpu.h)
+//   bitnet_ternary_matmul  packed ternary x int8 matmul, one or several weights (ternary_paths.h
+//                          GEMV for M = 1, ternary_gemm.h GEMM for M >= 2)
+//   bitnet_int8_matmul     int8 x int8 LM head (int8_cpu.h GEMV, int8_gemm.h GEMM)
 //   bitnet_attention       attention over one layer of the stacked KV cache (attention_cpu.h)
 //
 // Built by setup.py against the FFI headers shipped in jaxlib (jax.ffi.include_dir()) into
@@ -20,9 +21,9 @@
 
 #include "attention_cpu.h"
 #include "ffi_runtime.h"
-#include "int8_cpu.h"
+#include "int8_gemm.h"
 #include "isa.h"
-#include "ternary_paths.h"
+#include "ternary_gemm.h"
 #include "xla/ffi/api/ffi.h"
 
 // jaxlib whose FFI headers this was compiled against (set by setup.py). XLA runs handlers
@@ -121,7 +122,7 @@ ffi::Future TernaryMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
       if (lo < hi) bt::RunRows(isa, problems[j], lo - first_row[j], hi - first_row[j]);
     }
   };
-  return Run(pool, job, rows, ChunkRows(i, rows), m * rows * i);
+  return Run(pool, job, rows, ChunkRows(i, rows), m * rows * i, bitnet_ffi::kRowAlign);
 }
 
 // x [M, I] int8, w [V, I] int8 (no -128) -> out [M, V] int32: the int8 LM head.
@@ -141,11 +142,13 @@ ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer
   auto job = std::make_shared<Job>();
   job->xabs.resize(m * i);
   bt::AbsBytes(x.typed_data(), m * i, job->xabs.data());
+  job->xsum.resize(m);
+  bt::RowSums(x.typed_data(), m, i, job->xsum.data());
   const bt::Int8Problem problem{x.typed_data(), job->xabs.data(), w.typed_data(),
-                                out->typed_data(), m, i, v};
+                                out->typed_data(), job->xsum.data(), m, i, v};
   const int isa = g_isa.load(std::memory_order_relaxed);
   job->rows = [problem, isa](int64_t r0, int64_t r1) { bt::RunRows(isa, problem, r0, r1); };
-  return Run(pool, job, v, ChunkRows(i, v), m * v * i);
+  return Run(pool, job, v, ChunkRows(i, v), m * v * i, bitnet_ffi::kRowAlign);
 }
 
 // q [Bq, T, N, H] float32, k/v caches [L, B, K, S, H] (float32, float16 or bfloat16), layer

@@ -33,9 +33,16 @@ constexpr int64_t kMinParallelWork = int64_t{1} << 18;
 // threads here), and 8 per worker still balances the load when one thread starts late.
 constexpr int64_t kSplit = 8;
 
+// The matmuls' work items are whole multiples of this many rows (unless they end the work),
+// so that the GEMM kernels' 4-row (ternary_gemm.h) and 8-row (int8_gemm.h) blocks are not cut.
+constexpr int64_t kRowAlign = 8;
+
+inline int64_t RoundUp(int64_t n, int64_t align) { return (n + align - 1) / align * align; }
+
 // Rows per work item at least: about 16 KiB of weights (Run may make items larger).
 inline int64_t ChunkRows(int64_t i, int64_t r) {
-  int64_t rows = std::max<int64_t>(4, (int64_t{16} << 10) / std::max<int64_t>(i, 1));
+  const int64_t rows =
+      RoundUp(std::max<int64_t>(1, (int64_t{16} << 10) / std::max<int64_t>(i, 1)), kRowAlign);
   return std::min(rows, std::max<int64_t>(r, 1));
 }
 
@@ -73,16 +80,17 @@ inline ffi::Future ReadyFuture(ffi::Error error = ffi::Error::Success()) {
 
 // Run job->rows over [0, r) in chunks of chunk_rows on the calling thread and, when `work`
 // (about the bytes touched) is big enough, on XLA's pool. Workers pull chunks from an atomic
-// counter; the calling thread works too instead of waiting.
+// counter; the calling thread works too instead of waiting. Chunks grown for the pool stay a
+// multiple of `align` rows (chunk_rows must be one already, or cover all r).
 inline ffi::Future Run(ffi::ThreadPool& pool, std::shared_ptr<Job> job, int64_t r,
-                       int64_t chunk_rows, int64_t work) {
+                       int64_t chunk_rows, int64_t work, int64_t align = 1) {
   job->r = r;
   job->chunk_rows = chunk_rows;
   job->num_chunks = (r + job->chunk_rows - 1) / job->chunk_rows;
   int64_t workers = 1;
   if (work >= kMinParallelWork) {
     workers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), job->num_chunks);
-    const int64_t split = (r + workers * kSplit - 1) / (workers * kSplit);
+    const int64_t split = RoundUp((r + workers * kSplit - 1) / (workers * kSplit), align);
     if (split > job->chunk_rows) {
       job->chunk_rows = split;
       job->num_chunks = (r + split - 1) / split;

@@ -1,5 +1,6 @@
-// int8 x int8 -> int32 matmul for the row-scaled int8 LM head: the row functions of every ISA
-// path, on the loop skeleton and dispatcher (RunRows) of isa.h.
+// int8 x int8 -> int32 matmul for the row-scaled int8 LM head: the row functions (GEMV) of
+// every ISA path, on the loop skeleton of isa.h (int8_gemm.h adds the GEMM for M >= 2 and the
+// overloads the dispatcher RunRows uses).
 
 #ifndef BITNET_JAX_KERNELS_CPU_INT8_CPU_H_
 #define BITNET_JAX_KERNELS_CPU_INT8_CPU_H_
@@ -20,10 +21,11 @@ namespace bitnet_ternary {
 // 6-7 GB/s; this streams it at memory speed.
 
 struct Int8Problem {
-  const int8_t* x;     // [M, I]
-  const uint8_t* xabs; // [M, I], |x| (x = -128 gives 128)
-  const int8_t* w;     // [R, I]
-  int32_t* out;        // [M, R]
+  const int8_t* x;       // [M, I]
+  const uint8_t* xabs;   // [M, I], |x| (x = -128 gives 128)
+  const int8_t* w;       // [R, I]
+  int32_t* out;          // [M, R]
+  const int32_t* xsum;   // [M], sum_k x[m, k] (the GEMM, int8_gemm.h)
   int64_t m, i, r;
 };
 
@@ -35,7 +37,7 @@ inline int32_t Int8DotTail(const int8_t* w, const int8_t* x, int64_t k0, int64_t
 
 template <int MB>
 struct ScalarInt8Row {
-  static void Run(const Int8Problem& p, int64_t m0, int64_t row) {
+  static void Run(const Int8Problem& p, int64_t m0, int64_t row, int64_t /*ahead*/) {
     const int8_t* w = p.w + row * p.i;
     for (int64_t mm = 0; mm < MB; ++mm) {
       p.out[(m0 + mm) * p.r + row] = Int8DotTail(w, p.x + (m0 + mm) * p.i, 0, p.i);
@@ -59,14 +61,14 @@ BITNET_AVX2 inline int32_t Sum8(__m256i a) {
 
 template <int MB>
 struct Avx2Int8Row {
-  BITNET_AVX2 static void Run(const Int8Problem& p, int64_t m0, int64_t row) {
+  BITNET_AVX2 static void Run(const Int8Problem& p, int64_t m0, int64_t row, int64_t ahead) {
     const int8_t* w = p.w + row * p.i;
     const int64_t kv = p.i & ~int64_t{31};
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc[MB];
     for (int mm = 0; mm < MB; ++mm) acc[mm] = _mm256_setzero_si256();
     for (int64_t k = 0; k < kv; k += 32) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetch), _MM_HINT_T0);
+      if ((k & 63) == 0) PrefetchAt(w, k, ahead * p.i);
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
       for (int mm = 0; mm < MB; ++mm) {
         const int64_t at = (m0 + mm) * p.i + k;
@@ -86,13 +88,13 @@ struct Avx2Int8Row {
 #if BITNET_TERNARY_AVXVNNI
 template <int MB>
 struct AvxVnniInt8Row {
-  BITNET_AVXVNNI static void Run(const Int8Problem& p, int64_t m0, int64_t row) {
+  BITNET_AVXVNNI static void Run(const Int8Problem& p, int64_t m0, int64_t row, int64_t ahead) {
     const int8_t* w = p.w + row * p.i;
     const int64_t kv = p.i & ~int64_t{31};
     __m256i acc[MB];
     for (int mm = 0; mm < MB; ++mm) acc[mm] = _mm256_setzero_si256();
     for (int64_t k = 0; k < kv; k += 32) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetch), _MM_HINT_T0);
+      if ((k & 63) == 0) PrefetchAt(w, k, ahead * p.i);
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
       for (int mm = 0; mm < MB; ++mm) {
         const int64_t at = (m0 + mm) * p.i + k;
@@ -112,7 +114,8 @@ struct AvxVnniInt8Row {
 // AVX-512 has no 512-bit sign_epi8: negate w where x < 0 with a masked subtract instead.
 template <int MB>
 struct Avx512VnniInt8Row {
-  BITNET_AVX512 static void Run(const Int8Problem& p, int64_t m0, int64_t row) {
+  // Runs only for M = 1 and the GEMM's last rows (int8_gemm.h): in-row prefetch alone.
+  BITNET_AVX512 static void Run(const Int8Problem& p, int64_t m0, int64_t row, int64_t /*ahead*/) {
     const int8_t* w = p.w + row * p.i;
     const __m512i zero = _mm512_setzero_si512();
     __m512i acc[MB];
@@ -139,22 +142,22 @@ struct Avx512VnniInt8Row {
 #pragma GCC diagnostic pop
 #endif
 
-BITNET_AVX2 inline void RunAvx2(const Int8Problem& p, int64_t r0, int64_t r1) {
+BITNET_AVX2 inline void RunAvx2Int8Rows(const Int8Problem& p, int64_t r0, int64_t r1) {
   RunTiled<2, Avx2Int8Row>(p, r0, r1);
 }
 #if BITNET_TERNARY_AVXVNNI
-BITNET_AVXVNNI inline void RunAvxVnni(const Int8Problem& p, int64_t r0, int64_t r1) {
+BITNET_AVXVNNI inline void RunAvxVnniInt8Rows(const Int8Problem& p, int64_t r0, int64_t r1) {
   RunTiled<2, AvxVnniInt8Row>(p, r0, r1);
 }
 #endif
-BITNET_AVX512 inline void RunAvx512Vnni(const Int8Problem& p, int64_t r0, int64_t r1) {
+BITNET_AVX512 inline void RunAvx512VnniInt8Rows(const Int8Problem& p, int64_t r0, int64_t r1) {
   RunTiled<4, Avx512VnniInt8Row>(p, r0, r1);
 }
 
 #endif  // BITNET_TERNARY_X86
 
-// The portable path; RunRows (isa.h) dispatches to these overloads for Int8Problem.
-inline void RunScalar(const Int8Problem& p, int64_t r0, int64_t r1) {
+// The portable path (int8_gemm.h holds the Run* overloads RunRows dispatches to).
+inline void RunScalarInt8Rows(const Int8Problem& p, int64_t r0, int64_t r1) {
   RunTiled<1, ScalarInt8Row>(p, r0, r1);
 }
 

@@ -96,33 +96,72 @@ constexpr int64_t kPrefetch = 2048;
 // ---------------------------------------------------------------------------------------------
 // Loop skeleton. A problem P has m tokens, i columns and r weight rows; one Run* call computes
 // weight rows [r0, r1) for every token, so threads split the work along weight rows.
+//
+// Rows are cut into tiles of about kTileBytes of weights; every block of MB tokens streams over
+// a tile while it sits in L1/L2, so the weights come from memory once per call whatever M is.
+// The first block of tokens over a tile also prefetches the NEXT tile into L2 (`ahead` below):
+// a kernel that does more than a few multiply-adds per weight byte otherwise streams from DRAM
+// far below the bandwidth (here 4-token blocks read 9 GB/s of 40; with the prefetch, 2-8 token
+// blocks run at the speed they reach from L2; benchmarks/README.md, CPU GEMM).
 
-// Rows per cache tile: the tile's weight bytes stay in L2 while every block of MB tokens streams
-// over it, so the weights come from memory once per call whatever M is.
-inline int64_t TileRows(int64_t i) {
-  return std::max<int64_t>(1, (int64_t{96} << 10) / std::max<int64_t>(i, 1));
+constexpr int64_t kTileBytes = int64_t{16} << 10;
+
+// Rows per tile, a multiple of `step` (the rows one RowFn call computes).
+inline int64_t TileRows(int64_t i, int64_t step) {
+  const int64_t rows = kTileBytes / std::max<int64_t>(i, 1);
+  return std::max<int64_t>(step, rows - rows % step);
 }
 
-// Tokens [m0, m1) over rows [t0, t1) in blocks of MB tokens; the remainder recurses to MB-1.
+// Tokens [m0, m1) over rows [t0, t1) (step `step`) in blocks of MB tokens; the remainder
+// recurses to MB-1. RowFn<B>::Run(p, m0, row, ahead) computes `step` weight rows from `row` for
+// the B consecutive tokens m0..m0+B-1; with ahead > 0 it also prefetches the same columns of
+// rows row + ahead.. into L2 (only the first block of tokens does, and never past `lim`).
 template <int MB, template <int> class RowFn, class P>
-inline void RunTokens(const P& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1) {
+inline void RunTokens(const P& p, int64_t m0, int64_t m1, int64_t t0, int64_t t1, int64_t step,
+                      int64_t ahead, int64_t lim) {
   for (; m0 + MB <= m1; m0 += MB) {
-    for (int64_t row = t0; row < t1; ++row) RowFn<MB>::Run(p, m0, row);
+    for (int64_t row = t0; row < t1; row += step) {
+      RowFn<MB>::Run(p, m0, row, row + ahead + step <= lim ? ahead : 0);
+    }
+    ahead = 0;
   }
   if constexpr (MB > 1) {
-    if (m0 < m1) RunTokens<MB - 1, RowFn>(p, m0, m1, t0, t1);
+    if (m0 < m1) RunTokens<MB - 1, RowFn>(p, m0, m1, t0, t1, step, ahead, lim);
   }
 }
 
-// Tiles of rows, blocks of MB tokens inside a tile, rows inside a block. RowFn<B>::Run(p, m0,
-// row) computes one weight row for the B consecutive tokens m0..m0+B-1.
-template <int MB, template <int> class RowFn, class P>
+// Rows [r0, r1) (a multiple of kStep of them) tile by tile, tokens in blocks of MB. When one
+// block of a row kernel (kStep 1) holds all the tokens, as in the GEMV, the rows run in one
+// pass that prefetches within rows instead: the next-tile prefetch made M = 1 ~20% slower on
+// AVX-512 (and the 1-2 token AVX2 rows no faster), measured interleaved (benchmarks/README.md).
+template <int MB, template <int> class RowFn, int kStep = 1, class P>
 inline void RunTiled(const P& p, int64_t r0, int64_t r1) {
-  const int64_t tile = p.m <= MB ? r1 - r0 : TileRows(p.i);
+  const bool one_pass = kStep == 1 && p.m <= MB;
+  const int64_t tile = one_pass ? std::max<int64_t>(r1 - r0, 1) : TileRows(p.i, kStep);
   for (int64_t t0 = r0; t0 < r1; t0 += tile) {
-    RunTokens<MB, RowFn>(p, 0, p.m, t0, std::min(r1, t0 + tile));
+    RunTokens<MB, RowFn>(p, 0, p.m, t0, std::min(r1, t0 + tile), kStep, tile, r1);
   }
 }
+
+// One token (the GEMV): every row in order, prefetching within rows (RowFn<1>).
+template <template <int> class RowFn, class P>
+inline void RunGemv(const P& p, int64_t r0, int64_t r1) {
+  for (int64_t row = r0; row < r1; ++row) RowFn<1>::Run(p, 0, row, 0);
+}
+
+// Software prefetch of the weights a row kernel reads at byte k of its row w (once per 64
+// bytes): with ahead > 0 the same column of the row `ahead_bytes` further on (next tile) to L2,
+// else the bytes kPrefetch further on in this row to L1.
+#if BITNET_TERNARY_X86
+inline void PrefetchAt(const void* w, int64_t k, int64_t ahead_bytes) {
+  const char* at = static_cast<const char*>(w) + k;
+  if (ahead_bytes) {
+    _mm_prefetch(at + ahead_bytes, _MM_HINT_T1);
+  } else {
+    _mm_prefetch(at + kPrefetch, _MM_HINT_T0);
+  }
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Dispatcher: weight rows [r0, r1) of problem p for every token with path `isa` (which must be
