@@ -118,7 +118,7 @@ def ensure_on_device(tree, device: jax.Device | jax.sharding.Sharding):
     Args:
       tree: a pytree of jax or numpy arrays (or Python scalars).
       device: the target jax.Device, or a jax.sharding.Sharding (a sharded model's inputs,
-        e.g. runtime.sharding.replicated(mesh)).
+        e.g. model.sharding.replicated(mesh)).
     """
     if isinstance(device, jax.sharding.Sharding):
         return jax.tree.map(lambda x: _put_sharded(x, device), tree)

@@ -47,11 +47,7 @@ struct ScalarInt8Row {
 
 #if BITNET_TERNARY_X86
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+BITNET_SIMD_WARNINGS_OFF
 
 BITNET_AVX2 inline int32_t Sum8(__m256i a) {
   const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
@@ -138,9 +134,7 @@ struct Avx512VnniInt8Row {
   }
 };
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+BITNET_SIMD_WARNINGS_ON
 
 BITNET_AVX2 inline void RunAvx2Int8Rows(const Int8Problem& p, int64_t r0, int64_t r1) {
   RunTiled<2, Avx2Int8Row>(p, r0, r1);

@@ -31,11 +31,7 @@ constexpr int64_t kInt8GemmMinM512 = 2;
 
 #if BITNET_TERNARY_X86
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+BITNET_SIMD_WARNINGS_OFF
 
 // Rows w..w+3 (row stride i), columns k..k+63 under `mask`: the four 128-bit-lane transposes
 // of ternary_gemm.h (lane c, dword d of z[q] = row d, columns 16c+4q..+3), plus 128.
@@ -109,9 +105,7 @@ struct Avx512Int8Gemm8 {
   }
 };
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+BITNET_SIMD_WARNINGS_ON
 
 // Rows [r0, r1): whole 8-row blocks through the GEMM, the last r % 8 through the row kernel.
 BITNET_AVX512 inline void RunAvx512VnniInt8Gemm(const Int8Problem& p, int64_t r0, int64_t r1) {

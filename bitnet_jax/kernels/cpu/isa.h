@@ -44,6 +44,19 @@
 #define BITNET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 #endif
 
+// GCC 12's AVX-512 headers trip bogus -W(maybe-)uninitialized warnings (_mm512_undefined_*):
+// the SIMD sections of the kernel headers are wrapped in these.
+#if defined(__GNUC__) && !defined(__clang__)
+#define BITNET_SIMD_WARNINGS_OFF                                 \
+  _Pragma("GCC diagnostic push")                                 \
+  _Pragma("GCC diagnostic ignored \"-Wuninitialized\"")         \
+  _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
+#define BITNET_SIMD_WARNINGS_ON _Pragma("GCC diagnostic pop")
+#else
+#define BITNET_SIMD_WARNINGS_OFF
+#define BITNET_SIMD_WARNINGS_ON
+#endif
+
 namespace bitnet_ternary {
 
 // Kernel paths, best last. The numbers are the ABI of bitnet_ternary_set_isa() (library.py ISAS).

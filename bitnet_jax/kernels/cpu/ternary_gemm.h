@@ -38,11 +38,7 @@ constexpr int64_t kGemmMinM512 = 2;
 
 #if BITNET_TERNARY_X86
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+BITNET_SIMD_WARNINGS_OFF
 
 // One 64-column step of a 4-row block for MB tokens: `mask` selects the valid columns of the
 // last step (zero bytes are code 0 against x = 0, so they add nothing).
@@ -114,9 +110,7 @@ struct Avx512Gemm4 {
   }
 };
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+BITNET_SIMD_WARNINGS_ON
 
 // Tokens of one tile in blocks of 3 (12 accumulators: GCC 12 keeps 4-token blocks' 16 in
 // registers only with spills and copies, ~10% slower per token), except that a last lone token

@@ -92,12 +92,7 @@ inline void RunScalarRows(const Problem& p, int64_t r0, int64_t r1) {
 
 #if BITNET_TERNARY_X86
 
-// GCC 12's AVX-512 headers trip bogus -W(maybe-)uninitialized warnings (_mm512_undefined_*).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+BITNET_SIMD_WARNINGS_OFF
 
 // Sum each of four int32x8 vectors: returns [sum a0, sum a1, sum a2, sum a3].
 BITNET_AVX2 inline __m128i Sum4x8(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
@@ -272,9 +267,7 @@ BITNET_AVX512 inline void RunAvx512VnniRows(const Problem& p, int64_t r0, int64_
   RunTiled<4, Avx512VnniRow>(p, r0, r1);
 }
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+BITNET_SIMD_WARNINGS_ON
 
 #endif  // BITNET_TERNARY_X86
 
