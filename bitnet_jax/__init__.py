@@ -5,6 +5,7 @@ Public API (everything else is an implementation detail):
   forward(params, tokens, config)    [B, T] int32 -> [B, T, V] float32 logits
   load_tokenizer(path) -> Tokenizer
   generate(model, prompts, ...) / stream(model, prompt, ...) / warmup(model, ...)
+  Engine(model, slots=...)           the continuous-batching engine behind them and the server
   shard(model, mesh) -> Model        params split over a ("data", "tensor") jax mesh
   ModelConfig, Policy, SamplingParams, BitNetError, DEFAULT_MODEL (the bundled model)
 
@@ -39,6 +40,7 @@ _EXPORTS = {
     "stream": "bitnet_jax.runtime.generate",
     "warmup": "bitnet_jax.runtime.generate",
     "SamplingParams": "bitnet_jax.runtime.sampling",
+    "Engine": "bitnet_jax.runtime.scheduler",
     "shard": "bitnet_jax.model.sharding",
     "Tokenizer": "bitnet_jax.tokenizer",
     "load_tokenizer": "bitnet_jax.formats.tokenizer",
