@@ -361,9 +361,28 @@ def test_body_too_large_is_413(server):
         sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}"
                      f"\r\nContent-Type: application/json\r\nContent-Length: {1 << 30}\r\n\r\n"
                      "{".encode())
-        reply = sock.recv(65536).decode()
+        reply = _read_reply(sock)
     assert reply.startswith("HTTP/1.1 413")
     assert json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["code"] == "request_too_large"
+
+
+def _read_reply(sock) -> str:
+    """One HTTP response read whole: headers and body can arrive in separate segments."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data.decode()
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), None)
+    while length is not None and len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode()
 
 
 # ------------------------------------------------------------------------------------------------
