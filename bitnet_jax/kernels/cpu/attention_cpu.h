@@ -46,6 +46,7 @@ struct Problem {
   int64_t b, t, n, kh, s, h;  // b = Bq
   int cache;            // CacheType
   bool avx2;            // use the AVX2+FMA(+F16C) dot / axpy
+  bool avx512;          // use the AVX-512 unit (RunUnit512) where H is 64, 96 or 128
 };
 
 // One cached value as float32.
@@ -204,7 +205,103 @@ inline void RunUnitT(const Problem& p, int64_t unit, std::vector<float>& scores)
   }
 }
 
+#if BITNET_ATTN_X86
+#define BITNET_ATTN_TARGET512 __attribute__((target("avx512f,avx512bw,fma,f16c")))
+
+template <int C>
+BITNET_ATTN_TARGET512 inline __m512 Load16(const void* base, int64_t at) {
+  if constexpr (C == kF32) return _mm512_loadu_ps(static_cast<const float*>(base) + at);
+  const __m256i raw =
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + at));
+  if constexpr (C == kF16) return _mm512_cvtph_ps(raw);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// exp(x) for 16 floats (x <= 0 here: scores minus their max): 2^n · p(r) with n = round(x/ln2),
+// r = x - n·ln2 in two parts, p the degree-6 Taylor polynomial of e^r on |r| <= ln2/2 (relative
+// error < 2e-7, as Cephes' expf); below -87 it flushes to 0 as expf does.
+BITNET_ATTN_TARGET512 inline __m512 Exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.0f / 720);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 120));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 24));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f / 6));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
+// RunUnitT for H = 16·NV on AVX-512: each query head's q and output stay in NV registers
+// across all visible positions (the AVX2 path loads and stores the output row per position).
+// Same arithmetic as RunUnitT up to the order of the float sums.
+template <int C, int NV>
+BITNET_ATTN_TARGET512 inline void RunUnit512(const Problem& p, int64_t unit,
+                                             std::vector<float>& scores) {
+  const int64_t g = p.n / p.kh, h = p.h;
+  const int64_t t = unit % p.t;
+  const int64_t ki = (unit / p.t) % p.kh;
+  const int64_t bi = unit / (p.t * p.kh);
+  const int64_t base = (static_cast<int64_t>(p.rows[bi]) * p.kh + ki) * p.s * h;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(h));
+  int64_t hi = static_cast<int64_t>(p.pos[bi]) + t;
+  if (hi > p.s - 1) hi = p.s - 1;
+  const int64_t len = hi + 1;
+  scores.resize(static_cast<size_t>(len));
+  for (int64_t gi = 0; gi < g; ++gi) {
+    const int64_t row = (bi * p.t + t) * p.n + ki * g + gi;
+    __m512 q[NV], o[NV];
+    for (int j = 0; j < NV; ++j) q[j] = _mm512_loadu_ps(p.q + row * h + 16 * j);
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < len; ++s) {
+      __m512 acc = _mm512_mul_ps(q[0], Load16<C>(p.k, base + s * h));
+      for (int j = 1; j < NV; ++j) acc = _mm512_fmadd_ps(q[j], Load16<C>(p.k, base + s * h + 16 * j), acc);
+      const float sc = _mm512_reduce_add_ps(acc) * scale;
+      scores[s] = sc;
+      mx = sc > mx ? sc : mx;
+    }
+    __m512 total = _mm512_setzero_ps();
+    const __m512 mxv = _mm512_set1_ps(mx);
+    for (int64_t s = 0; s < len; s += 16) {
+      const __mmask16 live = len - s >= 16 ? __mmask16(0xffff) : __mmask16((1u << (len - s)) - 1);
+      const __m512 e = Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, scores.data() + s), mxv));
+      _mm512_mask_storeu_ps(scores.data() + s, live, e);
+      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(live, e));
+    }
+    const float inv = 1.0f / _mm512_reduce_add_ps(total);
+    for (int j = 0; j < NV; ++j) o[j] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < len; ++s) {
+      const __m512 w = _mm512_set1_ps(scores[s] * inv);
+      for (int j = 0; j < NV; ++j) o[j] = _mm512_fmadd_ps(w, Load16<C>(p.v, base + s * h + 16 * j), o[j]);
+    }
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(p.out + row * h + 16 * j, o[j]);
+  }
+}
+
+template <int C>
+inline bool RunUnitAvx512(const Problem& p, int64_t unit, std::vector<float>& scores) {
+  switch (p.h) {
+    case 64: RunUnit512<C, 4>(p, unit, scores); return true;
+    case 96: RunUnit512<C, 6>(p, unit, scores); return true;
+    case 128: RunUnit512<C, 8>(p, unit, scores); return true;
+    default: return false;
+  }
+}
+#endif
+
 inline void RunUnit(const Problem& p, int64_t unit, std::vector<float>& scores) {
+#if BITNET_ATTN_X86
+  if (p.avx512) {
+    const bool done = p.cache == kF16    ? RunUnitAvx512<kF16>(p, unit, scores)
+                      : p.cache == kBF16 ? RunUnitAvx512<kBF16>(p, unit, scores)
+                                         : RunUnitAvx512<kF32>(p, unit, scores);
+    if (done) return;
+  }
+#endif
   switch (p.cache) {
     case kF16: return RunUnitT<kF16>(p, unit, scores);
     case kBF16: return RunUnitT<kBF16>(p, unit, scores);
@@ -216,6 +313,14 @@ inline bool HasAvx2Fma() {
 #if BITNET_ATTN_X86
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+inline bool HasAvx512() {
+#if BITNET_ATTN_X86
+  return HasAvx2Fma() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 #else
   return false;
 #endif

@@ -206,7 +206,9 @@ ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuf
                             rows.typed_data(), pos.typed_data(), out->typed_data(), b, t, n, kh,
                             s, h, cache,
                             g_isa.load(std::memory_order_relaxed) != bt::kScalar &&
-                                ba::HasAvx2Fma()};
+                                ba::HasAvx2Fma(),
+                            g_isa.load(std::memory_order_relaxed) == bt::kAvx512Vnni &&
+                                ba::HasAvx512()};
   auto job = std::make_shared<Job>();
   job->rows = [problem](int64_t u0, int64_t u1) {
     thread_local std::vector<float> scores;
