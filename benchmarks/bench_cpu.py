@@ -37,20 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py, beside this script)
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CACHE = Path(os.environ.get("BITNET_JAX_BENCH_DIR",
                            Path.home() / ".cache" / "bitnet_jax" / "bench"))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cores(n: int) -> str:

@@ -38,21 +38,13 @@ from pathlib import Path
 
 import httpx
 
+from machine import cpu_name  # noqa: E402  (benchmarks/machine.py, beside this script)
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path.home() / ".cache" / "bitnet_jax"
 LLAMA_SERVER = CACHE / "llamacpp" / "build" / "bin" / "llama-server"
 MODEL = CACHE / "bench" / "random-large-bitnet-tq2_0.gguf"
 VOCAB = 32000
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _cpus(spec: str) -> set[int]:
