@@ -65,15 +65,11 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, laye
     """
     cache = kv_cache.write(cache, k, v, layer, pos, slot)
     kernel = kernels.attention_kernel(policy.kernel, q, cache["k"])
-    if kernel == "ffi":
+    if kernel != "xla":  # the CPU kernel takes float32 queries, the GPU one the compute dtype
+        run, dtype = ((kernels.cached_attention_ffi, jnp.float32) if kernel == "ffi" else
+                      (kernels.cached_attention_pallas, policy.compute))
         rows = kv_cache.cache_rows(q.shape[0], slot)
-        out = kernels.cached_attention_ffi(q.astype(jnp.float32), cache["k"], cache["v"], layer,
-                                           rows, pos)
-        return out.astype(policy.compute), cache
-    if kernel == "pallas":
-        rows = kv_cache.cache_rows(q.shape[0], slot)
-        out = kernels.cached_attention_pallas(q.astype(policy.compute), cache["k"], cache["v"],
-                                              layer, rows, pos)
+        out = run(q.astype(dtype), cache["k"], cache["v"], layer, rows, pos)
         return out.astype(policy.compute), cache
     keys, values = kv_cache.layer_view(cache, layer, q.shape[0], slot)
     out = attend(q, keys.astype(policy.compute), values.astype(policy.compute), mask, cfg, policy)

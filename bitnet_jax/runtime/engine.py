@@ -299,7 +299,8 @@ def compiled(fn, args: tuple, static: dict, device, out_shardings=None) -> tuple
     enable_compilation_cache()
     t0 = time.perf_counter()
     # kernel="auto" and the Pallas kernels read the target platform from the default device.
-    target = jax.default_device(device) if isinstance(device, jax.Device) else _nothing()
+    target = (jax.default_device(device) if isinstance(device, jax.Device)
+              else contextlib.nullcontext())
     with target:
         exe = lower(fn, args, static, out_shardings).compile()
     _COMPILED[key] = exe
@@ -309,10 +310,6 @@ def compiled(fn, args: tuple, static: dict, device, out_shardings=None) -> tuple
                       "requests with many different slot counts, prompt buckets or models each "
                       "need their own (see bitnet_jax.warmup).", stacklevel=3)
     return exe, time.perf_counter() - t0
-
-
-def _nothing():
-    return contextlib.nullcontext()
 
 
 def lower(fn, args: tuple, static: dict, out_shardings=None) -> jax.stages.Lowered:

@@ -107,7 +107,7 @@ def generate(model, prompts, max_new_tokens: int | Sequence[int] = 256,
     """
     req = Request.build(model, prompts, max_new_tokens, sampling, sampling_kwargs, backend,
                         stop, chat, system, truncate, policy, ignore_eos)
-    eng, handles = _submit_all(req, ignore_eos)
+    eng, handles = _submit_all(req)
     eng.run_until_done(handles)
     return [_result(h) for h in handles]
 
@@ -123,7 +123,7 @@ def stream(model, prompt, max_new_tokens: int = 256, sampling: SamplingParams | 
     knobs = sampling_kwargs(kwargs)  # the rest are generate()'s keyword arguments
     req = Request.build(model, [prompt] if isinstance(prompt, str) else one_prompt(prompt),
                         max_new_tokens, sampling, knobs, **kwargs)
-    return TextStream(*_submit_all(req, kwargs.get("ignore_eos", False)))
+    return TextStream(*_submit_all(req))
 
 
 class TextStream:
@@ -162,7 +162,9 @@ def warmup(model, *, batch_sizes: Sequence[int] = (1,), prompt_lengths: Sequence
       prompt_lengths: the prompt lengths (in tokens) to prepare for. Default: every power of
         two from 16 up to the largest prefill chunk.
       max_new_tokens: the max_new_tokens of the requests. It fixes the cache length bucket.
-      backend, policy, ignore_eos: as in `generate`.
+      backend, policy: as in `generate`.
+      ignore_eos: accepted as in `generate`; EOS ids are per-slot values, so it does not change
+        the programs.
 
     Returns:
       Seconds spent compiling (near 0 when everything was already cached).
@@ -184,7 +186,7 @@ def warmup(model, *, batch_sizes: Sequence[int] = (1,), prompt_lengths: Sequence
 # On the engine
 
 
-def _submit_all(req: Request, ignore_eos: bool) -> tuple[Engine, list]:
+def _submit_all(req: Request) -> tuple[Engine, list]:
     """An engine sized for this request (one slot per prompt, up to MAX_BATCH; a cache that
     holds the longest prompt plus its max_new_tokens) with every prompt submitted."""
     # Prompts padded to their prefill chunks, so that nearby lengths share one cache bucket.
@@ -192,7 +194,8 @@ def _submit_all(req: Request, ignore_eos: bool) -> tuple[Engine, list]:
                   for p, m in zip(req.prompts, req.max_new))
     eng = Engine(req.model, slots=min(len(req.prompts), MAX_BATCH), context=longest,
                  device=req.device, policy=req.policy, interleave=False)
-    handles = [eng.submit(p, max_new_tokens=m, sampling=s, stop=req.stops, ignore_eos=ignore_eos)
+    handles = [eng.submit(p, max_new_tokens=m, sampling=s, stop=req.stops,
+                          ignore_eos=req.ignore_eos)
                for p, m, s in zip(req.prompts, req.max_new, req.sampling)]
     return eng, handles
 

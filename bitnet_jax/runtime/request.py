@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from bitnet_jax.errors import GenerationError
-from bitnet_jax.runtime.placement import place_params, resolve_device, resolve_policy
+from bitnet_jax.runtime.placement import resolve_device, resolve_policy
 from bitnet_jax.runtime.sampling import SamplingParams, knob_arrays
 
 
@@ -24,10 +24,9 @@ class Request:
     max_new: list[int]
     sampling: list[SamplingParams]
     stops: tuple[str, ...]
-    eos: tuple[int, ...]
+    ignore_eos: bool
     device: object
     policy: object
-    params: dict
 
     @classmethod
     def build(cls, model, prompts, max_new_tokens, sampling, sampling_kwargs, backend="auto",
@@ -52,13 +51,12 @@ class Request:
             raise GenerationError("system= only applies to chat prompts; pass chat=True too.",
                                   cli_message="--system only applies with --chat.")
         cfg = model.config
-        ids = [_validate(_encode(item, tok, chat, system), i, cfg, max_new[i], truncate)
+        ids = [_validate(encode_prompt(item, tok, chat, system), i, cfg, max_new[i], truncate)
                for i, item in enumerate(items)]
         device = resolve_device(backend)
         policy = resolve_policy(device, policy, model.policy)
-        return cls(model, ids, [int(m) for m in max_new], sampling, stops,
-                   eos_ids(model, ignore_eos), device, policy,
-                   place_params(model, device, policy))
+        return cls(model, ids, [int(m) for m in max_new], sampling, stops, bool(ignore_eos),
+                   device, policy)
 
 
 def sampling_kwargs(kwargs: dict) -> dict:
@@ -98,10 +96,6 @@ def _per_prompt(value, n: int, name: str) -> list:
 
 def encode_prompt(item, tok, chat: bool = False, system: str | None = None) -> list[int]:
     """Token ids of one prompt (text, conversation or ids) exactly as generate() encodes it."""
-    return _encode(item, tok, chat, system)
-
-
-def _encode(item, tok, chat: bool, system: str | None) -> list[int]:
     is_conversation = isinstance(item, (list, tuple)) and item and isinstance(item[0], dict)
     if isinstance(item, str) or is_conversation:
         if tok is None:
@@ -141,17 +135,12 @@ def _validate(ids: list[int], i: int, cfg, max_new: int, truncate: bool) -> list
     return ids
 
 
-def eos_ids(model, ignore_eos: bool) -> tuple[int, ...]:
-    if ignore_eos:
-        return ()
+def eos_ids(model) -> tuple[int, ...]:
+    """The model's stop token ids (config and tokenizer), inside the vocabulary."""
     ids = set(model.config.eos_ids)
     if model.tokenizer is not None:
         ids |= set(model.tokenizer.eos_ids)
     return tuple(sorted(t for t in ids if 0 <= t < model.config.vocab_size))
-
-
-def eos_array(eos: tuple[int, ...]) -> np.ndarray:
-    return np.array(eos or (-1,), np.int32)  # -1 never matches a sampled token
 
 
 def request_knobs(sampling: list[SamplingParams], max_new: list[int]) -> dict:

@@ -83,7 +83,7 @@ class Engine:
                                            cfg.max_position_embeddings)
         self.max_queue, self.interleave = max_queue, interleave
         self.stream_steps = max(1, min(int(stream_steps), engine.DECODE_CHUNK))
-        self.default_eos = eos_ids(model, ignore_eos=False)
+        self.default_eos = eos_ids(model)
         self.eos_width = max(len(self.default_eos), 1)
         self.runner = Runner(cfg, self.policy, self.params, self.device, slots=self.slots,
                              context=self.context, eos_width=self.eos_width)
@@ -147,7 +147,8 @@ class Engine:
     # -- running -------------------------------------------------------------------------------
 
     def idle(self) -> bool:
-        with self._lock:
+        """No request waits or holds a slot."""
+        with self._lock:  # a Condition's RLock: _loop calls this holding it
             return not self._queue and all(s is None for s in self._active)
 
     def run_until_done(self, handles: list[Handle]) -> None:
@@ -179,7 +180,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._queue and all(s is None for s in self._active):
+                while self.idle():
                     if self._stopping:
                         return
                     self._lock.wait(0.5)
