@@ -5,13 +5,16 @@
   xla.py        the plain XLA reference every other kernel is tested against
   sharded.py    the custom kernels per shard inside shard_map on a sharded model
   cpu/          the jax.ffi CPU kernels (C++ sources and their loader)
-  gpu/          the Pallas GPU kernels (ternary matmul, cached attention), the kernel="auto"
+  gpu/          the Pallas GPU kernels (ternary matmul, cached attention, the fused decode
+                layer pieces), the kernel="auto"
                 fallback, and the compile-only GPU tools (aot.py, hlo.py)
 """
 
 from bitnet_jax.kernels.dispatch import (attention_kernel, cached_attention_ffi,
-                                         cached_attention_pallas, choose_kernel, int8_matmul,
-                                         ternary_matmul, ternary_matmul_many)
+                                         cached_attention_pallas, choose_kernel,
+                                         decode_attention, fused_bitlinear, fused_decode,
+                                         int8_matmul, ternary_matmul, ternary_matmul_many)
 
 __all__ = ["attention_kernel", "cached_attention_ffi", "cached_attention_pallas",
-           "choose_kernel", "int8_matmul", "ternary_matmul", "ternary_matmul_many"]
+           "choose_kernel", "decode_attention", "fused_bitlinear", "fused_decode", "int8_matmul",
+           "ternary_matmul", "ternary_matmul_many"]

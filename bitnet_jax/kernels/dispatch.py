@@ -142,6 +142,43 @@ def attention_kernel(kernel: str, q: jax.Array, cache_k: jax.Array) -> str:
     return "ffi" if usable else "xla"
 
 
+def fused_decode(kernel: str, dtype, batch: int, weights: list, cache_k: jax.Array,
+                 heads: int) -> bool:
+    """True when a decode step's layers run as the fused Pallas launches (model/fused.py):
+    the kernel resolves to "pallas" (a GPU target), one device, `batch` <= 16 rows and shapes
+    gpu/fused.py and gpu/decode_attention.py take, and under "auto" they compile there.
+
+    Args:
+      kernel: the policy's kernel; dtype: the compute dtype; batch: B.
+      weights: stacked packed [L, O/4, I] q, k, v, o, gate, up, down.
+      cache_k: [L, B', K, S, H]; heads: N.
+    """
+    if choose_kernel(kernel) != "pallas" or sharded.mesh_of(cache_k, *weights) is not None:
+        return False
+    # Deferred: see _pallas_importable.
+    from bitnet_jax.kernels.gpu import decode_attention, fused
+    if not (decode_attention.usable(heads, cache_k.shape) and batch <= cache_k.shape[1]
+            and all(fused.usable(batch, w.shape[-1], [w.shape[1]]) for w in weights)):
+        return False
+    return kernel != "auto" or gpu_fallback.fused_usable(dtype, batch, weights, cache_k, heads)
+
+
+def fused_bitlinear(x, packed, scales, layer, **kw) -> jax.Array:
+    """RMSNorm -> int8 quantisation -> packed ternary matmul -> epilogue in one Pallas GPU call
+    (gpu/fused.py): x [M, I], stacked packed [L, O_j/4, I], scales [L] -> [M, ΣO_j]."""
+    # Deferred: see _pallas_importable.
+    from bitnet_jax.kernels.gpu import fused
+    return fused.fused_bitlinear(x, packed, scales, layer, **kw)
+
+
+def decode_attention(qkv, cos, sin, cache_k, cache_v, layer, pos, *, heads: int):
+    """RoPE, the KV-cache write and attention of one decode step in one Pallas GPU call
+    (gpu/decode_attention.py): qkv [B, (N + 2K)·H] -> (out [B, N·H], cache_k, cache_v)."""
+    # Deferred: see _pallas_importable.
+    from bitnet_jax.kernels.gpu import decode_attention as gpu_decode
+    return gpu_decode.decode_attention(qkv, cos, sin, cache_k, cache_v, layer, pos, heads=heads)
+
+
 def cached_attention_ffi(q, cache_k, cache_v, layer, rows, pos) -> jax.Array:
     """The CPU attention kernel over one layer of the stacked cache, in place (cpu/ffi.py).
 

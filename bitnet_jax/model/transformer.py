@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from bitnet_jax import kernels
 from bitnet_jax.kernels.stacked import scan_layers
 from bitnet_jax.model import cache as kv_cache
+from bitnet_jax.model import fused
 from bitnet_jax.model.attention import attention
 from bitnet_jax.model.bitlinear import bitlinear, bitlinear_many
 from bitnet_jax.model.config import ModelConfig
@@ -125,7 +126,11 @@ def apply(params: dict, tokens: jax.Array, cfg: ModelConfig, policy: Policy | st
         x, cache = carry
         return block(p, x, cos, sin, mask, cfg, policy, cache, layer=layer, pos=pos, slot=slot)
 
-    x, cache = scan_layers(layer_step, params["layers"], (embed(params, tokens, policy), cache))
+    x = embed(params, tokens, policy)
+    if fused.usable(params["layers"], x, cache, cfg, policy, slot):  # GPU decode: 5 launches/layer
+        x, cache = fused.decode_layers(params["layers"], x, cache, pos, cos, sin, cfg)
+    else:
+        x, cache = scan_layers(layer_step, params["layers"], (x, cache))
     return rms_norm(x, params["norm"], cfg.rms_norm_eps), cache
 
 

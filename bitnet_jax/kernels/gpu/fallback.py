@@ -13,6 +13,7 @@ kernel="pallas" skips the check, so a failure shows its real error.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
@@ -62,6 +63,35 @@ def attention_usable(q: jax.Array, cache_k: jax.Array) -> bool:
                 spec((bq,), jnp.int32), spec((bq,), jnp.int32))
 
     key = ("attention", tuple(q.shape), str(q.dtype), tuple(cache_k.shape), str(cache_k.dtype))
+    return _usable(key, call, args)
+
+
+def fused_usable(dtype, batch: int, weights: list, cache_k: jax.Array, heads: int) -> bool:
+    """True if the fused decode kernels (gpu/fused.py, gpu/decode_attention.py) compile for one
+    decode step of `batch` rows: weights = stacked packed q, k, v, o, gate, up, down."""
+    # Deferred: these modules import jax.experimental.pallas (see _pallas).
+    from bitnet_jax.kernels.gpu import decode_attention, fused
+
+    def call(x, ws, scales, g_in, g_ff, ck, cv, table, pos):
+        lin = functools.partial(fused.fused_bitlinear, eps=1e-6, interpret=False)
+        qkv = lin(x, ws[:3], scales[:3], 0, norm=g_in)
+        a, ck, cv = decode_attention.decode_attention(qkv, table, table, ck, cv, 0, pos,
+                                                      heads=heads, interpret=False)
+        x = lin(a, ws[3:4], scales[3:4], 0, residual=x)
+        h = lin(x, ws[4:6], scales[4:6], 0, norm=g_in, act=jax.nn.relu)
+        return lin(h, ws[6:], scales[6:], 0, norm=g_ff, residual=x), ck, cv
+
+    def args(spec):
+        nl, i_ff = weights[0].shape[0], weights[6].shape[-1]
+        return (spec((batch, weights[0].shape[-1]), dtype),
+                [spec(w.shape, jnp.uint8) for w in weights],
+                [spec((nl,), jnp.float32) for _ in weights],
+                spec((nl, weights[0].shape[-1]), dtype), spec((nl, i_ff), dtype),
+                spec(cache_k.shape, cache_k.dtype), spec(cache_k.shape, cache_k.dtype),
+                spec((batch, cache_k.shape[-1]), jnp.float32), spec((batch,), jnp.int32))
+
+    key = ("fused", str(jnp.dtype(dtype)), batch, tuple(tuple(w.shape) for w in weights),
+           tuple(cache_k.shape), str(cache_k.dtype), heads)
     return _usable(key, call, args)
 
 
