@@ -45,4 +45,5 @@ fi
 # Re-installed every run (seconds): the checkout may have moved since the venv was made.
 "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e .
 
-"$VENV/bin/python" -m pytest -q -m gpu_aot -p no:cacheprovider tests/test_gpu_aot.py "$@"
+"$VENV/bin/python" -m pytest -q -m gpu_aot -p no:cacheprovider tests/test_gpu_aot.py \
+  tests/test_gpu_aot_fused.py "$@"

@@ -8,6 +8,9 @@ traceback. So before `kernels.dispatch` sends a matmul to Pallas under kernel="a
 `pallas_usable`, which compiles that one call on its own for the target device (abstract
 operands: nothing runs) and remembers the answer per shape and device kind. On failure the
 dispatcher uses the XLA path and the first failure is reported with one warning.
+The fused decode kernels (gpu/fused.py, gpu/decode_attention.py) are probed the same way
+(`fused_usable`); when they fail, a decode step runs the composed layers (still Pallas matmuls
+where those compile), with one warning of its own.
 kernel="pallas" skips the check, so a failure shows its real error.
 """
 
@@ -22,7 +25,10 @@ import jax.numpy as jnp
 from bitnet_jax.kernels.gpu.platform import default_device
 
 _USABLE: dict[tuple, bool] = {}
-_WARNED: list[str] = []
+_WARNED: dict[str, str] = {}  # what ran instead -> the first failure
+_XLA = "the XLA path instead, which is slower"
+_COMPOSED = ("the decode layers one kernel per operation instead of fused (about 5x the "
+             "launches per step)")
 
 
 def pallas_usable(x_q: jax.Array, packed: list, layer) -> bool:
@@ -92,7 +98,7 @@ def fused_usable(dtype, batch: int, weights: list, cache_k: jax.Array, heads: in
 
     key = ("fused", str(jnp.dtype(dtype)), batch, tuple(tuple(w.shape) for w in weights),
            tuple(cache_k.shape), str(cache_k.dtype), heads)
-    return _usable(key, call, args)
+    return _usable(key, call, args, instead=_COMPOSED)
 
 
 def _pallas():
@@ -102,7 +108,7 @@ def _pallas():
     return pallas
 
 
-def _usable(key: tuple, call, args) -> bool:
+def _usable(key: tuple, call, args, instead: str = _XLA) -> bool:
     device = default_device()
     key = key + (device.platform, device.device_kind)
     if key not in _USABLE:
@@ -111,7 +117,7 @@ def _usable(key: tuple, call, args) -> bool:
             _USABLE[key] = True
         except Exception as e:  # noqa: BLE001 - any failure means: use the XLA path
             _USABLE[key] = False
-            _warn_once(e)
+            _warn_once(e, instead)
     return _USABLE[key]
 
 
@@ -127,15 +133,16 @@ def _compile_probe(call, args, device) -> None:
         jax.jit(call).trace(*args(spec)).lower().compile()
 
 
-def _warn_once(error: Exception) -> None:
-    if _WARNED:
+def _warn_once(error: Exception, instead: str) -> None:
+    """One warning per fallback kind (the XLA path, the composed decode layers)."""
+    if instead in _WARNED:
         return
     first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-    _WARNED.append(first)
+    _WARNED[instead] = first
     warnings.warn(
         f"bitnet_jax: the Pallas GPU kernel does not compile here ({type(error).__name__}: "
-        f"{first}); kernel='auto' runs the XLA path instead, which is slower. Use kernel='xla' "
-        "to choose it explicitly, or kernel='pallas' to see the full error.",
+        f"{first}); kernel='auto' runs {instead}. Use kernel='xla' to choose the XLA path "
+        "explicitly, or kernel='pallas' to see the full error.",
         RuntimeWarning, stacklevel=4)
 
 
