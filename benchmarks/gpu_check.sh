@@ -8,8 +8,8 @@
 #                                                 (default, in this order) and sweep (extra)
 #   bash benchmarks/gpu_check.sh --smoke [STAGE ...]   the same stages on CPU with tiny shapes
 #                                                 (Pallas in interpret mode): checks the script
-# Per-stage wall limits (seconds, env): T_ENV=30 T_TESTS=90 T_KERNELS=60 T_PARITY=60
-# T_DECODE=200 T_SWEEP=120. The default stages sum to 440 s, under 8 minutes with start-up, so a
+# Per-stage wall limits (seconds, env): T_ENV=30 T_TESTS=120 T_KERNELS=60 T_PARITY=60
+# T_DECODE=170 T_SWEEP=120. The default stages sum to 440 s, under 8 minutes with start-up, so a
 # rerun fits in a 15-minute GPU window. Through the device tool:
 #   run(command="bash benchmarks/gpu_check.sh", timeout_s=540, carry=[".whl"])
 # PYTHON=... picks the interpreter (default python3; --smoke prefers .venv/bin/python).
@@ -23,8 +23,9 @@
 #
 # What each stage answers:
 #   env      device kind, jax/jaxlib versions, Pallas Triton backend present, nvidia-smi.
-#   tests    tests/test_kernels_pallas.py compiled on the GPU (interpret=None -> compiled):
-#            ternary matmul (fused, stacked, masked) bit for bit and cached attention.
+#   tests    tests/test_kernels_pallas.py and tests/test_fused_decode.py compiled on the GPU
+#            (interpret=None -> compiled): ternary matmul (fused, stacked, masked) bit for bit,
+#            cached attention, and the fused decode kernels and layers against XLA.
 #   kernels  Pallas == XLA (exact flag) and timings on the 2B4T linear shapes at M=1,8,64,512.
 #   parity   device logits (f32/bf16, pallas/xla) vs the CPU float32 reference, 4 layers.
 #   decode   the real engine (runtime.benchmark) on a random 2B4T-shaped model built on the
@@ -121,8 +122,8 @@ for s in "${STAGES[@]}"; do
       stage env "${T_ENV:-30}" "$PY" -m benchmarks.bench_gpu env
       ;;
     tests)
-      stage tests "${T_TESTS:-90}" "$PY" -m pytest -q -p no:cacheprovider \
-        tests/test_kernels_pallas.py --junitxml="$OUTDIR/pallas_tests.xml"
+      stage tests "${T_TESTS:-120}" "$PY" -m pytest -q -p no:cacheprovider \
+        tests/test_kernels_pallas.py tests/test_fused_decode.py --junitxml="$OUTDIR/pallas_tests.xml"
       tests_to_json
       ;;
     kernels)
@@ -134,7 +135,7 @@ for s in "${STAGES[@]}"; do
         "${PARITY_ARGS[@]}"
       ;;
     decode)
-      stage decode "${T_DECODE:-200}" "$PY" -m benchmarks.bench_gpu decode "${ALLOW[@]}" \
+      stage decode "${T_DECODE:-170}" "$PY" -m benchmarks.bench_gpu decode "${ALLOW[@]}" \
         "${DECODE_ARGS[@]}" --policies bf16,f32 --kernels auto
       ;;
     sweep)

@@ -1,5 +1,6 @@
 """The fused GPU decode kernels (kernels/gpu/fused.py, decode_attention.py) and model/fused.py
-against the composed path they replace, in Pallas interpret mode on the CPU.
+against the composed path they replace: in Pallas interpret mode on a CPU, compiled on a GPU
+(benchmarks/gpu_check.sh runs this file there).
 
 A user relies on kernel="auto" on a GPU giving the same tokens as the XLA path: every fused
 piece is compared here with the XLA composition of model/bitlinear.py, model/cache.py and
@@ -18,6 +19,7 @@ import pytest
 from bitnet_jax.errors import ConfigError
 from bitnet_jax.kernels.gpu.decode_attention import decode_attention
 from bitnet_jax.kernels.gpu.fused import fused_bitlinear
+from bitnet_jax.kernels.gpu.platform import on_gpu
 from bitnet_jax.kernels.xla import ternary_matmul_xla
 from bitnet_jax.model import cache as kv_cache
 from bitnet_jax.model import fused, transformer
@@ -73,14 +75,15 @@ def test_fused_bitlinear_matches_the_composition(dtype, m, case):
         ws, kw = [_packed(rng, 32), _packed(rng, 32)], {
             "norm": gain, "act": _relu2 if case == "relu2" else _silu}
     scales = [jnp.asarray(rng.uniform(0.5, 2.0, (L,)), jnp.float32) for _ in ws]
-    got = fused_bitlinear(x, ws, scales, layer, eps=1e-5, interpret=True, **kw)
+    got = fused_bitlinear(x, ws, scales, layer, eps=1e-5, **kw)
     want = _composed(x, ws, scales, layer, **kw)
     assert got.shape == want.shape and got.dtype == want.dtype
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-    if dtype == jnp.bfloat16:  # same roundings in the same order
+    if dtype == jnp.bfloat16 and not on_gpu():  # same roundings in the same order
         np.testing.assert_array_equal(got, want)
-    else:  # float32 sums in another order: a rare quantisation tie may round the other way
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    else:  # sums in another order (GPU: its rsqrt too): a rare quantisation tie may flip
+        rtol = 1e-4 if dtype == jnp.float32 else 2e-2
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
 
 
 def test_fused_bitlinear_rejects_shapes_it_cannot_take():
@@ -88,13 +91,13 @@ def test_fused_bitlinear_rejects_shapes_it_cannot_take():
     x = jnp.ones((2, I), jnp.float32)
     s = [jnp.ones((L,), jnp.float32)]
     with pytest.raises(ConfigError, match="M <= 16"):
-        fused_bitlinear(jnp.ones((17, I)), [_packed(rng, 16)], s, 0, interpret=True)
+        fused_bitlinear(jnp.ones((17, I)), [_packed(rng, 16)], s, 0)
     with pytest.raises(ConfigError, match="R % 16"):
-        fused_bitlinear(x, [_packed(rng, 8)], s, 0, interpret=True)
+        fused_bitlinear(x, [_packed(rng, 8)], s, 0)
     with pytest.raises(ConfigError, match="gate and up"):
-        fused_bitlinear(x, [_packed(rng, 16)], s, 0, act=_relu2, interpret=True)
+        fused_bitlinear(x, [_packed(rng, 16)], s, 0, act=_relu2)
     with pytest.raises(ConfigError, match="residual"):
-        fused_bitlinear(x, [_packed(rng, 16)], s, 0, residual=jnp.ones((2, 8)), interpret=True)
+        fused_bitlinear(x, [_packed(rng, 16)], s, 0, residual=jnp.ones((2, 8)))
 
 
 @pytest.mark.parametrize("dtype,kv_dtype,tol", [
@@ -111,7 +114,7 @@ def test_decode_attention_matches_write_then_attend(dtype, kv_dtype, tol, hd):
     qkv = jnp.asarray(rng.normal(size=(b, (n + 2 * k) * h)), dtype)
     cos, sin = rope_frequencies(pos[:, None], h, 10000.0)
     out, new_k, new_v = decode_attention(qkv, cos[:, 0], sin[:, 0], ck, cv, layer, pos,
-                                         heads=n, interpret=True)
+                                         heads=n)
     q = apply_rope(qkv[:, :n * h].reshape(b, 1, n, h), cos, sin)
     keys = apply_rope(qkv[:, n * h:(n + k) * h].reshape(b, 1, k, h), cos, sin)
     values = qkv[:, (n + k) * h:].reshape(b, 1, k, h)
@@ -154,10 +157,11 @@ def test_decode_step_with_fused_layers_matches_xla(tiny_cfg, compute, tol):
                                      pos=jnp.zeros((2,), jnp.int32))
         x = transformer.embed(params, tokens[:, 4:], policy)
         assert fused.usable(params["layers"], x, cache, cfg, policy, None) == (kernel == "pallas")
-        h, cache = jax.jit(lambda p, t, c: transformer.apply(
-            p, t, cfg, policy, cache=c, pos=jnp.full((2,), 4, jnp.int32)))(
-                params, tokens[:, 4:], cache)
-        logits[kernel] = np.asarray(transformer.unembed(params, h, cfg, policy), np.float32)
+        with jax.default_matmul_precision("highest"):  # no TF32 on a GPU
+            h, cache = jax.jit(lambda p, t, c: transformer.apply(
+                p, t, cfg, policy, cache=c, pos=jnp.full((2,), 4, jnp.int32)))(
+                    params, tokens[:, 4:], cache)
+            logits[kernel] = np.asarray(transformer.unembed(params, h, cfg, policy), np.float32)
         caches[kernel] = np.asarray(cache["k"], np.float32)
     scale = np.abs(logits["xla"]).max()
     np.testing.assert_allclose(logits["pallas"], logits["xla"], atol=tol * scale, rtol=0)
