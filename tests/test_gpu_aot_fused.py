@@ -15,28 +15,14 @@ import jax.numpy as jnp
 import pytest
 
 from bitnet_jax.kernels.gpu import aot, hlo
-from test_gpu_aot import (TRITON, _linear_groups, _load_cfg, _params, _policy, _program, _spec,
-                          weight_copies)
+# h100 and _full_optimization (autouse) are fixtures: imported, they apply here too.
+from test_gpu_aot import (TRITON, _full_optimization, _linear_groups, _load_cfg,  # noqa: F401
+                          _params, _policy, _program, _spec, h100, weight_copies)
 
 REASON = aot.unavailable_reason()
 pytestmark = [pytest.mark.gpu_aot,
               pytest.mark.skipif(REASON is not None, reason=f"compile-only GPU: {REASON}"),
               pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")]
-
-
-@pytest.fixture(scope="module")
-def h100():
-    return aot.device("h100")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _full_optimization():
-    import jax
-
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", False)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def _relu2(v):

@@ -14,7 +14,7 @@ sits inside a kernel (kernels/gpu/fused.py) and RoPE plus the cache write inside
 The layer loop is unrolled (the layer index is a constant per copy): XLA's while loop would add
 a counter kernel per layer and its condition per step. Every per-layer array (weights, scales,
 norm gains, the cache) is passed whole and read at the layer index inside the kernels, so no
-slice or copy runs between them. Why: kernels/gpu/fused.py (827 -> ~180 launches per 2B4T
+slice or copy runs between them. Why: kernels/gpu/fused.py (832 -> 171 launches per 2B4T
 decode step at batch 1; benchmarks/README.md, compile-only H100).
 
 Used by transformer.apply for a decode step (T = 1, B <= 16 rows, no slot, packed weights, one
