@@ -114,14 +114,15 @@ def test_ffi_matches_xla_exactly(m, i, o):
 
 
 @needs_ffi
-def test_ffi_accumulator_extremes():
-    # I = 4100 crosses the int16 widening block (512 columns) eight times and leaves a tail;
-    # t = +1 everywhere against x = -128 is the most negative int16 partial sum.
-    i = 4100
+@pytest.mark.parametrize("i", [4100, 65536, 70000])
+def test_ffi_accumulator_extremes(i):
+    # I = 4100 crosses the int16 widening block (512 columns) 8 times and leaves a tail; t = +1
+    # against x = -128 is the most negative int16 partial sum. The AVX-512 GEMM keeps plane 3
+    # (rows 12..15) x64: exact up to I = 65536, past it the row kernel runs (ternary_gemm.h).
     x = np.zeros((4, i), np.int8)
     x[0], x[1], x[2], x[3] = -128, 127, -128, 127
-    t = np.ones((8, i), np.int8)
-    t[4:] = -1
+    t = np.ones((16, i), np.int8)
+    t[4:12] = -1
     packed = quant.pack_ternary(jnp.asarray(t))
     expected = x.astype(np.int64) @ t.T.astype(np.int64)
     results = _each_isa(lambda: cpu_ffi.ternary_matmul_kernel(jnp.asarray(x), packed))

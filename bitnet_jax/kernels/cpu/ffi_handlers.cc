@@ -212,7 +212,7 @@ ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuf
   auto job = std::make_shared<Job>();
   job->rows = [problem](int64_t u0, int64_t u1) {
     thread_local std::vector<float> scores;
-    for (int64_t u = u0; u < u1; ++u) ba::RunUnit(problem, u, scores);
+    for (int64_t u = u0; u < u1; ++u) ba::RunUnit(problem, u, u + 1 < u1 ? u + 1 : -1, scores);
   };
   const int64_t units = b * kh * t;
   // Work ~ bytes of cache read: the visible positions of k and v per unit.

@@ -11,10 +11,11 @@
 //
 // acc itself may leave int32 (|acc| <= 255 * 128 * I, past I = 65792), but vpdpbusd and the
 // adds wrap modulo 2^32, so out is exact whenever the true sum fits int32, as for the row
-// kernels (tests/test_kernels_cpu.py checks I = 70000). The layout is ternary_gemm.h's:
-// four rows transposed inside 128-bit lanes (lane dword d = row d), x broadcast per 128-bit
-// lane with vpshufd; a block is 8 rows (two transposed groups) by up to 6 tokens (GCC 12 emits
-// 2.4 instructions per vpdpbusd for 6-token blocks, 3.1 for 4-token ones).
+// kernels (tests/test_kernels_cpu.py checks I = 70000). The layout is oneDNN's VNNI "4i" one
+// (ternary_gemm.h's before its 128-bit broadcast kernel): four rows transposed inside 128-bit
+// lanes (lane dword d = row d), x broadcast per 128-bit lane with vpshufd; a block is 8 rows
+// (two transposed groups) by up to 6 tokens (GCC 12 emits 2.4 instructions per vpdpbusd for
+// 6-token blocks, 3.1 for 4-token ones).
 
 #ifndef BITNET_JAX_KERNELS_CPU_INT8_GEMM_H_
 #define BITNET_JAX_KERNELS_CPU_INT8_GEMM_H_
@@ -33,8 +34,8 @@ constexpr int64_t kInt8GemmMinM512 = 2;
 
 BITNET_SIMD_WARNINGS_OFF
 
-// Rows w..w+3 (row stride i), columns k..k+63 under `mask`: the four 128-bit-lane transposes
-// of ternary_gemm.h (lane c, dword d of z[q] = row d, columns 16c+4q..+3), plus 128.
+// Rows w..w+3 (row stride i), columns k..k+63 under `mask`: four 128-bit-lane transposes
+// (lane c, dword d of z[q] = row d, columns 16c+4q..+3), plus 128.
 BITNET_AVX512 inline void Int8Transpose4(const int8_t* w, int64_t i, int64_t k, __mmask64 mask,
                                          int64_t ahead_bytes, __m512i z[4]) {
   const __m512i a0 = _mm512_maskz_loadu_epi8(mask, w + k);

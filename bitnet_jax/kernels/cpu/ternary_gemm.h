@@ -4,23 +4,30 @@
 //
 // Why a second kernel: the row kernels reduce each output's 16 (AVX-512) int32 lanes
 // horizontally at the end of every row and token, and keep one packed row's four planes for a
-// block of tokens. Here one block is FOUR packed rows p..p+3 (16 outputs: rows p+d+jR, d, j in
-// 0..3) transposed in registers so that every 32-bit lane belongs to one output row, the layout
-// of int8 GEMM micro-kernels (oneDNN's VNNI "4i" weight layout, llama.cpp's repacked q4_0x8):
+// block of tokens. Here a block is FOUR packed rows p..p+3 (16 outputs: rows p+d+jR, d, j in
+// 0..3) by up to 4 tokens, and every vpdpbusd serves one packed row and one token:
 //
-//   packed rows p..p+3, columns k..k+63 (4 zmm loads; dword c*4+q of row d = columns 16c+4q..+3)
-//   4x4 dword transpose inside each 128-bit lane (8 unpacks) -> Z_q, q = 0..3:
-//       lane c, dword d of Z_q = row p+d, columns 16c+4q..16c+4q+3
-//   planes of Z_q (one shift, four masks; planes 1 and 3 stay x4 as in ternary_paths.h)
-//   x: vpshufd broadcasts dword q of each 128-bit lane of x[k..k+63] -> X_q
-//   acc[t][j] += vpdpbusd(plane_j(Z_q), X_q)      t: token of the block, j: plane
+//   W = 16 bytes of packed row d (columns k..k+15) broadcast to the four 128-bit lanes
+//   plane mask: lane j keeps bits 2j..2j+1 of every byte (0x03, 0x0c, 0x30, 0xc0), i.e. plane j
+//       scaled by 4^j (codes up to 3 * 64 = 192 still fit vpdpbusd's unsigned bytes)
+//   X = x[t][k..k+15] broadcast to the four 128-bit lanes (vbroadcasti32x4, a load)
+//   acc[d][t] += vpdpbusd(W & mask, X): dword c of lane j sums plane j x x over columns 4c..4c+3
 //
-// so after all columns, lane (c, d) of acc[t][j] holds the sum over the columns 16c..16c+15 of
-// each 64 of output row p+d+jR for token t: three adds fold the four 128-bit lanes into the
-// four outputs, stored as one 128-bit vector (no horizontal sums, no scalar stores). A block of
-// 3 tokens (12 accumulators, 4 planes, 3 x, 4 Z in zmm registers) shares each transpose and
-// plane extraction. Measured on Zen 5 (benchmarks/README.md, CPU GEMM): 1.1-1.3x the row
-// kernel from L2, and 1.5-2.5x from DRAM together with the next-tile prefetch of isa.h.
+// (activations broadcast to the weights' lanes as in oneDNN's VNNI micro-kernels, but 16 bytes
+// per 128-bit lane, so that the 4 planes of a packed byte land in 4 lanes), so one AND per
+// packed row and 16 columns is shared by the block's tokens and the loop has no shuffle at all:
+// 1 + 1/4 vector instructions per vpdpbusd with 4 tokens, where the previous kernel (4 rows
+// transposed in registers as in oneDNN's VNNI "4i" layout, x broadcast per lane with vpshufd;
+// commit a182219) needed 8 unpacks + 4 shifts/masks per 64 columns plus 4 vpshufd
+// per token, ~1.8 per vpdpbusd at 3 tokens. After all columns a 4x4 transpose-add folds the four
+// dwords of each lane of the four rows into lane j = outputs p..p+3 of plane j, an arithmetic
+// shift by 2j undoes the scale, and one 128-bit store writes 4 outputs. Exactness: |4^j * sum|
+// <= 64 * 3 * 128 * I fits int32 for I <= 65536 (larger I takes the row kernel).
+//
+// Measured on the Zen 5 (one thread, thread CPU time, the large shape's q/k/v, o, gate/up, down,
+// best of rounds interleaved with the previous kernel in one process, benchmarks/README.md):
+// M = 8 1.14x from L2 (349 -> 399 GMAC/s) and 1.20x cold (24 layers, 319 -> 382 GMAC/s);
+// 1.0-1.22x at M = 2..128 (M = 1 keeps the GEMV).
 
 #ifndef BITNET_JAX_KERNELS_CPU_TERNARY_GEMM_H_
 #define BITNET_JAX_KERNELS_CPU_TERNARY_GEMM_H_
@@ -40,71 +47,78 @@ constexpr int64_t kGemmMinM512 = 2;
 
 BITNET_SIMD_WARNINGS_OFF
 
-// One 64-column step of a 4-row block for MB tokens: `mask` selects the valid columns of the
-// last step (zero bytes are code 0 against x = 0, so they add nothing).
+// 16 columns of packed rows w, w + i, w + 2i, w + 3i (bytes wk..wk+15) against x[t][xk..xk+15]
+// for the MB tokens of the block (rows of x i bytes apart): see the top of the file.
 template <int MB>
-BITNET_AVX512 inline void Gemm4Step(const Problem& p, const uint8_t* w, const int8_t* x,
-                                    int64_t k, __mmask64 mask, int64_t ahead_bytes,
-                                    __m512i acc[MB][4]) {
-  const int64_t i = p.i;
-  const __m512i a0 = _mm512_maskz_loadu_epi8(mask, w + k);
-  const __m512i a1 = _mm512_maskz_loadu_epi8(mask, w + i + k);
-  const __m512i a2 = _mm512_maskz_loadu_epi8(mask, w + 2 * i + k);
-  const __m512i a3 = _mm512_maskz_loadu_epi8(mask, w + 3 * i + k);
-  if (ahead_bytes) {  // the next tile's same four rows, to L2 (isa.h RunTokens)
-    const char* f = reinterpret_cast<const char*>(w + k) + ahead_bytes;
-    _mm_prefetch(f, _MM_HINT_T1);
-    _mm_prefetch(f + i, _MM_HINT_T1);
-    _mm_prefetch(f + 2 * i, _MM_HINT_T1);
-    _mm_prefetch(f + 3 * i, _MM_HINT_T1);
+BITNET_AVX512 inline void Bcast16(const uint8_t* w, const int8_t* x, int64_t i, int64_t k,
+                                  const __m512i plane_mask, __m512i acc[4][MB]) {
+  __m512i xb[MB];
+  for (int t = 0; t < MB; ++t) {
+    xb[t] = _mm512_broadcast_i32x4(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + t * i + k)));
   }
-  const __m512i t0 = _mm512_unpacklo_epi32(a0, a1), t1 = _mm512_unpackhi_epi32(a0, a1);
-  const __m512i t2 = _mm512_unpacklo_epi32(a2, a3), t3 = _mm512_unpackhi_epi32(a2, a3);
-  const __m512i z[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
-                        _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};
-  __m512i xv[MB];
-  for (int t = 0; t < MB; ++t) xv[t] = _mm512_maskz_loadu_epi8(mask, x + t * i + k);
-  const __m512i m03 = _mm512_set1_epi8(0x03), m0c = _mm512_set1_epi8(0x0c);
-  for (int q = 0; q < 4; ++q) {
-    const __m512i h = _mm512_srli_epi16(z[q], 4);
-    const __m512i pl0 = _mm512_and_si512(z[q], m03), pl1 = _mm512_and_si512(z[q], m0c);
-    const __m512i pl2 = _mm512_and_si512(h, m03), pl3 = _mm512_and_si512(h, m0c);
-    for (int t = 0; t < MB; ++t) {
-      // _MM_PERM_ENUM q*0x55 = (q, q, q, q): dword q of every 128-bit lane.
-      const __m512i xq = _mm512_shuffle_epi32(xv[t], static_cast<_MM_PERM_ENUM>(q * 0x55));
-      acc[t][0] = _mm512_dpbusd_epi32(acc[t][0], pl0, xq);
-      acc[t][1] = _mm512_dpbusd_epi32(acc[t][1], pl1, xq);
-      acc[t][2] = _mm512_dpbusd_epi32(acc[t][2], pl2, xq);
-      acc[t][3] = _mm512_dpbusd_epi32(acc[t][3], pl3, xq);
-    }
+  for (int d = 0; d < 4; ++d) {
+    const __m512i pl = _mm512_and_si512(
+        _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + d * i + k))),
+        plane_mask);
+    for (int t = 0; t < MB; ++t) acc[d][t] = _mm512_dpbusd_epi32(acc[d][t], pl, xb[t]);
   }
 }
 
-// Packed rows row..row+3 for tokens m0..m0+MB-1 (the RowFn of RunTiled with kStep = 4).
+// Packed rows row..row+3 for tokens m0..m0+MB-1 (the RowFn of RunTokens with step 4).
 template <int MB>
 struct Avx512Gemm4 {
   BITNET_AVX512 static void Run(const Problem& p, int64_t m0, int64_t row, int64_t ahead) {
-    const uint8_t* w = p.w + row * p.i;
-    const int8_t* x = p.x + m0 * p.i;
-    const int64_t kv = p.i & ~int64_t{63}, ahead_bytes = ahead * p.i;
-    __m512i acc[MB][4];
-    for (int t = 0; t < MB; ++t)
-      for (int j = 0; j < 4; ++j) acc[t][j] = _mm512_setzero_si512();
-    for (int64_t k = 0; k < kv; k += 64) {
-      Gemm4Step<MB>(p, w, x, k, ~__mmask64{0}, ahead_bytes, acc);
+    const int64_t i = p.i;
+    const uint8_t* w = p.w + row * i;
+    const int8_t* x = p.x + m0 * i;
+    const int64_t k64 = i & ~int64_t{63}, k16 = i & ~int64_t{15}, ahead_bytes = ahead * i;
+    const int32_t m0c = 0x03030303, m30 = 0x30303030, mc0 = static_cast<int32_t>(0xc0c0c0c0u);
+    const __m512i plane_mask = _mm512_set_epi32(mc0, mc0, mc0, mc0, m30, m30, m30, m30,
+                                                m0c << 2, m0c << 2, m0c << 2, m0c << 2,
+                                                m0c, m0c, m0c, m0c);
+    __m512i acc[4][MB];
+    for (int d = 0; d < 4; ++d)
+      for (int t = 0; t < MB; ++t) acc[d][t] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < k64; k += 64) {
+      if (ahead_bytes) {  // the next tile's same four rows, to L2 (isa.h RunTokens)
+        const char* f = reinterpret_cast<const char*>(w + k) + ahead_bytes;
+        _mm_prefetch(f, _MM_HINT_T1);
+        _mm_prefetch(f + i, _MM_HINT_T1);
+        _mm_prefetch(f + 2 * i, _MM_HINT_T1);
+        _mm_prefetch(f + 3 * i, _MM_HINT_T1);
+      }
+      // Written out: as a loop GCC 12 keeps acc[][] in memory (0.85x).
+      Bcast16<MB>(w, x, i, k, plane_mask, acc);
+      Bcast16<MB>(w, x, i, k + 16, plane_mask, acc);
+      Bcast16<MB>(w, x, i, k + 32, plane_mask, acc);
+      Bcast16<MB>(w, x, i, k + 48, plane_mask, acc);
     }
-    if (kv < p.i) {
-      Gemm4Step<MB>(p, w, x, kv, (~uint64_t{0}) >> (64 - (p.i - kv)), ahead_bytes, acc);
+    for (int64_t k = k64; k < k16; k += 16) Bcast16<MB>(w, x, i, k, plane_mask, acc);
+    if (k16 < i) {  // the last i % 16 columns from zero-padded copies (zero codes add nothing)
+      alignas(16) uint8_t wt[4][16] = {};
+      alignas(16) int8_t xt[MB][16] = {};
+      for (int64_t c = k16; c < i; ++c) {
+        for (int d = 0; d < 4; ++d) wt[d][c - k16] = w[d * i + c];
+        for (int t = 0; t < MB; ++t) xt[t][c - k16] = x[t * i + c];
+      }
+      Bcast16<MB>(&wt[0][0], &xt[0][0], 16, 0, plane_mask, acc);
     }
     for (int t = 0; t < MB; ++t) {
+      // Sum the four dwords of every lane of rows 0..3: lane j of s = (S0j, S1j, S2j, S3j).
+      const __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(acc[0][t], acc[1][t]),
+                                           _mm512_unpackhi_epi32(acc[0][t], acc[1][t]));
+      const __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(acc[2][t], acc[3][t]),
+                                           _mm512_unpackhi_epi32(acc[2][t], acc[3][t]));
+      const __m512i s = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23),
+                                         _mm512_unpackhi_epi64(s01, s23));
       const __m128i xs = _mm_set1_epi32(p.xsum[m0 + t]);
+      const __m128i lane[4] = {_mm512_castsi512_si128(s), _mm512_extracti32x4_epi32(s, 1),
+                               _mm512_extracti32x4_epi32(s, 2), _mm512_extracti32x4_epi32(s, 3)};
       int32_t* o = p.out + (m0 + t) * 4 * p.r + row;
-      for (int j = 0; j < 4; ++j) {
-        const __m256i f = _mm256_add_epi32(_mm512_castsi512_si256(acc[t][j]),
-                                           _mm512_extracti64x4_epi64(acc[t][j], 1));
-        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(f), _mm256_extracti128_si256(f, 1));
-        if (j & 1) s = _mm_srai_epi32(s, 2);  // planes 1 and 3 were x4 (exact: see FixScaled)
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + j * p.r), _mm_sub_epi32(s, xs));
+      for (int j = 0; j < 4; ++j) {  // undo the 4^j scale of plane j
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + j * p.r),
+                         _mm_sub_epi32(_mm_srai_epi32(lane[j], 2 * j), xs));
       }
     }
   }
@@ -112,28 +126,24 @@ struct Avx512Gemm4 {
 
 BITNET_SIMD_WARNINGS_ON
 
-// Tokens of one tile in blocks of 3 (12 accumulators: GCC 12 keeps 4-token blocks' 16 in
-// registers only with spills and copies, ~10% slower per token), except that a last lone token
-// joins the block before it (4) and 2 left over make a 2-block: 3-, 4- and 2-token blocks ran at
-// about 410, 370 and 265 GMAC/s per Zen 5 core from L2, 1-token blocks at half that.
-BITNET_AVX512 inline void Gemm4Tile(const Problem& p, int64_t t0, int64_t t1, int64_t ahead,
-                                    int64_t lim) {
-  int64_t m0 = 0;
-  for (; p.m - m0 >= 3; m0 += 3) {
-    if (p.m - m0 == 4) break;
-    RunTokens<3, Avx512Gemm4>(p, m0, m0 + 3, t0, t1, 4, ahead, lim);
-    ahead = 0;
-  }
-  if (p.m - m0 == 4) RunTokens<4, Avx512Gemm4>(p, m0, p.m, t0, t1, 4, ahead, lim);
-  if (p.m - m0 < 3) RunTokens<2, Avx512Gemm4>(p, m0, p.m, t0, t1, 4, ahead, lim);
-}
+// Columns up to which the plane-scaled sums stay exact (see the top of the file).
+constexpr int64_t kGemmMaxI512 = 65536;
 
-// Rows [r0, r1): whole 4-row blocks tile by tile through the GEMM (isa.h RunTiled, with the
-// next-tile prefetch), the last r % 4 rows through the row kernel.
+// Rows [r0, r1): whole 4-row blocks tile by tile through the GEMM (isa.h RunTokens, with the
+// next-tile prefetch), the last r % 4 rows through the row kernel. Tokens go in blocks of 4,
+// except that a lone last token joins the block before it (5: 20 accumulators; a 1-token block
+// does 2 vector instructions per vpdpbusd). Measured against the previous kernel's 3 + 3 + 2:
+// 4-token blocks 1.04-1.24x at every M from 2 to 64; all-5 blocks 0.95x / 0.91x of all-4 at
+// M = 8 / 16, but 1.08x at M = 5.
 BITNET_AVX512 inline void RunAvx512VnniGemm(const Problem& p, int64_t r0, int64_t r1) {
   const int64_t r4 = r0 + ((r1 - r0) & ~int64_t{3});
   const int64_t tile = TileRows(p.i, 4);
-  for (int64_t t0 = r0; t0 < r4; t0 += tile) Gemm4Tile(p, t0, std::min(r4, t0 + tile), tile, r4);
+  const int64_t m4 = p.m % 4 == 1 && p.m > 1 ? p.m - 5 : p.m;  // tokens [m4, m) as one 5-block
+  for (int64_t t0 = r0; t0 < r4; t0 += tile) {
+    const int64_t t1 = std::min(r4, t0 + tile);
+    RunTokens<4, Avx512Gemm4>(p, 0, m4, t0, t1, 4, tile, r4);
+    if (m4 < p.m) RunTokens<5, Avx512Gemm4>(p, m4, p.m, t0, t1, 4, m4 == 0 ? tile : 0, r4);
+  }
   if (r4 < r1) RunAvx512VnniRows(p, r4, r1);
 }
 
@@ -154,7 +164,7 @@ BITNET_AVXVNNI inline void RunAvxVnni(const Problem& p, int64_t r0, int64_t r1) 
 }
 #endif
 BITNET_AVX512 inline void RunAvx512Vnni(const Problem& p, int64_t r0, int64_t r1) {
-  if (p.m >= kGemmMinM512) {
+  if (p.m >= kGemmMinM512 && p.i <= kGemmMaxI512) {
     RunAvx512VnniGemm(p, r0, r1);
   } else if (p.m == 1) {
     RunGemv<Avx512VnniRow>(p, r0, r1);
