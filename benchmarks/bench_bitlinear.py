@@ -8,7 +8,7 @@ One JSON line per (shape, M, path, ISA) on stdout:
 
 Paths (all give [M, O] int32, or f32 for "f32"):
   ffi        packed 2-bit FFI kernel (kernels/cpu/ffi.py), reads O*I/4 bytes: the GEMV at M = 1,
-             the GEMM (AVX-512 VNNI) at M >= 2
+             the GEMM (AVX-512 VNNI) at M >= 2, the 4-token AVX2 block at M >= 4
   head       int8 x int8 LM-head kernel (int8_matmul_ffi) on an [O, I] int8 weight
   xla        ternary_matmul_xla: in-graph unpack of the packed weight + int8 dot (the reference)
   xla_int8   int8 dot on a pre-unpacked [O, I] int8 weight (no unpack; 4x the bytes of ffi)

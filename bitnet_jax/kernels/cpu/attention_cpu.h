@@ -46,7 +46,7 @@ struct Problem {
   float* out;           // [Bq, T, N, H]
   int64_t b, t, n, kh, s, h;  // b = Bq
   int cache;            // CacheType
-  bool avx2;            // use the AVX2+FMA(+F16C) dot / axpy
+  bool avx2;            // use the AVX2+FMA(+F16C) dot / axpy, or unit (attention_avx2.h)
   bool avx512;          // use the AVX-512 unit (RunUnit512) where H is 64, 96 or 128
 };
 
@@ -333,15 +333,25 @@ inline bool RunUnitAvx512(const Problem& p, int64_t unit, int64_t next,
 #pragma GCC diagnostic pop
 #endif
 #endif
+}  // namespace bitnet_attention
+
+#include "attention_avx2.h"  // RunUnitAvx2: the same unit on AVX2
+
+namespace bitnet_attention {
 
 // Unit `unit`; `next` is the unit this thread runs after it (-1: none), whose keys the AVX-512
-// unit prefetches.
+// and AVX2 units prefetch.
 inline void RunUnit(const Problem& p, int64_t unit, int64_t next, std::vector<float>& scores) {
 #if BITNET_ATTN_X86
   if (p.avx512) {
     const bool done = p.cache == kF16    ? RunUnitAvx512<kF16>(p, unit, next, scores)
                       : p.cache == kBF16 ? RunUnitAvx512<kBF16>(p, unit, next, scores)
                                          : RunUnitAvx512<kF32>(p, unit, next, scores);
+    if (done) return;
+  } else if (p.avx2) {
+    const bool done = p.cache == kF16    ? RunUnitAvx2<kF16>(p, unit, next, scores)
+                      : p.cache == kBF16 ? RunUnitAvx2<kBF16>(p, unit, next, scores)
+                                         : RunUnitAvx2<kF32>(p, unit, next, scores);
     if (done) return;
   }
 #else

@@ -124,6 +124,67 @@ struct Avx512Gemm4 {
   }
 };
 
+// AVX2 GEMM block: one packed row by MB tokens. 16 bytes of the row are broadcast to both
+// 128-bit lanes (as in the AVX-512 block above), lane 0 masked to plane 0 (0x03) and lane 1 to
+// plane 1 (0x0c, x4), and the same after one shift by 4 for planes 2 and 3; x[t][k..k+15] is
+// broadcast too. So a token needs TWO int16 accumulators for the four outputs of the row (the
+// row kernel needs four), and 4 tokens fit in registers: 8 int16 accumulators + 2 planes + x +
+// mask. Per 16 columns and token: 2 maddubs + 2 adds, as the row kernel, but the shift and
+// masks (3 ops per 16 columns) are shared by 4 tokens instead of 2. Same int16 bounds as
+// Avx2Row (planes 1 and 3 x4, 16 maddubs per int16 lane, then widened with madd(., 1)).
+// Measured (Zen 5 via set_isa, one thread, thread CPU time, the large shape's linears, best of
+// 15 rounds interleaved with RunAvx2Rows in one process, 2026-12-02, load 0.8): 24 layers cold
+// M = 4 / 5 / 8 / 16 1.02 / 1.04 / 1.05 / 1.05x, 4 layers M = 64 / 128 1.04 / 1.03x, one layer
+// 1.03 / 1.05 / 1.04 / 1.03x (M = 1..3, the same code: 0.99-1.04, the noise floor). Both kernels
+// run at ~150 GMAC/s even from L1, i.e. core-bound; per 32 MACs they issue 2.63 (Avx2Row<2>)
+// and 2.38 (this, 4 tokens) vector ops against a floor of 2 (maddubs + its add), so no token
+// blocking can give more than ~1.2x. As a loop over a Step16 helper GCC 12 kept a16[][] in
+// memory (0.80-0.87x), hence written inline.
+template <int MB>
+struct Avx2Gemm {
+  BITNET_AVX2 static void Run(const Problem& p, int64_t m0, int64_t row, int64_t ahead) {
+    const int64_t i = p.i, k16 = i & ~int64_t{15};
+    const uint8_t* w = p.w + row * i;
+    const int8_t* x = p.x + m0 * i;
+    const __m256i mask = _mm256_setr_m128i(_mm_set1_epi8(0x03), _mm_set1_epi8(0x0c));
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[MB][2];
+    for (int t = 0; t < MB; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_si256();
+    for (int64_t kb = 0; kb < k16; kb += 16 * 16) {
+      const int64_t ke = std::min(k16, kb + 16 * 16);
+      __m256i a16[MB][2];
+      for (int t = 0; t < MB; ++t) a16[t][0] = a16[t][1] = _mm256_setzero_si256();
+      for (int64_t k = kb; k < ke; k += 16) {
+        if ((k & 63) == 0) PrefetchAt(w, k, ahead * i);
+        const __m256i b = _mm256_broadcastsi128_si256(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)));
+        const __m256i p01 = _mm256_and_si256(b, mask);
+        const __m256i p23 = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+        for (int t = 0; t < MB; ++t) {
+          const __m256i xv = _mm256_broadcastsi128_si256(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + t * i + k)));
+          a16[t][0] = _mm256_add_epi16(a16[t][0], _mm256_maddubs_epi16(p01, xv));
+          a16[t][1] = _mm256_add_epi16(a16[t][1], _mm256_maddubs_epi16(p23, xv));
+        }
+      }
+      for (int t = 0; t < MB; ++t) {
+        acc[t][0] = _mm256_add_epi32(acc[t][0], _mm256_madd_epi16(a16[t][0], ones));
+        acc[t][1] = _mm256_add_epi32(acc[t][1], _mm256_madd_epi16(a16[t][1], ones));
+      }
+    }
+    for (int t = 0; t < MB; ++t) {
+      // lane 0 of h: (S0, S2, S0, S2), lane 1: (S1, S3, S1, S3)
+      const __m256i h01 = _mm256_hadd_epi32(acc[t][0], acc[t][1]);
+      alignas(32) int32_t h[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(h), _mm256_hadd_epi32(h01, h01));
+      int32_t s[4] = {h[0], h[4], h[1], h[5]};
+      FixScaled(s);
+      CodeDotTail(w, x + t * i, k16, i, s);
+      StoreRow(p, m0 + t, row, s);
+    }
+  }
+};
+
 BITNET_SIMD_WARNINGS_ON
 
 // Columns up to which the plane-scaled sums stay exact (see the top of the file).
@@ -155,8 +216,24 @@ BITNET_AVX512 inline void RunAvx512VnniGemm(const Problem& p, int64_t r0, int64_
 inline void RunScalar(const Problem& p, int64_t r0, int64_t r1) { RunScalarRows(p, r0, r1); }
 
 #if BITNET_TERNARY_X86
+// M >= kGemmMinMAvx2 on AVX2: 4-token blocks of Avx2Gemm, tile by tile with the next-tile
+// prefetch (isa.h), the last m % 4 tokens through Avx2Row (2 + 1: Avx2Gemm<1..3> measured
+// 0.6-0.96x of them).
+constexpr int64_t kGemmMinMAvx2 = 4;
+BITNET_AVX2 inline void RunAvx2Gemm(const Problem& p, int64_t r0, int64_t r1) {
+  const int64_t tile = TileRows(p.i, 1), m4 = p.m & ~int64_t{3};
+  for (int64_t t0 = r0; t0 < r1; t0 += tile) {
+    const int64_t t1 = std::min(r1, t0 + tile);
+    RunTokens<4, Avx2Gemm>(p, 0, m4, t0, t1, 1, tile, r1);
+    if (m4 < p.m) RunTokens<2, Avx2Row>(p, m4, p.m, t0, t1, 1, m4 == 0 ? tile : 0, r1);
+  }
+}
 BITNET_AVX2 inline void RunAvx2(const Problem& p, int64_t r0, int64_t r1) {
-  RunAvx2Rows(p, r0, r1);
+  if (p.m >= kGemmMinMAvx2) {
+    RunAvx2Gemm(p, r0, r1);
+  } else {
+    RunAvx2Rows(p, r0, r1);
+  }
 }
 #if BITNET_TERNARY_AVXVNNI
 BITNET_AVXVNNI inline void RunAvxVnni(const Problem& p, int64_t r0, int64_t r1) {
