@@ -231,27 +231,23 @@ def main(argv=None) -> int:
                                         "ours_roofline_fraction": round(
                                             best["decode_tokens_per_s"] / roof, 3)})
                         if peer:
-                            pbest = {k: _best(peer, k)
-                                     for k in ("decode_tokens_per_s", "prefill_tokens_per_s")}
-                            summary.update({
-                                **{f"llama_bench_{k}": round(v, 2) for k, v in pbest.items()},
-                                "decode_ratio_llama_bench": round(
-                                    best["decode_tokens_per_s"] / pbest["decode_tokens_per_s"], 3),
-                                "prefill_ratio_llama_bench": round(
-                                    best["prefill_tokens_per_s"] / pbest["prefill_tokens_per_s"],
-                                    3)})
+                            summary.update(_versus("bench", best, peer))
                     got = [r[batch] for r in peer_b if batch in r]
                     if got:
-                        bbest = {k: _best(got, k)
-                                 for k in ("decode_tokens_per_s", "prefill_tokens_per_s")}
-                        summary.update({
-                            **{f"llama_batched_{k}": round(v, 2) for k, v in bbest.items()},
-                            "decode_ratio_llama_batched": round(
-                                best["decode_tokens_per_s"] / bbest["decode_tokens_per_s"], 3),
-                            "prefill_ratio_llama_batched": round(
-                                best["prefill_tokens_per_s"] / bbest["prefill_tokens_per_s"], 3)})
+                        summary.update(_versus("batched", best, got))
                     print(json.dumps(summary), flush=True)
     return 0
+
+
+def _versus(tool: str, best: dict, peer_rows: list) -> dict:
+    """llama_<tool>_* (the peer's best rounds) and our ratios to them, decode and prefill."""
+    out = {}
+    for kind in ("decode", "prefill"):
+        key = f"{kind}_tokens_per_s"
+        theirs = _best(peer_rows, key)
+        out[f"llama_{tool}_{key}"] = round(theirs, 2)
+        out[f"{kind}_ratio_llama_{tool}"] = round(best[key] / theirs, 3)
+    return out
 
 
 if __name__ == "__main__":

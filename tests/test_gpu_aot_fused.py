@@ -9,15 +9,14 @@ the fallback to the composed path when a fused kernel does not compile.
 
 from __future__ import annotations
 
-import warnings
-
 import jax.numpy as jnp
 import pytest
 
 from bitnet_jax.kernels.gpu import aot, hlo
 # h100 and _full_optimization (autouse) are fixtures: imported, they apply here too.
 from test_gpu_aot import (TRITON, _full_optimization, _linear_groups, _load_cfg,  # noqa: F401
-                          _params, _policy, _program, _spec, h100, weight_copies)
+                          _params, _policy, _program, _spec, fallback_warnings, h100,
+                          weight_copies)
 
 REASON = aot.unavailable_reason()
 pytestmark = [pytest.mark.gpu_aot,
@@ -112,7 +111,7 @@ def test_engine_decode_step_runs_five_launches_per_layer(target):
 
 
 def test_auto_falls_back_to_the_composed_layers_when_a_fused_kernel_fails(h100, monkeypatch):
-    from bitnet_jax.kernels.gpu import decode_attention, fallback
+    from bitnet_jax.kernels.gpu import decode_attention
     from bitnet_jax.runtime import engine
 
     def broken(*args, **kwargs):
@@ -120,17 +119,12 @@ def test_auto_falls_back_to_the_composed_layers_when_a_fused_kernel_fails(h100, 
 
     cfg = _load_cfg("bitnet-b1.58-2B-4T").replace(num_hidden_layers=2)
     policy = _policy("bfloat16", "auto")
-    fallback.reset()
     monkeypatch.setattr(decode_attention, "_kernel", broken)
-    try:
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            with aot.on(h100):
-                lowered = engine.aot_lower(_params(cfg, policy, h100), cfg, policy, slots=1,
-                                           context=256, device=h100)
-            compiled = aot.compile_lowered(lowered["decode"], h100)
-    finally:
-        fallback.reset()
+    with fallback_warnings() as record:
+        with aot.on(h100):
+            lowered = engine.aot_lower(_params(cfg, policy, h100), cfg, policy, slots=1,
+                                       context=256, device=h100)
+        compiled = aot.compile_lowered(lowered["decode"], h100)
     ours = [w for w in record if "does not compile" in str(w.message)]
     assert len(ours) == 1 and "injected" in str(ours[0].message), [str(w.message) for w in record]
     assert "decode layers one kernel per operation" in str(ours[0].message)

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from bitnet_jax.errors import ConfigError, DeviceError
+from bitnet_jax.errors import ConfigError
 from bitnet_jax.kernels.gpu import pallas as ternary
 from bitnet_jax.quant import ACT_EPS
 
@@ -89,9 +89,6 @@ def fused_bitlinear(x: jax.Array, packed: Sequence[jax.Array], scales: Sequence[
         raise ConfigError(f"fused_bitlinear(residual=...) needs one weight and a residual "
                           f"[M, O]; got {len(packed)} weights and {residual.shape}.")
     interp = ternary.resolve_interpret(interpret)
-    if not interp and ternary._pl_triton is None:
-        raise DeviceError("This jax has no Pallas Triton backend, which the fused kernel needs; "
-                          "use kernel='xla'.")
     layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
     return _fused(x, tuple(packed), tuple(s.astype(jnp.float32) for s in scales), layer, norm,
                   residual, eps=float(eps), act=act, interpret=interp)

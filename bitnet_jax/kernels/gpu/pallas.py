@@ -177,14 +177,17 @@ def default_config(m: int, r: int | Sequence[int], i: int, variant: str | None =
 
 def resolve_interpret(interpret: bool | None) -> bool:
     """None -> compiled on a GPU target (kernels/gpu/platform.py), interpret mode elsewhere;
-    False off a GPU is an error."""
-    if interpret is None:
-        return not on_gpu()
-    if not interpret and not on_gpu():
+    False off a GPU, or compiled without the Triton backend, is an error (every Pallas kernel
+    here resolves its mode through this)."""
+    interp = not on_gpu() if interpret is None else bool(interpret)
+    if not interp and not on_gpu():
         raise DeviceError(
             f"The compiled Pallas kernel needs a GPU but the target is {default_platform()!r}; "
             "pass interpret=True (or None) or use kernel='xla'/'ffi'.")
-    return bool(interpret)
+    if not interp and _pl_triton is None:
+        raise DeviceError("This jax has no Pallas Triton backend, which the compiled kernel "
+                          "needs; use kernel='xla' or install jax<=0.11.")
+    return interp
 
 
 def ternary_matmul_pallas(x_q: jax.Array, packed: jax.Array, layer=None, *,
@@ -247,9 +250,6 @@ def ternary_matmul_many_pallas(x_q: jax.Array, packed: Sequence[jax.Array], laye
     if config.dot == "reduce" and m > _REDUCE_MAX_M:
         raise ConfigError(f"dot='reduce' handles at most {_REDUCE_MAX_M} rows; got M={m}.")
     interp = resolve_interpret(interpret)
-    if not interp and _pl_triton is None:
-        raise DeviceError("This jax has no Pallas Triton backend, which the compiled kernel "
-                          "needs; use kernel='xla' or install jax<=0.11.")
     if layer is None:
         packed, layer = [w[None] for w in packed], 0  # a leading L = 1: a free reshape
     layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
