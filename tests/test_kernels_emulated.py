@@ -1,13 +1,15 @@
 """The AVX2, AVX-VNNI and AVX-512 VNNI kernel paths on any x86 CPU, through SIMDe emulation.
 
-test_kernels_cpu.py runs the paths this CPU has natively (every one on an AVX-512 VNNI machine
-with AVX-VNNI, only scalar and avx2 on an AVX2-only one). This builds tests/emulated/harness.cc
-against the kernel headers (bitnet_jax/kernels/cpu/ternary_paths.h, ternary_gemm.h, int8_cpu.h,
-int8_gemm.h, isa.h) with SIMDe's portable intrinsics (Debian's libsimde-dev;
-tests/emulated/immintrin.h maps the Intel names) and no target attributes, so every path runs on
-any x86 CPU, and checks the ternary and int8 kernels (GEMV at M = 1, GEMM at M >= 2) against the
-portable path bit for bit on shapes with column tails, token remainders and row counts that are
-not whole GEMM blocks, each over all rows and split in two at an odd row.
+test_kernels_cpu.py and test_fused_linear_cpu.py run the paths this CPU has natively (every
+one on an AVX-512 VNNI machine with AVX-VNNI, only scalar and avx2 on an AVX2-only one). This
+builds tests/emulated/harness.cc against the kernel headers (bitnet_jax/kernels/cpu/
+ternary_paths.h, ternary_gemm.h, int8_cpu.h, int8_gemm.h, quantize_cpu.h, isa.h) with SIMDe's
+portable intrinsics (Debian's libsimde-dev; tests/emulated/immintrin.h maps the Intel names)
+and no target attributes, so every path runs on any x86 CPU, and checks the ternary and int8
+kernels (GEMV at M = 1, GEMM at M >= 2) against the portable path bit for bit on shapes with
+column tails, token remainders and row counts that are not whole GEMM blocks, each over all
+rows and split in two at an odd row, and the fused linear's activation quantisation (codes and
+absmax) on rows with ties and column tails.
 """
 
 from __future__ import annotations
@@ -39,4 +41,4 @@ def test_every_isa_path_matches_the_portable_one(tmp_path):
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
     # 12 shapes x 3 SIMD paths x 2 kernels x (all rows, rows split in two).
-    assert "144/144 emulated cases agree" in out.stdout, out.stdout
+    assert "152/152 emulated cases agree" in out.stdout, out.stdout

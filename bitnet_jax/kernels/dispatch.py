@@ -115,6 +115,23 @@ def _custom_many(kernel: str, x_q: jax.Array, packed: list, layer) -> list:
     return [_ternary_one(x_q, w, kernel, layer) for w in packed]
 
 
+def linear_fusable(kernel: str, x: jax.Array, packed: list, layer) -> bool:
+    """Whether BitLinear's quantise -> packed matmul -> scale can be ONE CPU kernel call
+    (`ternary_linear_many`): the "ffi" kernel with its library loaded, standard-layout weights
+    on one device (sharded models keep the per-shard int32 kernel, kernels/sharded.py)."""
+    return (choose_kernel(kernel) == "ffi" and cpu_ffi.available()
+            and not any(sharded.is_blocked(w, layer) for w in packed)
+            and sharded.mesh_of(x, *packed) is None)
+
+
+def ternary_linear_many(x: jax.Array, packed: list, scales: list, layer=None) -> list:
+    """[M, I] float activations through several packed weights in one CPU kernel call that
+    also quantises x and scales the products: list of [M, O_j] float32, the same int32 products
+    as quantize_activations + `ternary_matmul_many`, scaled as bitlinear_many does to a few ulp
+    (cpu/ffi.py). Only where `linear_fusable` holds."""
+    return cpu_ffi.ternary_linear_many_ffi(x, packed, scales, layer)
+
+
 def int8_matmul(x_q: jax.Array, w: jax.Array, kernel: str = "auto") -> jax.Array:
     """[M, I] int8 x [V, I] int8 -> [M, V] int32: the CPU kernel for "ffi" (and "auto" on CPU),
     XLA's int8 dot otherwise."""

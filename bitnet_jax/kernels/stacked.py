@@ -4,9 +4,11 @@ Per-layer params are stacked on a leading L axis. `lax.scan` slices every leaf p
 scan slice that feeds a custom call is copied first: 7 MB per layer of the large model, as many
 bytes again as the kernel reads. So the packed uint8 [L, O/4, I] arrays are not scanned over:
 `scan_layers` hands each layer the whole stack plus the layer index, as the leaf
-{"packed": [L, O/4, I], "layer": l, "scale": []}, and kernels.dispatch passes both to the kernel
-(the CPU and Pallas GPU kernels read matrix l in place; XLA slices it, which on a GPU unpacks
-one layer at a time). Everything else is scanned as usual.
+{"packed": [L, O/4, I], "layer": l, "scale": [], "scales": [L]}, and kernels.dispatch passes
+both to the kernel (the CPU and Pallas GPU kernels read matrix l in place; XLA slices it, which
+on a GPU unpacks one layer at a time). The whole [L] "scales" serve the fused CPU linear, which
+reads scale l itself: a scan slice passed to a custom call is one more XLA op per weight and
+layer. Everything else is scanned as usual.
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ def scan_layers(body: Callable, layers: dict, carry):
 
 def _split_stacks(layers):
     """Split the stacked params into (xs, stacks): stacks holds each packed leaf's uint8 array
-    (None elsewhere), xs everything else."""
+    and its [L] scales (None elsewhere), xs everything else (the scales too: scanned as usual)."""
     if is_packed(layers):
-        return {k: v for k, v in layers.items() if k != "packed"}, layers["packed"]
+        return ({k: v for k, v in layers.items() if k != "packed"},
+                (layers["packed"], layers["scale"]))
     if isinstance(layers, dict):
         pairs = {k: _split_stacks(v) for k, v in layers.items()}
         return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
@@ -57,5 +60,6 @@ def _join_stacks(xs, stacks, layer):
     if stacks is None:
         return xs
     if not isinstance(stacks, dict):
-        return {**xs, "packed": stacks, "layer": layer}
+        packed, scales = stacks
+        return {**xs, "packed": packed, "scales": scales, "layer": layer}
     return {k: _join_stacks(xs[k], stacks[k], layer) for k in xs}

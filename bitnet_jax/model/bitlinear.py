@@ -52,7 +52,9 @@ def bitlinear_many(x: jax.Array, ws: list, policy: Policy, quantized: bool = Tru
     """`bitlinear` of one input through several projections (q/k/v, gate/up).
 
     With packed leaves the activations are quantised once and the CPU kernel computes every
-    product in one call (one thread hand-off instead of one per projection).
+    product in one call (one thread hand-off instead of one per projection). On one CPU device
+    that call also quantises x and scales the products (kernels.ternary_linear_many): no XLA op
+    runs between the input and the float outputs.
 
     Args:
       x: [..., I] activations in the compute dtype.
@@ -64,9 +66,16 @@ def bitlinear_many(x: jax.Array, ws: list, policy: Policy, quantized: bool = Tru
     if not all(is_packed(w) for w in ws):
         return [bitlinear(x, w, policy, quantized) for w in ws]
     lead = x.shape[:-1]
-    x_q, step = quantize_activations(x.reshape(-1, x.shape[-1]))  # [M, I] int8, [M, 1]
+    x2 = x.reshape(-1, x.shape[-1])  # [M, I]
     layer = ws[0].get("layer")
-    accs = kernels.ternary_matmul_many(x_q, [w["packed"] for w in ws], kernel=policy.kernel,
+    packed = [w["packed"] for w in ws]
+    if kernels.linear_fusable(policy.kernel, x2, packed, layer):
+        # CPU: quantise, matmul and scale in one kernel call (same numbers, no XLA glue).
+        scales = [w.get("scales", w["scale"]) for w in ws]  # [L] in the layer scan (stacked.py)
+        ys = kernels.ternary_linear_many(x2, packed, scales, layer)
+        return [y.reshape(*lead, -1).astype(policy.compute) for y in ys]
+    x_q, step = quantize_activations(x2)  # [M, I] int8, [M, 1]
+    accs = kernels.ternary_matmul_many(x_q, packed, kernel=policy.kernel,
                                        layer=layer)  # int32 [M, O_j]
     out = []
     for acc, w in zip(accs, ws):

@@ -1,10 +1,12 @@
-// Every x86 kernel path of ternary_paths.h / ternary_gemm.h / int8_cpu.h / int8_gemm.h against
+// Every x86 kernel path of ternary_paths.h / ternary_gemm.h / int8_cpu.h / int8_gemm.h (and the
+// activation quantisation of quantize_cpu.h) against
 // the portable one, bit for bit, through the dispatcher of isa.h, built with SIMDe
 // (tests/emulated/immintrin.h) by tests/test_kernels_emulated.py. Each case also runs its rows
 // as two calls split at an odd row, as threads split them (ffi_runtime.h), so the GEMMs' row
 // blocks and their row-kernel remainders both meet every M bucket, column tail and row count.
 #include "ternary_gemm.h"
 #include "int8_gemm.h"
+#include "quantize_cpu.h"
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -64,6 +66,25 @@ int main() {
       bt::RunRows(isa, q8, cut8, v);
       ++cases;
       if (g8 != r8) ++bad, std::printf("int8 split mismatch isa=%d m=%ld i=%ld\n", isa, m, i);
+    }
+  }
+  // Per-token quantisation (the fused linear): every path's codes and absmax equal the scalar
+  // path's, column tails, an all-zero row and exact .5 ties included.
+  for (int64_t i : {7, 16, 100, 1536}) {
+    std::vector<float> x(3 * i);
+    std::normal_distribution<float> normal(0.0f, 3.0f);
+    for (auto& v : x) v = normal(g);
+    for (int64_t k = 0; k < i; ++k) x[k] = 0.0f;
+    for (int64_t k = 0; k < i; k += 2) x[i + k] = 0.5f * static_cast<float>(k % 7);
+    x[i + 1] = 127.0f;  // row 1: absmax 127, so x * 127 / absmax = x: ties at every .5
+    std::vector<int8_t> qs(3 * i), qv(3 * i);
+    std::vector<float> as(3), av(3);
+    bt::QuantizeRows(bt::kScalar, x.data(), 3, i, qs.data(), as.data());
+    for (int isa : {bt::kAvx2, bt::kAvx512Vnni}) {
+      std::fill(qv.begin(), qv.end(), 99);
+      bt::QuantizeRows(isa, x.data(), 3, i, qv.data(), av.data());
+      ++cases;
+      if (qv != qs || av != as) ++bad, std::printf("quantize mismatch isa=%d i=%ld\n", isa, i);
     }
   }
   std::printf("%d/%d emulated cases agree with the scalar path\n", cases - bad, cases);

@@ -47,3 +47,38 @@ static inline simde__m512i bitnet_shim_shuffle_epi32(simde__m512i a, int imm) {
 }
 #define _mm512_shuffle_epi32(a, imm) bitnet_shim_shuffle_epi32(a, static_cast<int>(imm))
 #endif
+// For quantize_cpu.h (the fused linear's activation quantisation).
+#ifndef _MM_FROUND_NO_EXC
+#define _MM_FROUND_NO_EXC SIMDE_MM_FROUND_NO_EXC
+#endif
+#ifndef _MM_FROUND_TO_NEAREST_INT
+#define _MM_FROUND_TO_NEAREST_INT SIMDE_MM_FROUND_TO_NEAREST_INT
+#endif
+static inline float bitnet_shim_reduce_max_ps(simde__m512 a) {
+  float v[16];
+  std::memcpy(v, &a, 64);
+  float m = v[0];
+  for (int j = 1; j < 16; ++j) m = v[j] > m ? v[j] : m;
+  return m;
+}
+#define _mm512_reduce_max_ps(a) bitnet_shim_reduce_max_ps(a)
+static inline simde__m512i bitnet_shim_cvtps_epi32(simde__m512 a) {  // current rounding mode
+  float v[16];
+  int32_t r[16];
+  std::memcpy(v, &a, 64);
+  for (int j = 0; j < 16; ++j) r[j] = static_cast<int32_t>(__builtin_nearbyintf(v[j]));
+  simde__m512i out;
+  std::memcpy(&out, r, 64);
+  return out;
+}
+#define _mm512_cvtps_epi32(a) bitnet_shim_cvtps_epi32(a)
+static inline simde__m128i bitnet_shim_cvtepi32_epi8(simde__m512i a) {  // truncating
+  int32_t v[16];
+  int8_t r[16];
+  std::memcpy(v, &a, 64);
+  for (int j = 0; j < 16; ++j) r[j] = static_cast<int8_t>(v[j]);
+  simde__m128i out;
+  std::memcpy(&out, r, 16);
+  return out;
+}
+#define _mm512_cvtepi32_epi8(a) bitnet_shim_cvtepi32_epi8(a)

@@ -9,6 +9,11 @@ a GEMM for M >= 2 (ternary_gemm.h), chosen in the C++ by M. With `layer`, `packe
 XLA would otherwise copy each layer's slice before the custom call (7 MB per layer of the large
 model).
 
+`ternary_linear_many_ffi(x [M, I] float, packed, scales) -> [M, O_j] float32` is BitLinear in
+one call: the per-token int8 quantisation of x, the same kernels, and the scaling by step · scale
+(quantize_cpu.h), so that no XLA op runs around the product (same codes and int32 products as
+the unfused ops; the float scaling to a few ulp).
+
 `int8_matmul_ffi(x_q [M, I] int8, w [V, I] int8) -> [M, V] int32` is the int8 LM head
 (params.quantize_lm_head; int8_cpu.h GEMV, int8_gemm.h GEMM for M >= 2 on AVX-512 VNNI), exact
 and equal to XLA's int8 dot.
@@ -25,11 +30,12 @@ When the library is not available the two matmuls compute the same result throug
 Transformations:
   * jit: the call is one XLA custom call, multi-threaded on XLA's own intra-op thread pool.
   * vmap: a `custom_vmap` rule folds batch axes into M (one kernel call for the whole batch).
-  * grad: none is needed. Both operands are integers, so JAX gives them symbolic-zero (float0)
-    tangents and never differentiates through the call; gradients of `bitlinear` with a packed
-    leaf (w.r.t. `scale`, or x through the activation step) are the same as on the XLA path.
-    A custom_vjp that raised would never run, or would break that parity. QAT trains latent
-    float weights (bitlinear.py) and packs them afterwards.
+  * grad: the integer matmuls need none: both operands are integers, so JAX gives them
+    symbolic-zero (float0) tangents and never differentiates through the call; gradients of
+    `bitlinear` with a packed leaf (w.r.t. `scale`, or x through the activation step) are the
+    same as on the XLA path. A custom_vjp that raised would never run, or would break that
+    parity. `ternary_linear_many_ffi` (float x and scales) has a custom JVP that differentiates
+    the unfused ops. QAT trains latent float weights (bitlinear.py) and packs them afterwards.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from bitnet_jax.errors import KernelError
 from bitnet_jax.kernels.cpu.library import (
     ATTENTION_TARGET,
     INT8_TARGET,
+    LINEAR_TARGET,
     ISAS,
     TARGET,
     available,
@@ -51,10 +58,12 @@ from bitnet_jax.kernels.cpu.library import (
     unavailable_reason,
 )
 from bitnet_jax.kernels.xla import int8_matmul_xla, ternary_matmul_xla
+from bitnet_jax.quant import quantize_activations
 
 __all__ = ["ISAS", "KernelError", "attention_ffi", "attention_usable", "available",
            "int8_matmul_ffi", "isa", "set_isa", "supported_isas", "ternary_matmul_ffi",
-           "ternary_matmul_kernel", "ternary_matmul_many_ffi", "unavailable_reason"]
+           "ternary_linear_many_ffi", "ternary_matmul_kernel", "ternary_matmul_many_ffi",
+           "unavailable_reason"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,6 +188,80 @@ def ternary_matmul_many_ffi(x_q: jax.Array, packed: list, layer=None) -> list:
             packed = [jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False) for w in packed]
         return [ternary_matmul_xla(x_q, w) for w in packed]
     return list(_batchable(x_q, _layer_operand(layer), *packed))
+
+
+# ------------------------------------------------------------------------------------------------
+# BitLinear in one call: quantise, matmul, dequantise (the kernel's float32 entry)
+
+
+def _ffi_linear(x: jax.Array, layer: jax.Array, *scales_and_packed: jax.Array) -> tuple:
+    n = len(scales_and_packed) // 2
+    packed = scales_and_packed[n:]
+    m = x.shape[0]
+    outs = tuple(jax.ShapeDtypeStruct((m, 4 * w.shape[-2]), jnp.float32) for w in packed)
+    if m == 0 or any(w.shape[-2] == 0 for w in packed):
+        return tuple(jnp.zeros(o.shape, jnp.float32) for o in outs)
+    return tuple(jax.ffi.ffi_call(LINEAR_TARGET, outs)(x, layer, *scales_and_packed))
+
+
+@jax.custom_batching.custom_vmap
+def _linear_batchable(x: jax.Array, layer: jax.Array, *scales_and_packed: jax.Array) -> tuple:
+    return _ffi_linear(x, layer, *scales_and_packed)
+
+
+_linear_batchable.def_vmap(_rows_vmap_rule(_linear_batchable))
+
+
+def _linear_composed(x: jax.Array, layer: jax.Array, *scales_and_packed: jax.Array) -> tuple:
+    """What the fused call computes, as separate ops (bitlinear_many's unfused sequence)."""
+    n = len(scales_and_packed) // 2
+    scales, packed = scales_and_packed[:n], scales_and_packed[n:]
+    x_q, step = quantize_activations(x)
+    accs = _batchable(x_q, layer, *packed)
+    return tuple(acc.astype(jnp.float32) * (step * (s if s.ndim == 0 else s[layer]))
+                 for acc, s in zip(accs, scales))
+
+
+@jax.custom_jvp
+def _linear(x: jax.Array, layer: jax.Array, *scales_and_packed: jax.Array) -> tuple:
+    return _linear_batchable(x, layer, *scales_and_packed)
+
+
+@_linear.defjvp
+def _linear_jvp(primals, tangents):
+    # Differentiated (QAT on a packed leaf, gradients w.r.t. x or the scales): the same ops as
+    # the unfused path, so gradients are unchanged by the fusion.
+    return jax.jvp(_linear_composed, primals, tangents)
+
+
+def ternary_linear_many_ffi(x: jax.Array, packed: list, scales: list, layer=None) -> list:
+    """BitLinear's packed product for several weights sharing x, in ONE kernel call.
+
+    The call quantises x per token (absmax int8, quant.quantize_activations), multiplies by
+    every packed weight and scales the int32 products by step · scale_j (cpu/quantize_cpu.h),
+    so none of those steps is a separate XLA op: issue 16's per-layer glue. The int8 codes and
+    so the int32 products are quantize_activations' and `ternary_matmul_many_ffi`'s exactly;
+    the float32 scaling equals bitlinear_many's in XLA to a few ulp (XLA reorders it by shape).
+    Needs the library (`available()`).
+
+    Args:
+      x: [M, I] activations (any float dtype; quantised from float32).
+      packed: list of [O_j/4, I] (or [L, O_j/4, I] with `layer`) uint8 weights.
+      scales: each weight's dequantisation scale: a scalar, or the [L] scales of the stack with
+        `layer` (the kernel reads entry `layer`, so no slice is computed outside it).
+      layer: int32 scalar or None, as in `ternary_matmul_ffi`.
+
+    Returns:
+      list of [M, O_j] float32.
+    """
+    for w in packed:
+        _check(jnp.zeros((0, x.shape[-1]), jnp.int8), w, layer)
+    require_library()
+    scales = [jnp.asarray(s, jnp.float32) for s in scales]
+    if any(s.ndim > 1 or (s.ndim == 1 and layer is None) for s in scales):
+        raise KernelError("ternary_linear_many_ffi takes scalar scales, or [L] scales with a "
+                          f"layer index; got shapes {[s.shape for s in scales]}.")
+    return list(_linear(x.astype(jnp.float32), _layer_operand(layer), *scales, *packed))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 //
 //   bitnet_ternary_matmul  packed ternary x int8 matmul, one or several weights (ternary_paths.h
 //                          GEMV for M = 1, ternary_gemm.h GEMM for M >= 2)
+//   bitnet_ternary_linear  the same with BitLinear's activation quantisation and output scaling
+//                          in the call: float32 in, float32 out (quantize_cpu.h)
 //   bitnet_int8_matmul     int8 x int8 LM head (int8_cpu.h GEMV, int8_gemm.h GEMM)
 //   bitnet_attention       attention over one layer of the stacked KV cache (attention_cpu.h)
 //
@@ -23,6 +25,7 @@
 #include "ffi_runtime.h"
 #include "int8_gemm.h"
 #include "isa.h"
+#include "quantize_cpu.h"
 #include "ternary_gemm.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -61,8 +64,63 @@ int InitialIsa() {
 
 std::atomic<int> g_isa{InitialIsa()};
 
-// x [M, I] int8 and a layer index (int32 scalar), then n >= 1 weights, each packed [O_j/4, I]
-// or stacked [L, O_j/4, I] (matrix `layer` is used; layer must be 0 for 2-D weights) -> n
+// The problems of one call of the packed matmuls: n >= 1 weights, each packed [O_j/4, I] or
+// stacked [L, O_j/4, I] (matrix `at` is used; at must be 0 for 2-D weights), against x [M, I]
+// int8 (x_q, built by the caller) with outputs [M, O_j] of element type Out (int32, or float32
+// whose buffer first receives the int32 products, TernaryLinear). Problem j owns rows
+// [first_row[j], first_row[j + 1]) of the call's work.
+template <ffi::DataType Out>
+ffi::Error Collect(const char* name, int64_t m, int64_t i, int64_t at, const int8_t* x_q,
+                   const int32_t* xsum, ffi::RemainingArgs weights, size_t first_weight,
+                   ffi::RemainingRets outs, std::vector<bt::Problem>& problems,
+                   std::vector<int64_t>& first_row) {
+  const std::string who = name;
+  if (weights.size() <= first_weight || weights.size() - first_weight != outs.size()) {
+    return ffi::Error::InvalidArgument(who + " expects as many packed weights [(L,) O/4, I] as "
+                                       "outputs [M, O]");
+  }
+  first_row = {0};
+  for (size_t j = 0; j < outs.size(); ++j) {
+    auto w = weights.get<ffi::Buffer<ffi::U8>>(first_weight + j);
+    auto o = outs.get<ffi::Buffer<Out>>(j);
+    if (!w.has_value() || !o.has_value()) {
+      return ffi::Error::InvalidArgument(who + " weight/output " + std::to_string(j) +
+                                         " has the wrong element type");
+    }
+    const auto wd = w->dimensions();
+    const auto od = (*o)->dimensions();
+    const bool stacked = wd.size() == 3;
+    if ((wd.size() != 2 && !stacked) || od.size() != 2) {
+      return ffi::Error::InvalidArgument(who + " weight " + std::to_string(j) +
+                                         " must be [O/4, I] or [L, O/4, I], its output [M, O]");
+    }
+    const int64_t l = stacked ? wd[0] : 1, r = wd[wd.size() - 2];
+    if (wd[wd.size() - 1] != i || od[0] != m || od[1] != 4 * r) {
+      return ffi::Error::InvalidArgument(who + " shape mismatch: packed " + Dims(wd) +
+                                         ", out " + Dims(od) + " for x [" + std::to_string(m) +
+                                         ", " + std::to_string(i) + "]");
+    }
+    if (at < 0 || at >= l) {
+      return ffi::Error::InvalidArgument(who + " layer " + std::to_string(at) +
+                                         " is outside [0, " + std::to_string(l) + ")");
+    }
+    int32_t* out = reinterpret_cast<int32_t*>((*o)->typed_data());
+    problems.push_back(bt::Problem{x_q, w->typed_data() + at * r * i, out, xsum, m, i, r});
+    first_row.push_back(first_row.back() + r);
+  }
+  return ffi::Error::Success();
+}
+
+// Rows [r0, r1) of the call's work: each problem's share of them.
+inline void RunProblems(int isa, const std::vector<bt::Problem>& problems,
+                        const std::vector<int64_t>& first_row, int64_t r0, int64_t r1) {
+  for (size_t j = 0; j < problems.size(); ++j) {
+    const int64_t lo = std::max(r0, first_row[j]), hi = std::min(r1, first_row[j + 1]);
+    if (lo < hi) bt::RunRows(isa, problems[j], lo - first_row[j], hi - first_row[j]);
+  }
+}
+
+// x [M, I] int8 and a layer index (int32 scalar), then n >= 1 weights [(L,) O_j/4, I] -> n
 // outputs out_j [M, O_j] int32. Reading stacked weights in place spares the per-layer slice copy
 // XLA makes for a custom call inside lax.scan; taking several weights that share x (q/k/v,
 // gate/up) in one call halves the thread hand-offs of a decode step.
@@ -70,56 +128,81 @@ ffi::Future TernaryMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
                           ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs weights,
                           ffi::RemainingRets outs) {
   const auto xd = x.dimensions();
-  if (xd.size() != 2 || layer.element_count() != 1 || weights.size() == 0 ||
-      weights.size() != outs.size()) {
+  if (xd.size() != 2 || layer.element_count() != 1) {
     return ReadyFuture(ffi::Error::InvalidArgument(
         "bitnet_ternary_matmul expects x [M, I], a scalar layer, and as many packed weights "
         "[(L,) O/4, I] as outputs [M, O]"));
   }
   const int64_t m = xd[0], i = xd[1];
-  const int64_t at = layer.typed_data()[0];
   std::vector<bt::Problem> problems;
-  std::vector<int64_t> first_row = {0};  // problem j owns rows [first_row[j], first_row[j+1])
+  std::vector<int64_t> first_row;
   auto job = std::make_shared<Job>();
   job->xsum.resize(m);
-  for (size_t j = 0; j < weights.size(); ++j) {
-    auto w = weights.get<ffi::Buffer<ffi::U8>>(j);
-    auto o = outs.get<ffi::Buffer<ffi::S32>>(j);
-    if (!w.has_value() || !o.has_value()) {
-      return ReadyFuture(ffi::Error::InvalidArgument(
-          "bitnet_ternary_matmul weight/output " + std::to_string(j) + " is not uint8/int32"));
-    }
-    const auto wd = w->dimensions();
-    const auto od = (*o)->dimensions();
-    const bool stacked = wd.size() == 3;
-    if ((wd.size() != 2 && !stacked) || od.size() != 2) {
-      return ReadyFuture(ffi::Error::InvalidArgument(
-          "bitnet_ternary_matmul weight " + std::to_string(j) + " must be [O/4, I] or "
-          "[L, O/4, I], its output [M, O]"));
-    }
-    const int64_t l = stacked ? wd[0] : 1, r = wd[wd.size() - 2];
-    if (wd[wd.size() - 1] != i || od[0] != m || od[1] != 4 * r) {
-      return ReadyFuture(ffi::Error::InvalidArgument(
-          "bitnet_ternary_matmul shape mismatch: x " + Dims(xd) + ", packed " + Dims(wd) +
-          ", out " + Dims(od)));
-    }
-    if (at < 0 || at >= l) {
-      return ReadyFuture(ffi::Error::InvalidArgument(
-          "bitnet_ternary_matmul layer " + std::to_string(at) + " is outside [0, " +
-          std::to_string(l) + ")"));
-    }
-    problems.push_back(bt::Problem{x.typed_data(), w->typed_data() + at * r * i,
-                                   (*o)->typed_data(), job->xsum.data(), m, i, r});
-    first_row.push_back(first_row.back() + r);
-  }
+  ffi::Error error = Collect<ffi::S32>("bitnet_ternary_matmul", m, i, layer.typed_data()[0],
+                                       x.typed_data(), job->xsum.data(), weights, 0, outs,
+                                       problems, first_row);
+  if (!error.success()) return ReadyFuture(std::move(error));
   const int64_t rows = first_row.back();
   if (m == 0 || rows == 0) return ReadyFuture();
   bt::RowSums(x.typed_data(), m, i, job->xsum.data());
   const int isa = g_isa.load(std::memory_order_relaxed);
   job->rows = [problems, first_row, isa](int64_t r0, int64_t r1) {
+    RunProblems(isa, problems, first_row, r0, r1);
+  };
+  return Run(pool, job, rows, ChunkRows(i, rows), m * rows * i, bitnet_ffi::kRowAlign);
+}
+
+// BitLinear in one call (issue 16 item 2; quantize_cpu.h): x [M, I] float32, a layer index,
+// then n scales (each float32 [] or [L], read at `layer`: the weight's dequantisation scale),
+// then n weights [(L,) O_j/4, I] -> n outputs y_j [M, O_j] float32 = (x_q · t_jᵀ) · step ·
+// scale_j, where x_q, step is the per-token absmax int8 quantisation of x: quantize_activations'
+// codes, so the int32 matmul's products exactly, and bitlinear_many's float32 scaling (to a few
+// ulp, quantize_cpu.h).
+ffi::Future TernaryLinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs args,
+                          ffi::RemainingRets outs) {
+  const auto xd = x.dimensions();
+  const size_t n = outs.size();
+  if (xd.size() != 2 || layer.element_count() != 1 || args.size() != 2 * n) {
+    return ReadyFuture(ffi::Error::InvalidArgument(
+        "bitnet_ternary_linear expects x [M, I] float32, a scalar layer, one scale per weight, "
+        "and as many packed weights [(L,) O/4, I] as outputs [M, O]"));
+  }
+  const int64_t m = xd[0], i = xd[1], at = layer.typed_data()[0];
+  std::vector<float> scale(n);
+  for (size_t j = 0; j < n; ++j) {
+    auto s = args.get<ffi::Buffer<ffi::F32>>(j);
+    if (!s.has_value() || s->element_count() == 0 ||
+        (s->element_count() > 1 && (at < 0 || at >= static_cast<int64_t>(s->element_count())))) {
+      return ReadyFuture(ffi::Error::InvalidArgument(
+          "bitnet_ternary_linear scale " + std::to_string(j) + " must be float32 [] or [L] "
+          "with the layer inside it"));
+    }
+    scale[j] = s->typed_data()[s->element_count() == 1 ? 0 : at];
+  }
+  std::vector<bt::Problem> problems;
+  std::vector<int64_t> first_row;
+  auto job = std::make_shared<Job>();
+  job->xsum.resize(m);
+  job->xq.resize(m * i);
+  job->absmax.resize(m);
+  ffi::Error error = Collect<ffi::F32>("bitnet_ternary_linear", m, i, at, job->xq.data(),
+                                       job->xsum.data(), args, n, outs, problems, first_row);
+  if (!error.success()) return ReadyFuture(std::move(error));
+  const int64_t rows = first_row.back();
+  if (m == 0 || rows == 0) return ReadyFuture();
+  const int isa = g_isa.load(std::memory_order_relaxed);
+  bt::QuantizeRows(isa, x.typed_data(), m, i, job->xq.data(), job->absmax.data());
+  bt::RowSums(job->xq.data(), m, i, job->xsum.data());
+  const float* absmax = job->absmax.data();
+  job->rows = [problems, first_row, isa, scale, absmax](int64_t r0, int64_t r1) {
     for (size_t j = 0; j < problems.size(); ++j) {
       const int64_t lo = std::max(r0, first_row[j]), hi = std::min(r1, first_row[j + 1]);
-      if (lo < hi) bt::RunRows(isa, problems[j], lo - first_row[j], hi - first_row[j]);
+      if (lo >= hi) continue;
+      const bt::Problem& p = problems[j];
+      bt::RunRows(isa, p, lo - first_row[j], hi - first_row[j]);
+      bt::ScaleRows(reinterpret_cast<float*>(p.out), p.m, p.r, lo - first_row[j],
+                    hi - first_row[j], absmax, scale[j]);
     }
   };
   return Run(pool, job, rows, ChunkRows(i, rows), m * rows * i, bitnet_ffi::kRowAlign);
@@ -225,6 +308,8 @@ ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuf
 // template symbols private to this object).
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetTernaryMatmul(
     XLA_FFI_CallFrame* call_frame);
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetTernaryLinear(
+    XLA_FFI_CallFrame* call_frame);
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetInt8Matmul(
     XLA_FFI_CallFrame* call_frame);
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetAttention(
@@ -234,6 +319,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetTernaryMatmul, TernaryMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .RemainingRets());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetTernaryLinear, TernaryLinear,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .RemainingArgs()
                                   .RemainingRets());
@@ -259,7 +352,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetInt8Matmul, Int8Matmul,
 // Plain C entry points for ctypes (library.py): kernel path introspection and selection.
 extern "C" {
 
-__attribute__((visibility("default"))) int bitnet_ternary_abi_version() { return 2; }
+__attribute__((visibility("default"))) int bitnet_ternary_abi_version() { return 3; }
 
 __attribute__((visibility("default"))) const char* bitnet_ternary_built_jaxlib() {
   return BITNET_JAXLIB_VERSION;

@@ -52,6 +52,8 @@ struct Job {
   std::function<void(int64_t, int64_t)> rows;
   std::vector<int32_t> xsum;
   std::vector<uint8_t> xabs;
+  std::vector<int8_t> xq;     // quantised activations (bitnet_ternary_linear)
+  std::vector<float> absmax;  // their per-token max |x| (the step is absmax / 127)
   int64_t r = 0, chunk_rows = 1, num_chunks = 0;
   std::atomic<int64_t> next{0};
   ffi::CountDownPromise done;

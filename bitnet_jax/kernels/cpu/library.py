@@ -3,7 +3,7 @@
 The shared object `_ternary_cpu*.so` (ffi_handlers.cc and the headers beside it) is built by
 setup.py at `pip install` time. Nothing is loaded when bitnet_jax is imported: the first
 `available()` call loads it with ctypes, checks its ABI and the jaxlib it was built against, and
-registers its three XLA FFI targets for the CPU platform. When it cannot be loaded (not built, no
+registers its four XLA FFI targets for the CPU platform. When it cannot be loaded (not built, no
 compiler at install time, unsupported platform, BITNET_JAX_DISABLE_FFI set) `available()` is
 False, `unavailable_reason()` says why, and one RuntimeWarning names the reason; ffi.py then
 computes the matmuls through the XLA path.
@@ -30,9 +30,10 @@ import jaxlib
 from bitnet_jax.errors import KernelError
 
 TARGET = "bitnet_ternary_matmul"
+LINEAR_TARGET = "bitnet_ternary_linear"
 INT8_TARGET = "bitnet_int8_matmul"
 ATTENTION_TARGET = "bitnet_attention"
-ABI_VERSION = 2
+ABI_VERSION = 3
 ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")  # isa.h `Isa`, best last
 DISABLE_ENV = "BITNET_JAX_DISABLE_FFI"
 
@@ -93,6 +94,7 @@ def _load_library() -> ctypes.CDLL:
     lib.bitnet_ternary_isa_supported.argtypes = [ctypes.c_int]
     if not _state["registered"]:
         for target, symbol in ((TARGET, lib.BitnetTernaryMatmul),
+                               (LINEAR_TARGET, lib.BitnetTernaryLinear),
                                (INT8_TARGET, lib.BitnetInt8Matmul),
                                (ATTENTION_TARGET, lib.BitnetAttention)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
