@@ -98,13 +98,20 @@ def _layer_operand(layer) -> jax.Array:
     return jnp.zeros((), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32)
 
 
-def _ffi_matmul(x_q: jax.Array, layer: jax.Array, *packed: jax.Array) -> tuple:
-    """One custom call: x [M, I] times each [(L,) O_j/4, I] -> tuple of [M, O_j] int32."""
-    m = x_q.shape[0]
-    outs = tuple(jax.ShapeDtypeStruct((m, 4 * w.shape[-2]), jnp.int32) for w in packed)
+def _packed_call(target: str, dtype, x: jax.Array, layer: jax.Array, extra: tuple,
+                 packed: tuple) -> tuple:
+    """One custom call of `target`: x [M, I], the layer index, `extra` operands, then the weights
+    [(L,) O_j/4, I] -> tuple of [M, O_j] `dtype` (zeros without a call when a size is 0)."""
+    m = x.shape[0]
+    outs = tuple(jax.ShapeDtypeStruct((m, 4 * w.shape[-2]), dtype) for w in packed)
     if m == 0 or any(w.shape[-2] == 0 for w in packed):
-        return tuple(jnp.zeros(o.shape, jnp.int32) for o in outs)
-    return tuple(jax.ffi.ffi_call(TARGET, outs)(x_q, layer, *packed))
+        return tuple(jnp.zeros(o.shape, dtype) for o in outs)
+    return tuple(jax.ffi.ffi_call(target, outs)(x, layer, *extra, *packed))
+
+
+def _ffi_matmul(x_q: jax.Array, layer: jax.Array, *packed: jax.Array) -> tuple:
+    """x_q [M, I] int8 times each [(L,) O_j/4, I] -> tuple of [M, O_j] int32."""
+    return _packed_call(TARGET, jnp.int32, x_q, layer, (), packed)
 
 
 @jax.custom_batching.custom_vmap
@@ -195,13 +202,10 @@ def ternary_matmul_many_ffi(x_q: jax.Array, packed: list, layer=None) -> list:
 
 
 def _ffi_linear(x: jax.Array, layer: jax.Array, *scales_and_packed: jax.Array) -> tuple:
+    """x [M, I] float32, n scales, n weights -> tuple of [M, O_j] float32 (the fused linear)."""
     n = len(scales_and_packed) // 2
-    packed = scales_and_packed[n:]
-    m = x.shape[0]
-    outs = tuple(jax.ShapeDtypeStruct((m, 4 * w.shape[-2]), jnp.float32) for w in packed)
-    if m == 0 or any(w.shape[-2] == 0 for w in packed):
-        return tuple(jnp.zeros(o.shape, jnp.float32) for o in outs)
-    return tuple(jax.ffi.ffi_call(LINEAR_TARGET, outs)(x, layer, *scales_and_packed))
+    return _packed_call(LINEAR_TARGET, jnp.float32, x, layer, scales_and_packed[:n],
+                        scales_and_packed[n:])
 
 
 @jax.custom_batching.custom_vmap
