@@ -80,6 +80,12 @@ def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x_q, absmax / 127.0
 
 
+def dequantize_products(acc: jax.Array, step: jax.Array, scale: jax.Array) -> jax.Array:
+    """BitLinear's output from its int32 products: acc [M, O] · (step [M, 1] · scale []) in
+    float32 (the one form of it; the fused CPU kernel, cpu/quantize_cpu.h, matches XLA's)."""
+    return acc.astype(jnp.float32) * (step * scale.astype(jnp.float32))
+
+
 def fake_quantize_weights(w: jax.Array) -> jax.Array:
     """Absmean-ternarised weight t·γ in float32 with a straight-through gradient."""
     t, scale = quantize_weights(w)

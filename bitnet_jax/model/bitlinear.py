@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax import kernels
-from bitnet_jax.quant import (fake_quantize_activations, fake_quantize_weights, is_packed,
-                              quantize_activations)
+from bitnet_jax.quant import (dequantize_products, fake_quantize_activations,
+                              fake_quantize_weights, is_packed, quantize_activations)
 from bitnet_jax.model.policy import Policy
 
 # ------------------------------------------------------------------------------------------------
@@ -79,6 +79,6 @@ def bitlinear_many(x: jax.Array, ws: list, policy: Policy, quantized: bool = Tru
                                        layer=layer)  # int32 [M, O_j]
     out = []
     for acc, w in zip(accs, ws):
-        y = acc.astype(jnp.float32) * (step * w["scale"].astype(jnp.float32))
+        y = dequantize_products(acc, step, w["scale"])
         out.append(y.reshape(*lead, -1).astype(policy.compute))
     return out

@@ -58,7 +58,7 @@ from bitnet_jax.kernels.cpu.library import (
     unavailable_reason,
 )
 from bitnet_jax.kernels.xla import int8_matmul_xla, ternary_matmul_xla
-from bitnet_jax.quant import quantize_activations
+from bitnet_jax.quant import dequantize_products, quantize_activations
 
 __all__ = ["ISAS", "KernelError", "attention_ffi", "attention_usable", "available",
            "int8_matmul_ffi", "isa", "set_isa", "supported_isas", "ternary_matmul_ffi",
@@ -70,7 +70,8 @@ __all__ = ["ISAS", "KernelError", "attention_ffi", "attention_usable", "availabl
 # The kernel as a JAX function
 
 
-def _check(x_q: jax.Array, packed: jax.Array, layer) -> None:
+def _check(x_q: jax.Array, packed: jax.Array, layer, int8: bool = True) -> None:
+    """Operands of one packed product; `int8=False`: x is float (the fused linear)."""
     wrank = 3 if layer is not None else 2
     if x_q.ndim != 2 or packed.ndim != wrank or x_q.shape[1] != packed.shape[-1]:
         want = "[L, O/4, I] with a layer index" if layer is not None else "[O/4, I]"
@@ -78,7 +79,7 @@ def _check(x_q: jax.Array, packed: jax.Array, layer) -> None:
             f"ternary_matmul needs x_q [M, I] and packed {want} with the same I; got "
             f"{x_q.shape} and {packed.shape}."
         )
-    if x_q.dtype != jnp.int8 or packed.dtype != jnp.uint8:
+    if (int8 and x_q.dtype != jnp.int8) or packed.dtype != jnp.uint8:
         raise KernelError(
             f"ternary_matmul needs int8 activations and uint8 packed weights; got {x_q.dtype} "
             f"and {packed.dtype} (quantize with bitlinear.quantize_activations / pack_weights)."
@@ -222,7 +223,7 @@ def _linear_composed(x: jax.Array, layer: jax.Array, *scales_and_packed: jax.Arr
     scales, packed = scales_and_packed[:n], scales_and_packed[n:]
     x_q, step = quantize_activations(x)
     accs = _batchable(x_q, layer, *packed)
-    return tuple(acc.astype(jnp.float32) * (step * (s if s.ndim == 0 else s[layer]))
+    return tuple(dequantize_products(acc, step, s if s.ndim == 0 else s[layer])
                  for acc, s in zip(accs, scales))
 
 
@@ -259,7 +260,7 @@ def ternary_linear_many_ffi(x: jax.Array, packed: list, scales: list, layer=None
       list of [M, O_j] float32.
     """
     for w in packed:
-        _check(jnp.zeros((0, x.shape[-1]), jnp.int8), w, layer)
+        _check(x, w, layer, int8=False)
     require_library()
     scales = [jnp.asarray(s, jnp.float32) for s in scales]
     if any(s.ndim > 1 or (s.ndim == 1 and layer is None) for s in scales):

@@ -111,12 +111,17 @@ ffi::Error Collect(const char* name, int64_t m, int64_t i, int64_t at, const int
   return ffi::Error::Success();
 }
 
-// Rows [r0, r1) of the call's work: each problem's share of them.
+// Rows [r0, r1) of the call's work: each problem's share of them, then `after(j, lo, hi)` on
+// the rows [lo, hi) of problem j just computed (while they are in cache).
+template <class After>
 inline void RunProblems(int isa, const std::vector<bt::Problem>& problems,
-                        const std::vector<int64_t>& first_row, int64_t r0, int64_t r1) {
+                        const std::vector<int64_t>& first_row, int64_t r0, int64_t r1,
+                        After after) {
   for (size_t j = 0; j < problems.size(); ++j) {
     const int64_t lo = std::max(r0, first_row[j]), hi = std::min(r1, first_row[j + 1]);
-    if (lo < hi) bt::RunRows(isa, problems[j], lo - first_row[j], hi - first_row[j]);
+    if (lo >= hi) continue;
+    bt::RunRows(isa, problems[j], lo - first_row[j], hi - first_row[j]);
+    after(j, lo - first_row[j], hi - first_row[j]);
   }
 }
 
@@ -147,7 +152,7 @@ ffi::Future TernaryMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
   bt::RowSums(x.typed_data(), m, i, job->xsum.data());
   const int isa = g_isa.load(std::memory_order_relaxed);
   job->rows = [problems, first_row, isa](int64_t r0, int64_t r1) {
-    RunProblems(isa, problems, first_row, r0, r1);
+    RunProblems(isa, problems, first_row, r0, r1, [](size_t, int64_t, int64_t) {});
   };
   return Run(pool, job, rows, ChunkRows(i, rows), m * rows * i, bitnet_ffi::kRowAlign);
 }
@@ -196,14 +201,10 @@ ffi::Future TernaryLinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   bt::RowSums(job->xq.data(), m, i, job->xsum.data());
   const float* absmax = job->absmax.data();
   job->rows = [problems, first_row, isa, scale, absmax](int64_t r0, int64_t r1) {
-    for (size_t j = 0; j < problems.size(); ++j) {
-      const int64_t lo = std::max(r0, first_row[j]), hi = std::min(r1, first_row[j + 1]);
-      if (lo >= hi) continue;
+    RunProblems(isa, problems, first_row, r0, r1, [&](size_t j, int64_t lo, int64_t hi) {
       const bt::Problem& p = problems[j];
-      bt::RunRows(isa, p, lo - first_row[j], hi - first_row[j]);
-      bt::ScaleRows(reinterpret_cast<float*>(p.out), p.m, p.r, lo - first_row[j],
-                    hi - first_row[j], absmax, scale[j]);
-    }
+      bt::ScaleRows(reinterpret_cast<float*>(p.out), p.m, p.r, lo, hi, absmax, scale[j]);
+    });
   };
   return Run(pool, job, rows, ChunkRows(i, rows), m * rows * i, bitnet_ffi::kRowAlign);
 }

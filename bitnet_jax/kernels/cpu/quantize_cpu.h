@@ -29,16 +29,22 @@ namespace bitnet_ternary {
 
 constexpr float kActEps = 1e-5f;  // quant.py ACT_EPS
 
+// Columns [k0, i) of a row, one at a time (the portable path, and the vector paths' tails):
+// max |x| folded into amax, and the codes for the multiplier inv = 127 / absmax.
+inline float AbsMaxTail(const float* x, int64_t k0, int64_t i, float amax) {
+  for (int64_t k = k0; k < i; ++k) amax = std::max(amax, std::fabs(x[k]));
+  return amax;
+}
+inline void CodesTail(const float* x, int64_t k0, int64_t i, float inv, int8_t* q) {
+  for (int64_t k = k0; k < i; ++k) {
+    q[k] = static_cast<int8_t>(std::min(127.0f, std::max(-128.0f, std::nearbyint(x[k] * inv))));
+  }
+}
+
 // Portable row: returns absmax.
 inline float QuantizeRowScalar(const float* x, int64_t i, int8_t* q) {
-  float amax = 0.0f;
-  for (int64_t k = 0; k < i; ++k) amax = std::max(amax, std::fabs(x[k]));
-  amax = std::max(amax, kActEps);
-  const float inv = 127.0f / amax;
-  for (int64_t k = 0; k < i; ++k) {
-    const float r = std::nearbyint(x[k] * inv);
-    q[k] = static_cast<int8_t>(std::min(127.0f, std::max(-128.0f, r)));
-  }
+  const float amax = std::max(AbsMaxTail(x, 0, i, 0.0f), kActEps);
+  CodesTail(x, 0, i, 127.0f / amax, q);
   return amax;
 }
 
@@ -54,10 +60,7 @@ BITNET_AVX2 inline float QuantizeRowAvx2(const float* x, int64_t i, int8_t* q) {
   }
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, vmax);
-  float amax = 0.0f;
-  for (float v : lanes) amax = std::max(amax, v);
-  for (int64_t k = i8; k < i; ++k) amax = std::max(amax, std::fabs(x[k]));
-  amax = std::max(amax, kActEps);
+  const float amax = std::max(AbsMaxTail(x, i8, i, AbsMaxTail(lanes, 0, 8, 0.0f)), kActEps);
   const float inv = 127.0f / amax;
   const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-128.0f),
                hi = _mm256_set1_ps(127.0f);
@@ -68,9 +71,7 @@ BITNET_AVX2 inline float QuantizeRowAvx2(const float* x, int64_t i, int8_t* q) {
     const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(w, w));
   }
-  for (int64_t k = i8; k < i; ++k) {
-    q[k] = static_cast<int8_t>(std::min(127.0f, std::max(-128.0f, std::nearbyint(x[k] * inv))));
-  }
+  CodesTail(x, i8, i, inv, q);
   return amax;
 }
 
@@ -80,9 +81,7 @@ BITNET_AVX512 inline float QuantizeRowAvx512(const float* x, int64_t i, int8_t* 
   for (int64_t k = 0; k < i16; k += 16) {
     vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
   }
-  float amax = _mm512_reduce_max_ps(vmax);
-  for (int64_t k = i16; k < i; ++k) amax = std::max(amax, std::fabs(x[k]));
-  amax = std::max(amax, kActEps);
+  const float amax = std::max(AbsMaxTail(x, i16, i, _mm512_reduce_max_ps(vmax)), kActEps);
   const float inv = 127.0f / amax;
   const __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-128.0f),
                hi = _mm512_set1_ps(127.0f);
@@ -92,9 +91,7 @@ BITNET_AVX512 inline float QuantizeRowAvx512(const float* x, int64_t i, int8_t* 
     const __m512i d = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, r)));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(d));
   }
-  for (int64_t k = i16; k < i; ++k) {
-    q[k] = static_cast<int8_t>(std::min(127.0f, std::max(-128.0f, std::nearbyint(x[k] * inv))));
-  }
+  CodesTail(x, i16, i, inv, q);
   return amax;
 }
 
