@@ -1,11 +1,12 @@
 // How the XLA FFI handlers (ffi_handlers.cc) run a kernel on XLA's intra-op thread pool.
 //
 // Each handler takes the pool from the call context, describes its work as rows [0, r) and a
-// function that computes rows [r0, r1), and calls Run(): workers pull chunks of rows from an
-// atomic counter, the calling thread runs one worker itself, and the returned ffi::Future is
-// completed by a CountDownPromise when the last worker finishes. Nothing ever waits on another
-// task, so a pool thread is never blocked (the Eigen-pool deadlock of jax-notes §2.2 pitfall 2),
-// and no OpenMP competes with XLA for the cores.
+// function that computes rows [r0, r1), and calls Run(): the chunks of rows are dealt out as one
+// contiguous run per worker, each worker takes its own chunks in order from an atomic cursor and
+// then helps the others from theirs, the calling thread runs one worker itself, and the returned
+// ffi::Future is completed by a CountDownPromise when the last worker finishes. Nothing ever waits
+// on another task, so a pool thread is never blocked (the Eigen-pool deadlock of jax-notes §2.2
+// pitfall 2), and no OpenMP competes with XLA for the cores.
 
 #ifndef BITNET_JAX_KERNELS_CPU_FFI_RUNTIME_H_
 #define BITNET_JAX_KERNELS_CPU_FFI_RUNTIME_H_
@@ -54,17 +55,26 @@ struct Job {
   std::vector<uint8_t> xabs;
   std::vector<int8_t> xq;     // quantised activations (bitnet_ternary_linear)
   std::vector<float> absmax;  // their per-token max |x| (the step is absmax / 127)
-  int64_t r = 0, chunk_rows = 1, num_chunks = 0;
-  std::atomic<int64_t> next{0};
+  int64_t r = 0, chunk_rows = 1, num_chunks = 0, workers = 1;
+  // Worker w owns chunks [FirstChunk(w), FirstChunk(w + 1)); cursor[w] is the next of them.
+  std::unique_ptr<std::atomic<int64_t>[]> cursor;
   ffi::CountDownPromise done;
 };
 
-inline void Worker(const std::shared_ptr<Job>& job) {
-  for (;;) {
-    const int64_t c = job->next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= job->num_chunks) break;
-    const int64_t r0 = c * job->chunk_rows;
-    job->rows(r0, std::min(job->r, r0 + job->chunk_rows));
+inline int64_t FirstChunk(const Job& job, int64_t w) { return w * job.num_chunks / job.workers; }
+
+// Worker `self` runs its own chunks in order, then takes what is left of the others'. Owning a
+// contiguous run keeps a worker's rows consecutive in memory, so a kernel's next-tile prefetch
+// at the end of one chunk fetches the start of the next chunk it runs (ternary_gemm.h); pulling
+// chunks from one shared counter instead interleaved the workers' chunks, and every chunk
+// started on cold weights (M = 8 decode from DRAM, both threads: 1.06x, benchmarks/README.md).
+inline void Worker(const std::shared_ptr<Job>& job, int64_t self) {
+  for (int64_t k = 0; k < job->workers; ++k) {
+    const int64_t w = (self + k) % job->workers, end = FirstChunk(*job, w + 1);
+    for (int64_t c; (c = job->cursor[w].fetch_add(1, std::memory_order_relaxed)) < end;) {
+      const int64_t r0 = c * job->chunk_rows;
+      job->rows(r0, std::min(job->r, r0 + job->chunk_rows));
+    }
   }
   job->done.CountDown();
 }
@@ -80,10 +90,10 @@ inline ffi::Future ReadyFuture(ffi::Error error = ffi::Error::Success()) {
   return future;
 }
 
-// Run job->rows over [0, r) in chunks of chunk_rows on the calling thread and, when `work`
-// (about the bytes touched) is big enough, on XLA's pool. Workers pull chunks from an atomic
-// counter; the calling thread works too instead of waiting. Chunks grown for the pool stay a
-// multiple of `align` rows (chunk_rows must be one already, or cover all r).
+// Run job->rows over [0, r) in chunks of chunk_rows on the calling thread and, when `work` (about
+// the bytes touched) is big enough, on XLA's pool (Worker above); the calling thread works too
+// instead of waiting. Chunks grown for the pool stay a multiple of `align` rows (chunk_rows must be
+// one already, or cover all r).
 inline ffi::Future Run(ffi::ThreadPool& pool, std::shared_ptr<Job> job, int64_t r,
                        int64_t chunk_rows, int64_t work, int64_t align = 1) {
   job->r = r;
@@ -102,12 +112,15 @@ inline ffi::Future Run(ffi::ThreadPool& pool, std::shared_ptr<Job> job, int64_t 
     job->rows(0, r);
     return ReadyFuture();
   }
+  job->workers = workers;
+  job->cursor.reset(new std::atomic<int64_t>[workers]);
+  for (int64_t w = 0; w < workers; ++w) job->cursor[w].store(FirstChunk(*job, w));
   job->done = ffi::CountDownPromise(workers);
   ffi::Future future(job->done);  // before any worker can complete the promise
   for (int64_t w = 1; w < workers; ++w) {
-    pool.Schedule([job] { Worker(job); });
+    pool.Schedule([job, w] { Worker(job, w); });
   }
-  Worker(job);
+  Worker(job, 0);
   return future;
 }
 

@@ -191,19 +191,21 @@ BITNET_SIMD_WARNINGS_ON
 constexpr int64_t kGemmMaxI512 = 65536;
 
 // Rows [r0, r1): whole 4-row blocks tile by tile through the GEMM (isa.h RunTokens, with the
-// next-tile prefetch), the last r % 4 rows through the row kernel. Tokens go in blocks of 4,
-// except that a lone last token joins the block before it (5: 20 accumulators; a 1-token block
-// does 2 vector instructions per vpdpbusd). Measured against the previous kernel's 3 + 3 + 2:
-// 4-token blocks 1.04-1.24x at every M from 2 to 64; all-5 blocks 0.95x / 0.91x of all-4 at
-// M = 8 / 16, but 1.08x at M = 5.
+// next-tile prefetch, which runs on past r1 up to the problem's last whole block: a worker's next
+// chunk usually starts there, ffi_runtime.h), the last r % 4 rows through the row kernel. Tokens go
+// in blocks of 4, except that a lone last token joins the block before it (5: 20 accumulators; a
+// 1-token block does 2 vector instructions per vpdpbusd). Measured against the previous
+// kernel's 3 + 3 + 2: 4-token blocks 1.04-1.24x at every M from 2 to 64; all-5 blocks 0.95x /
+// 0.91x of all-4 at M = 8 / 16, but 1.08x at M = 5.
 BITNET_AVX512 inline void RunAvx512VnniGemm(const Problem& p, int64_t r0, int64_t r1) {
   const int64_t r4 = r0 + ((r1 - r0) & ~int64_t{3});
   const int64_t tile = TileRows(p.i, 4);
   const int64_t m4 = p.m % 4 == 1 && p.m > 1 ? p.m - 5 : p.m;  // tokens [m4, m) as one 5-block
+  const int64_t lim = p.r & ~int64_t{3};
   for (int64_t t0 = r0; t0 < r4; t0 += tile) {
     const int64_t t1 = std::min(r4, t0 + tile);
-    RunTokens<4, Avx512Gemm4>(p, 0, m4, t0, t1, 4, tile, r4);
-    if (m4 < p.m) RunTokens<5, Avx512Gemm4>(p, m4, p.m, t0, t1, 4, m4 == 0 ? tile : 0, r4);
+    RunTokens<4, Avx512Gemm4>(p, 0, m4, t0, t1, 4, tile, lim);
+    if (m4 < p.m) RunTokens<5, Avx512Gemm4>(p, m4, p.m, t0, t1, 4, m4 == 0 ? tile : 0, lim);
   }
   if (r4 < r1) RunAvx512VnniRows(p, r4, r1);
 }
@@ -216,16 +218,16 @@ BITNET_AVX512 inline void RunAvx512VnniGemm(const Problem& p, int64_t r0, int64_
 inline void RunScalar(const Problem& p, int64_t r0, int64_t r1) { RunScalarRows(p, r0, r1); }
 
 #if BITNET_TERNARY_X86
-// M >= kGemmMinMAvx2 on AVX2: 4-token blocks of Avx2Gemm, tile by tile with the next-tile
-// prefetch (isa.h), the last m % 4 tokens through Avx2Row (2 + 1: Avx2Gemm<1..3> measured
-// 0.6-0.96x of them).
+// M >= kGemmMinMAvx2 on AVX2: 4-token blocks of Avx2Gemm, tile by tile with the next-tile prefetch
+// (isa.h; past r1 as on AVX-512), the last m % 4 tokens through Avx2Row (2 + 1: Avx2Gemm<1..3>
+// measured 0.6-0.96x of them).
 constexpr int64_t kGemmMinMAvx2 = 4;
 BITNET_AVX2 inline void RunAvx2Gemm(const Problem& p, int64_t r0, int64_t r1) {
   const int64_t tile = TileRows(p.i, 1), m4 = p.m & ~int64_t{3};
   for (int64_t t0 = r0; t0 < r1; t0 += tile) {
     const int64_t t1 = std::min(r1, t0 + tile);
-    RunTokens<4, Avx2Gemm>(p, 0, m4, t0, t1, 1, tile, r1);
-    if (m4 < p.m) RunTokens<2, Avx2Row>(p, m4, p.m, t0, t1, 1, m4 == 0 ? tile : 0, r1);
+    RunTokens<4, Avx2Gemm>(p, 0, m4, t0, t1, 1, tile, p.r);
+    if (m4 < p.m) RunTokens<2, Avx2Row>(p, m4, p.m, t0, t1, 1, m4 == 0 ? tile : 0, p.r);
   }
 }
 BITNET_AVX2 inline void RunAvx2(const Problem& p, int64_t r0, int64_t r1) {
