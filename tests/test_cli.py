@@ -83,6 +83,20 @@ def test_bench_json_line(model_dir, capsys):
     assert stats["batch"] == 2 and stats["backend"] == "cpu"
     assert stats["decode_tokens_per_s"] > 0 and stats["prefill_tokens_per_s"] > 0
     assert stats["kv_cache"] == "float16"  # the CLI's CPU default, as llama.cpp
+    # Three timed runs by default (llama-bench repeats too); the figures are their medians.
+    assert stats["repetitions"] == 3 and len(stats["decode_runs"]) == 3
+    assert stats["decode_tokens_per_s"] == sorted(stats["decode_runs"])[1]
+    assert stats["prefill_tokens_per_s"] == sorted(stats["prefill_runs"])[1]
+
+
+def test_bench_repetitions(model_dir, capsys):
+    args = ["bench", "--model", str(model_dir), "--prompt-tokens", "8", "--gen-tokens", "4",
+            "--backend", "cpu", "--json", "--repetitions", "1"]
+    assert cli.main(args) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["repetitions"] == 1 and stats["decode_runs"] == [stats["decode_tokens_per_s"]]
+    assert cli.main(args[:-1] + ["0"]) == 2  # a usage error, as argparse gives
+    assert "--repetitions" in capsys.readouterr().err
 
 
 def test_chat_keeps_the_conversation_and_resets(model_dir, capsys, monkeypatch):

@@ -24,8 +24,8 @@ def build_parser() -> CommandParser:
     parser = CommandParser(
         prog="bitnet-jax bench",
         description="Time prefill and decode on random prompts after a warm-up run (compile "
-                    "time is reported separately). --prompt-tokens + --gen-tokens must fit in "
-                    "the model's context.")
+                    "time is reported separately), as the medians of --repetitions runs. "
+                    "--prompt-tokens + --gen-tokens must fit in the model's context.")
     common.add_model_args(parser)
     parser.add_argument("--prompt-tokens", type=common.positive_int, default=128, metavar="N",
                         help="tokens in each random prompt (default 128)")
@@ -33,6 +33,9 @@ def build_parser() -> CommandParser:
                         help="tokens to generate per prompt (default 64)")
     parser.add_argument("--batch", type=_batch, default=1, metavar="B",
                         help=f"prompts run together, 1 to {MAX_BATCH} (default 1)")
+    parser.add_argument("--repetitions", "-r", type=common.positive_int, default=3, metavar="N",
+                        help="timed runs after the warm-up; the report gives their medians "
+                             "(default 3)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON line to stdout instead of the report")
     return parser
@@ -49,7 +52,8 @@ def main(argv: list[str]) -> int:
     model = common.load_model_from_args(args)
     policy = common.run_policy(args, model)
     stats = benchmark(model, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
-                      batch=args.batch, backend=args.backend, policy=policy)
+                      batch=args.batch, backend=args.backend, policy=policy,
+                      repetitions=args.repetitions)
     stats["lm_head"] = policy.lm_head
     stats["kv_cache"] = policy.kv_cache.name
     stats["model"] = str(model.source or path)
@@ -58,7 +62,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps(stats), flush=True)
     else:
         print(f"model {stats['model']} on {stats['device']} (jax {stats['jax_version']}), "
-              f"batch {stats['batch']}\n"
+              f"batch {stats['batch']}, median of {stats['repetitions']} runs\n"
               f"prefill: {stats['prompt_tokens']} tokens/row, "
               f"{stats['prefill_tokens_per_s']:.1f} tokens/s\n"
               f"decode:  {stats['gen_tokens']} tokens/row, "
