@@ -31,10 +31,10 @@ def benchmark(model, *, prompt_tokens: int = 128, gen_tokens: int = 64, batch: i
     not decide the figure.
 
     Returns:
-      A dict with prefill_tokens_per_s, decode_tokens_per_s (all rows together; medians), the
-      seconds behind them (of the run with the median decode speed), the speeds of every run
-      (prefill_runs, decode_runs), compile_s (from the warm-up run), batch, repetitions, the
-      token counts and the device.
+      A dict with prefill_tokens_per_s, decode_tokens_per_s (all rows together) and the
+      seconds behind them (prefill_s, decode_s), each the median over the runs; the speeds of
+      every run (prefill_runs, decode_runs), compile_s (from the warm-up run), batch,
+      repetitions, the token counts and the device.
     """
     if repetitions < 1:
         raise GenerationError(f"benchmark repetitions must be at least 1, got {repetitions}; "
@@ -47,17 +47,16 @@ def benchmark(model, *, prompt_tokens: int = 128, gen_tokens: int = 64, batch: i
     first = generate(model, prompts, **kwargs)
     runs = [_timed(generate(model, prompts, **kwargs), batch * prompt_tokens)
             for _ in range(repetitions)]
-    middle = sorted(runs, key=lambda run: run["decode_tokens_per_s"])[(len(runs) - 1) // 2]
     device = resolve_device(backend)
     return {
         "batch": batch,
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
         "repetitions": repetitions,
-        "prefill_s": middle["prefill_s"],
-        "decode_s": middle["decode_s"],
-        "prefill_tokens_per_s": statistics.median(r["prefill_tokens_per_s"] for r in runs),
-        "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs),
+        "prefill_s": _median(runs, "prefill_s"),
+        "decode_s": _median(runs, "decode_s"),
+        "prefill_tokens_per_s": _median(runs, "prefill_tokens_per_s"),
+        "decode_tokens_per_s": _median(runs, "decode_tokens_per_s"),
         "prefill_runs": [r["prefill_tokens_per_s"] for r in runs],
         "decode_runs": [r["decode_tokens_per_s"] for r in runs],
         "compile_s": first[0].timings.compile_s,
@@ -66,6 +65,10 @@ def benchmark(model, *, prompt_tokens: int = 128, gen_tokens: int = 64, batch: i
         "policy": resolve_policy(device, policy, model.policy).compute_dtype,
         "jax_version": jax.__version__,
     }
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
 
 
 def _timed(results, prompt_total: int) -> dict:
