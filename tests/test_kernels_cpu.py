@@ -1,7 +1,7 @@
 """The CPU FFI kernels agree bit for bit with the XLA reference (kernels/cpu/ffi.py, library.py).
 
 Every parity case runs on each kernel path this CPU supports (scalar, avx2, and avxvnni /
-avx512vnni where present), switching paths with `cpu_ffi.set_isa` on the same executable.
+avx512vnni / amx where present), switching paths with `cpu_ffi.set_isa` on the same executable.
 FFI tests skip, naming the reason, only when the extension is not built; with CI=true that skip
 is a failure (test_extension_is_loaded and conftest.py), so a broken build cannot pass CI.
 """
@@ -118,9 +118,10 @@ def test_ffi_matches_xla_exactly(m, i, o):
 def test_ffi_accumulator_extremes(i):
     # I = 4100 crosses the int16 widening block (512 columns) 8 times and leaves a tail; t = +1
     # against x = -128 is the most negative int16 partial sum. The AVX-512 GEMM keeps plane 3
-    # (rows 12..15) x64: exact up to I = 65536, past it the row kernel runs (ternary_gemm.h).
-    x = np.zeros((4, i), np.int8)
-    x[0], x[1], x[2], x[3] = -128, 127, -128, 127
+    # (rows 12..15) x64: exact up to I = 65536, past it the row kernel runs (ternary_gemm.h);
+    # so does the AMX GEMM, which 16 tokens reach (ternary_amx.h).
+    x = np.zeros((16, i), np.int8)
+    x[0::2], x[1::2] = -128, 127
     t = np.ones((16, i), np.int8)
     t[4:12] = -1
     packed = quant.pack_ternary(jnp.asarray(t))

@@ -26,6 +26,7 @@
 #include "int8_gemm.h"
 #include "isa.h"
 #include "quantize_cpu.h"
+#include "ternary_amx.h"
 #include "ternary_gemm.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -55,7 +56,7 @@ int InitialIsa() {
 #endif
   int isa = bt::BestIsa();
   if (const char* env = std::getenv("BITNET_JAX_CPU_ISA")) {
-    for (int cand = bt::kScalar; cand <= bt::kAvx512Vnni; ++cand) {
+    for (int cand = bt::kScalar; cand <= bt::kAmx; ++cand) {
       if (std::strcmp(env, bt::IsaName(cand)) == 0 && bt::IsaSupported(cand)) isa = cand;
     }
   }
@@ -291,7 +292,7 @@ ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuf
                             s, h, cache,
                             g_isa.load(std::memory_order_relaxed) != bt::kScalar &&
                                 ba::HasAvx2Fma(),
-                            g_isa.load(std::memory_order_relaxed) == bt::kAvx512Vnni &&
+                            g_isa.load(std::memory_order_relaxed) >= bt::kAvx512Vnni &&
                                 ba::HasAvx512()};
   auto job = std::make_shared<Job>();
   job->rows = [problem](int64_t u0, int64_t u1) {

@@ -142,6 +142,13 @@ BITNET_AVX512 inline void RunAvx512Vnni(const Int8Problem& p, int64_t r0, int64_
     RunAvx512VnniInt8Rows(p, r0, r1);
   }
 }
+#if BITNET_TERNARY_AMX
+// The amx path runs the LM head on the AVX-512 VNNI kernels (AMX is the packed GEMM's,
+// ternary_amx.h).
+BITNET_AVX512 inline void RunAmx(const Int8Problem& p, int64_t r0, int64_t r1) {
+  RunAvx512Vnni(p, r0, r1);
+}
+#endif
 #endif  // BITNET_TERNARY_X86
 
 }  // namespace bitnet_ternary

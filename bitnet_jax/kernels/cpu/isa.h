@@ -8,6 +8,7 @@
 //   avx2        maddubs, 256-bit
 //   avxvnni     vpdpbusd, 256-bit (Alder Lake+, Zen 5)
 //   avx512vnni  vpdpbusd, 512-bit (Ice Lake+, Zen 4+)
+//   amx         avx512vnni, and AMX-INT8 tiles for the packed GEMM (Sapphire Rapids+)
 //
 // RunRows() below picks the overload for the path in use. Every SIMD function carries a target
 // attribute (BITNET_AVX2 / BITNET_AVXVNNI / BITNET_AVX512): the shared object is built without
@@ -42,6 +43,19 @@
 #define BITNET_AVX2 __attribute__((target("avx2")))
 #define BITNET_AVXVNNI __attribute__((target("avx2,avxvnni")))
 #define BITNET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
+// AMX-INT8 (ternary_amx.h): native Linux builds with AVX-VNNI's compilers only (not the SIMDe
+// builds of the emulated tests, which define the attributes above themselves: SIMDe has no AMX;
+// the tile permission is a Linux system call).
+#if BITNET_TERNARY_AVXVNNI && defined(__linux__)
+#define BITNET_TERNARY_AMX 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define BITNET_AMX __attribute__((target("avx512f,avx512bw,avx512vnni,amx-tile,amx-int8")))
+#endif
+#endif
+#ifndef BITNET_TERNARY_AMX
+#define BITNET_TERNARY_AMX 0
 #endif
 
 // GCC 12's AVX-512 headers trip bogus -W(maybe-)uninitialized warnings (_mm512_undefined_*):
@@ -60,7 +74,7 @@
 namespace bitnet_ternary {
 
 // Kernel paths, best last. The numbers are the ABI of bitnet_ternary_set_isa() (library.py ISAS).
-enum Isa : int { kScalar = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3 };
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3, kAmx = 4 };
 
 inline const char* IsaName(int isa) {
   switch (isa) {
@@ -68,9 +82,27 @@ inline const char* IsaName(int isa) {
     case kAvx2: return "avx2";
     case kAvxVnni: return "avxvnni";
     case kAvx512Vnni: return "avx512vnni";
+    case kAmx: return "amx";
     default: return "unknown";
   }
 }
+
+#if BITNET_TERNARY_AMX
+// CPUID.(7, 0):EDX bits 24 (AMX-TILE) and 25 (AMX-INT8), and the kernel's permission: Linux
+// leaves a process without the 8 KiB tile state until it asks (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XTILEDATA, the kernel's Documentation/arch/x86/xstate.rst), once, for all of its threads.
+inline bool AmxUsable() {
+  static const bool usable = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) {
+      return false;
+    }
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+}
+#endif
 
 // True if this CPU (and OS, which must save the wider registers) can run path `isa`.
 inline bool IsaSupported(int isa) {
@@ -87,13 +119,16 @@ inline bool IsaSupported(int isa) {
     case kAvx512Vnni:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vnni");
+#if BITNET_TERNARY_AMX
+    case kAmx: return IsaSupported(kAvx512Vnni) && AmxUsable();
+#endif
 #endif
     default: return false;
   }
 }
 
 inline int BestIsa() {
-  for (int isa = kAvx512Vnni; isa > kScalar; --isa) {
+  for (int isa = kAmx; isa > kScalar; --isa) {
     if (IsaSupported(isa)) return isa;
   }
   return kScalar;
@@ -185,6 +220,9 @@ template <class P>
 inline void RunRows(int isa, const P& p, int64_t r0, int64_t r1) {
 #if BITNET_TERNARY_X86
   switch (isa) {
+#if BITNET_TERNARY_AMX
+    case kAmx: RunAmx(p, r0, r1); return;
+#endif
     case kAvx512Vnni: RunAvx512Vnni(p, r0, r1); return;
 #if BITNET_TERNARY_AVXVNNI
     case kAvxVnni: RunAvxVnni(p, r0, r1); return;

@@ -8,7 +8,8 @@ compiler at install time, unsupported platform, BITNET_JAX_DISABLE_FFI set) `ava
 False, `unavailable_reason()` says why, and one RuntimeWarning names the reason; ffi.py then
 computes the matmuls through the XLA path.
 
-Kernel paths ("ISAs", isa.h): "scalar" (portable C++), "avx2", "avxvnni", "avx512vnni". The best
+Kernel paths ("ISAs", isa.h): "scalar" (portable C++), "avx2", "avxvnni", "avx512vnni", "amx"
+(avx512vnni plus AMX-INT8 tiles for the packed GEMM, Sapphire Rapids and later). The best
 one this CPU supports is chosen at load time, or the one named by the environment variable
 BITNET_JAX_CPU_ISA; `set_isa` changes it for every later call (tests, benchmarks). Within a path
 the C++ picks the kernel by the number of tokens M: the GEMV for M = 1, and on "avx512vnni" the
@@ -34,7 +35,7 @@ LINEAR_TARGET = "bitnet_ternary_linear"
 INT8_TARGET = "bitnet_int8_matmul"
 ATTENTION_TARGET = "bitnet_attention"
 ABI_VERSION = 3
-ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")  # isa.h `Isa`, best last
+ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni", "amx")  # isa.h `Isa`, best last
 DISABLE_ENV = "BITNET_JAX_DISABLE_FFI"
 
 _lock = threading.Lock()
@@ -144,7 +145,7 @@ def require_library() -> ctypes.CDLL:
 
 
 def isa() -> str:
-    """Name of the kernel path in use: "scalar", "avx2", "avxvnni" or "avx512vnni"."""
+    """Name of the kernel path in use: "scalar", "avx2", "avxvnni", "avx512vnni" or "amx"."""
     return ISAS[require_library().bitnet_ternary_get_isa()]
 
 

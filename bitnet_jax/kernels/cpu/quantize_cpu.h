@@ -104,7 +104,7 @@ inline void QuantizeRows(int isa, const float* x, int64_t m, int64_t i, int8_t* 
   for (int64_t r = 0; r < m; ++r) {
     float amax;
 #if BITNET_TERNARY_X86
-    if (isa == kAvx512Vnni) {
+    if (isa >= kAvx512Vnni) {
       amax = QuantizeRowAvx512(x + r * i, i, q + r * i);
     } else if (isa != kScalar) {
       amax = QuantizeRowAvx2(x + r * i, i, q + r * i);
