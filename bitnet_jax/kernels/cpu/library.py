@@ -13,7 +13,8 @@ Kernel paths ("ISAs", isa.h): "scalar" (portable C++), "avx2", "avxvnni", "avx51
 one this CPU supports is chosen at load time, or the one named by the environment variable
 BITNET_JAX_CPU_ISA; `set_isa` changes it for every later call (tests, benchmarks). Within a path
 the C++ picks the kernel by the number of tokens M: the GEMV for M = 1, and on "avx512vnni" the
-GEMMs of ternary_gemm.h / int8_gemm.h for M >= 2.
+GEMMs of ternary_gemm.h / int8_gemm.h for M >= 2; "amx" runs those too, except the packed GEMM
+from 16 tokens (ternary_amx.h).
 """
 
 from __future__ import annotations

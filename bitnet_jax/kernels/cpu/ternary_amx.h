@@ -27,10 +27,9 @@
 // batch 8 (M = 8, two threads sharing ~20 GB/s of DRAM) it was 0.94x end to end, at batch 16
 // 1.03x; prefill (M = 128 per row) 1.25-1.5x. Hence kAmxMinM = 16.
 //
-// Linux leaves a process without the tile state until it asks (arch_prctl
-// ARCH_REQ_XCOMP_PERM for XTILEDATA, the kernel's Documentation/arch/x86/xstate.rst); the
-// permission covers all of the process's threads. Each Run call loads its tile configuration
-// and releases the tiles when it returns, so a pool thread never carries tile state outside it.
+// The path exists only where isa.h's AmxUsable() got the tile permission from Linux. Each Run
+// call loads its tile configuration and releases the tiles when it returns, so a pool thread
+// never carries tile state outside it.
 
 #ifndef BITNET_JAX_KERNELS_CPU_TERNARY_AMX_H_
 #define BITNET_JAX_KERNELS_CPU_TERNARY_AMX_H_
@@ -53,6 +52,9 @@ constexpr int64_t kAmxMinM = 16;
 #if BITNET_TERNARY_AMX
 
 BITNET_SIMD_WARNINGS_OFF
+
+// One unpacked column block: the four planes' B tiles, kAmxPlaneBytes (16 rows x 64) each.
+constexpr int64_t kAmxPlaneBytes = 1024, kAmxBlockBytes = 4 * kAmxPlaneBytes;
 
 // LDTILECFG's 64-byte operand (palette 1): tiles 0-3 C_j and 4, 7 A have `rows` rows, 5-6 B 16.
 struct alignas(64) AmxConfig {
@@ -117,9 +119,9 @@ BITNET_AMX inline void UnpackB(const uint8_t* w, int64_t i, int64_t nr, int64_t 
     for (int l = 0; l < 4; ++l) {
       uint8_t* row = b + (4 * l + c) * 64;
       _mm512_store_si512(row, _mm512_and_si512(y[l], m0));
-      _mm512_store_si512(row + 1024, _mm512_and_si512(y[l], m1));
-      _mm512_store_si512(row + 2048, _mm512_and_si512(y[l], m2));
-      _mm512_store_si512(row + 3072, _mm512_and_si512(y[l], m3));
+      _mm512_store_si512(row + kAmxPlaneBytes, _mm512_and_si512(y[l], m1));
+      _mm512_store_si512(row + 2 * kAmxPlaneBytes, _mm512_and_si512(y[l], m2));
+      _mm512_store_si512(row + 3 * kAmxPlaneBytes, _mm512_and_si512(y[l], m3));
     }
   }
 }
@@ -129,17 +131,17 @@ BITNET_AMX inline void UnpackB(const uint8_t* w, int64_t i, int64_t nr, int64_t 
 // A alternates between tiles 4 and 7 from one column block to the next (the perf profile of a
 // batch-8 decode had a quarter of the kernel's time on the load of A into one tile). A macro:
 // GCC's tile intrinsics paste the tile number into their assembly text.
-#define BITNET_AMX_MULTIPLY_PLANES(TA, a, sa, b) \
-  do {                                           \
-    _tile_loadd(TA, (a), (sa));                  \
-    _tile_loadd(5, (b), 64);                     \
-    _tile_dpbsud(0, TA, 5);                      \
-    _tile_loadd(6, (b) + 1024, 64);              \
-    _tile_dpbsud(1, TA, 6);                      \
-    _tile_loadd(5, (b) + 2048, 64);              \
-    _tile_dpbsud(2, TA, 5);                      \
-    _tile_loadd(6, (b) + 3072, 64);              \
-    _tile_dpbsud(3, TA, 6);                      \
+#define BITNET_AMX_MULTIPLY_PLANES(TA, a, sa, b)        \
+  do {                                                  \
+    _tile_loadd(TA, (a), (sa));                         \
+    _tile_loadd(5, (b), 64);                            \
+    _tile_dpbsud(0, TA, 5);                             \
+    _tile_loadd(6, (b) + kAmxPlaneBytes, 64);           \
+    _tile_dpbsud(1, TA, 6);                             \
+    _tile_loadd(5, (b) + 2 * kAmxPlaneBytes, 64);       \
+    _tile_dpbsud(2, TA, 5);                             \
+    _tile_loadd(6, (b) + 3 * kAmxPlaneBytes, 64);       \
+    _tile_dpbsud(3, TA, 6);                             \
   } while (0)
 
 // Per-thread scratch: the unpacked B panels and C.
@@ -158,7 +160,7 @@ struct AmxScratch {
 };
 
 // Tokens m0 .. m0 + mb over packed rows p .. p + nr (nr <= 16), from the unpacked panel
-// b[kb][4][16][64] (kb = column block; `unpack`: fill block kb right before using it).
+// b[I / 64][4][16][64], or with `unpack` from a ring of 3 blocks that this fills as it goes.
 BITNET_AMX inline void AmxBlock(const Problem& p, int64_t m0, int64_t mb, int64_t row,
                                 int64_t nr, uint8_t* b, bool unpack, AmxScratch& s) {
   const int64_t i = p.i, kfull = i & ~int64_t{63};
@@ -173,8 +175,8 @@ BITNET_AMX inline void AmxBlock(const Problem& p, int64_t m0, int64_t mb, int64_
     // With `unpack`, b is a ring of 3 blocks and block k + 64 is unpacked before block k is
     // multiplied, so the tile loads read stores made one block earlier (unpacking k + 128
     // after the multiplies instead measured no faster).
-    const uint8_t* bk = b + (unpack ? (k / 64) % 3 : k / 64) * 4096;
-    if (unpack && k + 64 < i) UnpackB(w, i, nr, k + 64, b + (k / 64 + 1) % 3 * 4096);
+    const uint8_t* bk = b + (unpack ? (k / 64) % 3 : k / 64) * kAmxBlockBytes;
+    if (unpack && k + 64 < i) UnpackB(w, i, nr, k + 64, b + (k / 64 + 1) % 3 * kAmxBlockBytes);
     const int8_t* a = x + k;
     int64_t sa = i;
     if (k == kfull) {  // the last i % 64 columns: x from a zero-padded copy (never read past x)
@@ -214,12 +216,14 @@ BITNET_AMX inline void RunAmxGemm(const Problem& p, int64_t r0, int64_t r1) {
   thread_local AmxScratch scratch;
   const int64_t kb = (p.i + 63) / 64;
   const bool one_block = p.m <= 16;
-  uint8_t* b = scratch.Panel((one_block ? 3 : kb) * 4096);
+  uint8_t* b = scratch.Panel((one_block ? 3 : kb) * kAmxBlockBytes);
   int64_t configured = 0;
   for (int64_t row = r0; row < r1; row += 16) {
     const int64_t nr = std::min<int64_t>(16, r1 - row);
     if (!one_block) {
-      for (int64_t k = 0; k < p.i; k += 64) UnpackB(p.w + row * p.i, p.i, nr, k, b + k / 64 * 4096);
+      for (int64_t k = 0; k < p.i; k += 64) {
+        UnpackB(p.w + row * p.i, p.i, nr, k, b + k / 64 * kAmxBlockBytes);
+      }
     }
     for (int64_t m0 = 0; m0 < p.m; m0 += 16) {
       const int64_t mb = std::min<int64_t>(16, p.m - m0);
