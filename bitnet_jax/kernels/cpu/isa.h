@@ -43,6 +43,9 @@
 #define BITNET_AVX2 __attribute__((target("avx2")))
 #define BITNET_AVXVNNI __attribute__((target("avx2,avxvnni")))
 #define BITNET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
+// x86 inline assembly where a kernel's inner loop has one (ternary_gemm.h): native builds only,
+// not the SIMDe builds of the emulated tests, which exercise the intrinsics instead.
+#define BITNET_TERNARY_ASM 1
 // AMX-INT8 (ternary_amx.h): native Linux builds with AVX-VNNI's compilers only (not the SIMDe
 // builds of the emulated tests, which define the attributes above themselves: SIMDe has no AMX;
 // the tile permission is a Linux system call).
@@ -56,6 +59,9 @@
 #endif
 #ifndef BITNET_TERNARY_AMX
 #define BITNET_TERNARY_AMX 0
+#endif
+#ifndef BITNET_TERNARY_ASM
+#define BITNET_TERNARY_ASM 0
 #endif
 
 // GCC 12's AVX-512 headers trip bogus -W(maybe-)uninitialized warnings (_mm512_undefined_*):

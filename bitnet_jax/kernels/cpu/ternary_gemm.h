@@ -140,6 +140,62 @@ struct Avx512Gemm4 {
 // and 2.38 (this, 4 tokens) vector ops against a floor of 2 (maddubs + its add), so no token
 // blocking can give more than ~1.2x. As a loop over a Step16 helper GCC 12 kept a16[][] in
 // memory (0.80-0.87x), hence written inline.
+#if BITNET_TERNARY_ASM
+// Avx2Gemm<4>'s column loop over [k, ke) (a multiple of 16 columns, k a multiple of 64) as
+// inline assembly: the same instructions as the intrinsics below (per 16 columns one broadcast
+// of the packed row, a shift and two masks, then per token one broadcast of x and 2 maddubs + 2
+// adds into a16), unrolled to 64 columns with one prefetch of pf + k, as the intrinsics' loop
+// prefetches once per 64 bytes. GCC 12 schedules the intrinsics' loop so that it runs ~1.2x
+// slower on Zen 3 (same machine code per iteration, but an extra test-and-branch per 16 columns
+// and a different order; measured in-process, alternating, the large shape's linears,
+// benchmarks/README.md: M = 8 1.16-1.24x, M = 128 1.16-1.26x median of rounds).
+#define BITNET_GEMM4_STEP16(O)                                          \
+  "vbroadcasti128 " O "(%[w],%[k]), %%ymm0\n"                          \
+  "vpsrlw $4, %%ymm0, %%ymm1\n"                                        \
+  "vpand %[mask], %%ymm0, %%ymm0\n"                                    \
+  "vpand %[mask], %%ymm1, %%ymm1\n"                                    \
+  "vbroadcasti128 " O "(%[x0],%[k]), %%ymm4\n"                         \
+  "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %[a00], %[a00]\n" \
+  "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %[a01], %[a01]\n" \
+  "vbroadcasti128 " O "(%[x1],%[k]), %%ymm4\n"                         \
+  "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %[a10], %[a10]\n" \
+  "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %[a11], %[a11]\n" \
+  "vbroadcasti128 " O "(%[x2],%[k]), %%ymm4\n"                         \
+  "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %[a20], %[a20]\n" \
+  "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %[a21], %[a21]\n" \
+  "vbroadcasti128 " O "(%[x3],%[k]), %%ymm4\n"                         \
+  "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %[a30], %[a30]\n" \
+  "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %[a31], %[a31]\n"
+#define BITNET_GEMM4_OPERANDS                                                                  \
+  : [a00] "+x"(a16[0][0]), [a01] "+x"(a16[0][1]), [a10] "+x"(a16[1][0]),                      \
+    [a11] "+x"(a16[1][1]), [a20] "+x"(a16[2][0]), [a21] "+x"(a16[2][1]),                      \
+    [a30] "+x"(a16[3][0]), [a31] "+x"(a16[3][1]), [k] "+r"(k)                                 \
+  : [w] "r"(w), [x0] "r"(x), [x1] "r"(x + i), [x2] "r"(x + 2 * i), [x3] "r"(x + 3 * i),       \
+    [ke] "r"(ke64), [pf] "r"(pf), [mask] "x"(mask)                                             \
+  : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "cc", "memory"
+#define BITNET_GEMM4_LOOP(PREFETCH)                                                            \
+  __asm__ volatile("1:\n" PREFETCH " (%[pf],%[k])\n" BITNET_GEMM4_STEP16("0")                 \
+                   BITNET_GEMM4_STEP16("16") BITNET_GEMM4_STEP16("32") BITNET_GEMM4_STEP16("48") \
+                   "add $64, %[k]\n cmp %[ke], %[k]\n jl 1b\n" BITNET_GEMM4_OPERANDS)
+BITNET_AVX2 inline void Avx2Gemm4Columns(const uint8_t* w, const int8_t* x, int64_t i, int64_t k,
+                                         int64_t ke, int64_t ahead_bytes, __m256i mask,
+                                         __m256i a16[4][2]) {
+  const int64_t ke64 = k + ((ke - k) & ~int64_t{63});
+  const uint8_t* pf = w + (ahead_bytes ? ahead_bytes : kPrefetch);
+  if (k < ke64) {
+    if (ahead_bytes) {
+      BITNET_GEMM4_LOOP("prefetcht1");
+    } else {
+      BITNET_GEMM4_LOOP("prefetcht0");
+    }
+  }
+  for (; k < ke; k += 16) __asm__ volatile(BITNET_GEMM4_STEP16("0") BITNET_GEMM4_OPERANDS);
+}
+#undef BITNET_GEMM4_LOOP
+#undef BITNET_GEMM4_OPERANDS
+#undef BITNET_GEMM4_STEP16
+#endif
+
 template <int MB>
 struct Avx2Gemm {
   BITNET_AVX2 static void Run(const Problem& p, int64_t m0, int64_t row, int64_t ahead) {
@@ -154,6 +210,11 @@ struct Avx2Gemm {
       const int64_t ke = std::min(k16, kb + 16 * 16);
       __m256i a16[MB][2];
       for (int t = 0; t < MB; ++t) a16[t][0] = a16[t][1] = _mm256_setzero_si256();
+#if BITNET_TERNARY_ASM
+      if constexpr (MB == 4) {
+        Avx2Gemm4Columns(w, x, i, kb, ke, ahead * i, mask, a16);
+      } else
+#endif
       for (int64_t k = kb; k < ke; k += 16) {
         if ((k & 63) == 0) PrefetchAt(w, k, ahead * i);
         const __m256i b = _mm256_broadcastsi128_si256(
