@@ -42,8 +42,10 @@ constexpr int64_t kLutChunk = 64;    // columns per chunk (16 groups)
 constexpr int64_t kLutGroups = kLutChunk / 4;
 constexpr int64_t kLutTableBytes = kLutEntries * kLutTokens * 2;  // one group's table
 
-// xt[k * 8 + t] = x[t][k] as int16 for the 8 tokens (rows of x i bytes apart), k < i (i % 8 == 0).
-BITNET_AVX2 inline void LutTransposeTokens(const int8_t* x, int64_t i, int16_t* xt) {
+// xt[k * stride + t] = x[t][k] as int16 for 8 tokens (rows of x i bytes apart), k < i
+// (i % 8 == 0).
+BITNET_AVX2 inline void LutTransposeTokens(const int8_t* x, int64_t i, int16_t* xt,
+                                           int64_t stride = kLutTokens) {
   for (int64_t k = 0; k < i; k += 8) {
     __m128i v[8];
     for (int t = 0; t < 8; ++t) {
@@ -58,44 +60,64 @@ BITNET_AVX2 inline void LutTransposeTokens(const int8_t* x, int64_t i, int16_t* 
     const __m128i b2 = _mm_unpacklo_epi32(a1, a3), b3 = _mm_unpackhi_epi32(a1, a3);
     const __m128i b4 = _mm_unpacklo_epi32(a4, a6), b5 = _mm_unpackhi_epi32(a4, a6);
     const __m128i b6 = _mm_unpacklo_epi32(a5, a7), b7 = _mm_unpackhi_epi32(a5, a7);
-    __m128i* o = reinterpret_cast<__m128i*>(xt + k * 8);
-    _mm_storeu_si128(o + 0, _mm_unpacklo_epi64(b0, b4));
-    _mm_storeu_si128(o + 1, _mm_unpackhi_epi64(b0, b4));
-    _mm_storeu_si128(o + 2, _mm_unpacklo_epi64(b1, b5));
-    _mm_storeu_si128(o + 3, _mm_unpackhi_epi64(b1, b5));
-    _mm_storeu_si128(o + 4, _mm_unpacklo_epi64(b2, b6));
-    _mm_storeu_si128(o + 5, _mm_unpackhi_epi64(b2, b6));
-    _mm_storeu_si128(o + 6, _mm_unpacklo_epi64(b3, b7));
-    _mm_storeu_si128(o + 7, _mm_unpackhi_epi64(b3, b7));
+    int16_t* o = xt + k * stride;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 0 * stride), _mm_unpacklo_epi64(b0, b4));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 1 * stride), _mm_unpackhi_epi64(b0, b4));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 2 * stride), _mm_unpacklo_epi64(b1, b5));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 3 * stride), _mm_unpackhi_epi64(b1, b5));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 4 * stride), _mm_unpacklo_epi64(b2, b6));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 5 * stride), _mm_unpackhi_epi64(b2, b6));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 6 * stride), _mm_unpacklo_epi64(b3, b7));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 7 * stride), _mm_unpackhi_epi64(b3, b7));
   }
 }
 
-// The 9 sums (a - 1) * u + (b - 1) * v at index a + 3b, a, b in {0, 1, 2}.
-BITNET_AVX2 inline void LutPairs(__m128i u, __m128i v, __m128i e[9]) {
-  const __m128i nu = _mm_sub_epi16(_mm_setzero_si128(), u);
-  const __m128i nv = _mm_sub_epi16(_mm_setzero_si128(), v);
-  e[0] = _mm_add_epi16(nu, nv);
-  e[1] = nv;
-  e[2] = _mm_add_epi16(u, nv);
-  e[3] = nu;
-  e[4] = _mm_setzero_si128();
-  e[5] = u;
-  e[6] = _mm_add_epi16(nu, v);
-  e[7] = v;
-  e[8] = _mm_add_epi16(u, v);
+// Vector helpers so that the table code serves 8 tokens (xmm) and 16 (ymm).
+BITNET_AVX2 inline __m128i VAdd(__m128i a, __m128i b) { return _mm_add_epi16(a, b); }
+BITNET_AVX2 inline __m256i VAdd(__m256i a, __m256i b) { return _mm256_add_epi16(a, b); }
+BITNET_AVX2 inline __m128i VNeg(__m128i a) { return _mm_sub_epi16(_mm_setzero_si128(), a); }
+BITNET_AVX2 inline __m256i VNeg(__m256i a) { return _mm256_sub_epi16(_mm256_setzero_si256(), a); }
+BITNET_AVX2 inline void VLoad(const int16_t* p, __m128i& v) {
+  v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+}
+BITNET_AVX2 inline void VLoad(const int16_t* p, __m256i& v) {
+  v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+BITNET_AVX2 inline void VStore(int16_t* p, __m128i v) {
+  _mm_store_si128(reinterpret_cast<__m128i*>(p), v);
+}
+BITNET_AVX2 inline void VStore(int16_t* p, __m256i v) {
+  _mm256_store_si256(reinterpret_cast<__m256i*>(p), v);
 }
 
-// Tables of the chunk's 16 groups from xt (the chunk's 64 columns): entry p = a + 9b of group
-// q is pair sum a of columns 4q, 4q+1 plus pair sum b of columns 4q+2, 4q+3.
-BITNET_AVX2 inline void LutBuildTables(const int16_t* xt, int16_t* tables) {
-  for (int64_t q = 0; q < kLutGroups; ++q) {
-    const __m128i* c = reinterpret_cast<const __m128i*>(xt + q * 4 * kLutTokens);
-    __m128i lo[9], hi[9];
-    LutPairs(_mm_loadu_si128(c), _mm_loadu_si128(c + 1), lo);
-    LutPairs(_mm_loadu_si128(c + 2), _mm_loadu_si128(c + 3), hi);
-    __m128i* t = reinterpret_cast<__m128i*>(tables + q * kLutEntries * kLutTokens);
+// The 9 sums (a - 1) * u + (b - 1) * v at index a + 3b, a, b in {0, 1, 2}.
+template <class V>
+BITNET_AVX2 inline void LutPairs(V u, V v, V e[9]) {
+  const V nu = VNeg(u), nv = VNeg(v);
+  e[0] = VAdd(nu, nv);
+  e[1] = nv;
+  e[2] = VAdd(u, nv);
+  e[3] = nu;
+  e[4] = VAdd(nu, u);
+  e[5] = u;
+  e[6] = VAdd(nu, v);
+  e[7] = v;
+  e[8] = VAdd(u, v);
+}
+
+// Tables of `groups` groups from xt (columns as N = sizeof(V) / 2 int16 each): entry p = a + 9b
+// of group q is pair sum a of columns 4q, 4q+1 plus pair sum b of columns 4q+2, 4q+3.
+template <class V>
+BITNET_AVX2 inline void LutBuildTables(const int16_t* xt, int64_t groups, int16_t* tables) {
+  constexpr int64_t n = sizeof(V) / 2;
+  for (int64_t q = 0; q < groups; ++q) {
+    V c[4], lo[9], hi[9];
+    for (int j = 0; j < 4; ++j) VLoad(xt + (q * 4 + j) * n, c[j]);
+    LutPairs(c[0], c[1], lo);
+    LutPairs(c[2], c[3], hi);
+    int16_t* t = tables + q * kLutEntries * n;
     for (int b = 0; b < 9; ++b) {
-      for (int a = 0; a < 9; ++a) _mm_store_si128(t + a + 9 * b, _mm_add_epi16(lo[a], hi[b]));
+      for (int a = 0; a < 9; ++a) VStore(t + (a + 9 * b) * n, VAdd(lo[a], hi[b]));
     }
   }
 }
@@ -124,20 +146,23 @@ BITNET_AVX2 inline __m256i LutIndices32(const uint8_t* w) {
       acc[((P) & 15) >> 2], _mm_load_si128(reinterpret_cast<const __m128i*>(               \
                                 tab + (g0 + ((P) >> 4) * 4 + ((P) & 3)) * kLutTableBytes + \
                                 ((Q >> (8 * ((P) & 7))) & 0xff) * 8)));
-#define BITNET_LUT_ADD8(P)                                                         \
-  {                                                                                \
-    uint64_t q;                                                                    \
-    std::memcpy(&q, ix + (P), 8);                                                  \
-    __asm__("" : "+r"(q));                                                         \
-    BITNET_LUT_ADD(P, q)                                                           \
-    BITNET_LUT_ADD(P + 1, q)                                                       \
-    BITNET_LUT_ADD(P + 2, q) BITNET_LUT_ADD(P + 3, q) BITNET_LUT_ADD(P + 4, q)     \
-        BITNET_LUT_ADD(P + 5, q) BITNET_LUT_ADD(P + 6, q) BITNET_LUT_ADD(P + 7, q) \
+// Eight lookups of ADD (BITNET_LUT_ADD or L16_ADD) from the index bytes P..P+7.
+#define LUT_EIGHT(ADD, P)                                                               \
+  {                                                                                     \
+    uint64_t q;                                                                         \
+    std::memcpy(&q, ix + (P), 8);                                                       \
+    __asm__("" : "+r"(q));                                                              \
+    ADD(P, q)                                                                           \
+    ADD(P + 1, q)                                                                       \
+    ADD(P + 2, q) ADD(P + 3, q) ADD(P + 4, q) ADD(P + 5, q) ADD(P + 6, q) ADD(P + 7, q) \
   }
 
-BITNET_AVX2 inline void LutAdd32(const uint8_t* ix, const char* tab, uint64_t g0, __m128i acc[4]){
-    BITNET_LUT_ADD8(0) BITNET_LUT_ADD8(8) BITNET_LUT_ADD8(16) BITNET_LUT_ADD8(24)}
-#undef BITNET_LUT_ADD8
+BITNET_AVX2 inline void LutAdd32(const uint8_t* ix, const char* tab, uint64_t g0, __m128i acc[4]) {
+  LUT_EIGHT(BITNET_LUT_ADD, 0);
+  LUT_EIGHT(BITNET_LUT_ADD, 8);
+  LUT_EIGHT(BITNET_LUT_ADD, 16);
+  LUT_EIGHT(BITNET_LUT_ADD, 24);
+}
 #undef BITNET_LUT_ADD
 
 // Tokens m0..m0+7 over packed rows [r0, r1) (p.i % 64 == 0): see the top of the file.
@@ -157,7 +182,7 @@ BITNET_AVX2 inline void RunLut8(const Problem& p, int64_t m0, int64_t r0, int64_
   LutTransposeTokens(p.x + m0 * i, i, xt);
   alignas(32) uint8_t ix[64];
   for (int64_t k = 0; k < i; k += kLutChunk) {
-    LutBuildTables(xt + k * kLutTokens, tables);
+    LutBuildTables<__m128i>(xt + k * kLutTokens, kLutGroups, tables);
     const uint8_t* w = p.w + r0 * i + k;
     for (int64_t row = 0; row < rows; ++row, w += i) {
       _mm256_store_si256(reinterpret_cast<__m256i*>(ix), LutIndices32(w));
@@ -185,73 +210,11 @@ BITNET_AVX2 inline void RunLut8(const Problem& p, int64_t m0, int64_t r0, int64_
 // ---- 16 tokens per entry (ymm): 32-column chunks, int16 partials widened every 8 chunks.
 
 constexpr int64_t kL16Chunk = 32, kL16Groups = 8, kL16TableBytes = 81 * 32;
-// xt[k * 16 + t]
-BITNET_AVX2 inline void L16Transpose(const int8_t* x, int64_t i, int16_t* xt) {
-  for (int64_t k = 0; k < i; k += 8) {
-    for (int h = 0; h < 2; ++h) {
-      __m128i v[8];
-      for (int t = 0; t < 8; ++t)
-        v[t] = _mm_cvtepi8_epi16(
-            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(x + (t + 8 * h) * i + k)));
-      const __m128i a0 = _mm_unpacklo_epi16(v[0], v[1]), a1 = _mm_unpackhi_epi16(v[0], v[1]);
-      const __m128i a2 = _mm_unpacklo_epi16(v[2], v[3]), a3 = _mm_unpackhi_epi16(v[2], v[3]);
-      const __m128i a4 = _mm_unpacklo_epi16(v[4], v[5]), a5 = _mm_unpackhi_epi16(v[4], v[5]);
-      const __m128i a6 = _mm_unpacklo_epi16(v[6], v[7]), a7 = _mm_unpackhi_epi16(v[6], v[7]);
-      const __m128i b0 = _mm_unpacklo_epi32(a0, a2), b1 = _mm_unpackhi_epi32(a0, a2);
-      const __m128i b2 = _mm_unpacklo_epi32(a1, a3), b3 = _mm_unpackhi_epi32(a1, a3);
-      const __m128i b4 = _mm_unpacklo_epi32(a4, a6), b5 = _mm_unpackhi_epi32(a4, a6);
-      const __m128i b6 = _mm_unpacklo_epi32(a5, a7), b7 = _mm_unpackhi_epi32(a5, a7);
-      int16_t* o = xt + k * 16 + 8 * h;
-      _mm_storeu_si128((__m128i*)(o + 0 * 16), _mm_unpacklo_epi64(b0, b4));
-      _mm_storeu_si128((__m128i*)(o + 1 * 16), _mm_unpackhi_epi64(b0, b4));
-      _mm_storeu_si128((__m128i*)(o + 2 * 16), _mm_unpacklo_epi64(b1, b5));
-      _mm_storeu_si128((__m128i*)(o + 3 * 16), _mm_unpackhi_epi64(b1, b5));
-      _mm_storeu_si128((__m128i*)(o + 4 * 16), _mm_unpacklo_epi64(b2, b6));
-      _mm_storeu_si128((__m128i*)(o + 5 * 16), _mm_unpackhi_epi64(b2, b6));
-      _mm_storeu_si128((__m128i*)(o + 6 * 16), _mm_unpacklo_epi64(b3, b7));
-      _mm_storeu_si128((__m128i*)(o + 7 * 16), _mm_unpackhi_epi64(b3, b7));
-    }
-  }
-}
-BITNET_AVX2 inline void L16Pairs(__m256i u, __m256i v, __m256i e[9]) {
-  const __m256i nu = _mm256_sub_epi16(_mm256_setzero_si256(), u),
-                nv = _mm256_sub_epi16(_mm256_setzero_si256(), v);
-  e[0] = _mm256_add_epi16(nu, nv);
-  e[1] = nv;
-  e[2] = _mm256_add_epi16(u, nv);
-  e[3] = nu;
-  e[4] = _mm256_setzero_si256();
-  e[5] = u;
-  e[6] = _mm256_add_epi16(nu, v);
-  e[7] = v;
-  e[8] = _mm256_add_epi16(u, v);
-}
-BITNET_AVX2 inline void L16Build(const int16_t* xt, int16_t* tables) {
-  for (int64_t q = 0; q < kL16Groups; ++q) {
-    const __m256i* c = reinterpret_cast<const __m256i*>(xt + q * 4 * 16);
-    __m256i lo[9], hi[9];
-    L16Pairs(_mm256_loadu_si256(c), _mm256_loadu_si256(c + 1), lo);
-    L16Pairs(_mm256_loadu_si256(c + 2), _mm256_loadu_si256(c + 3), hi);
-    __m256i* t = reinterpret_cast<__m256i*>(tables + q * 81 * 16);
-    for (int b = 0; b < 9; ++b)
-      for (int a = 0; a < 9; ++a) _mm256_store_si256(t + a + 9 * b, _mm256_add_epi16(lo[a], hi[b]));
-  }
-}
 #define L16_ADD(P, Q)                                                                 \
   acc[((P) & 15) >> 2] = _mm256_add_epi16(                                            \
       acc[((P) & 15) >> 2], _mm256_load_si256(reinterpret_cast<const __m256i*>(       \
                                 tab + (((P) >> 4) * 4 + ((P) & 3)) * kL16TableBytes + \
                                 ((Q >> (8 * ((P) & 7))) & 0xff) * 16)));
-#define L16_ADD8(P)                                                                           \
-  {                                                                                           \
-    uint64_t q;                                                                               \
-    std::memcpy(&q, ix + (P), 8);                                                             \
-    __asm__("" : "+r"(q));                                                                    \
-    L16_ADD(P, q)                                                                             \
-    L16_ADD(P + 1, q)                                                                         \
-    L16_ADD(P + 2, q) L16_ADD(P + 3, q) L16_ADD(P + 4, q) L16_ADD(P + 5, q) L16_ADD(P + 6, q) \
-        L16_ADD(P + 7, q)                                                                     \
-  }
 BITNET_AVX2 inline void RunLut16(const Problem& p, int64_t m0, int64_t r0, int64_t r1) {
   thread_local std::vector<int16_t> xt_buf, tab_buf, part_buf;
   thread_local std::vector<int32_t> acc_buf;
@@ -264,11 +227,12 @@ BITNET_AVX2 inline void RunLut16(const Problem& p, int64_t m0, int64_t r0, int64
   int16_t* tables = reinterpret_cast<int16_t*>((reinterpret_cast<uintptr_t>(tab_buf.data()) + 63) &
                                                ~uintptr_t{63});
   const char* tab = reinterpret_cast<const char*>(tables);
-  L16Transpose(p.x + m0 * i, i, xt);
+  LutTransposeTokens(p.x + m0 * i, i, xt, 16);
+  LutTransposeTokens(p.x + (m0 + 8) * i, i, xt + 8, 16);
   alignas(32) uint8_t ix[32];
   int64_t nchunks = 0;
   for (int64_t k = 0; k < i; k += kL16Chunk) {
-    L16Build(xt + k * 16, tables);
+    LutBuildTables<__m256i>(xt + k * 16, kL16Groups, tables);
     const uint8_t* w = p.w + r0 * i + k;
     const bool widen = (++nchunks % 8 == 0) || k + kL16Chunk >= i;
     for (int64_t row = 0; row < rows; ++row, w += i) {
@@ -277,7 +241,11 @@ BITNET_AVX2 inline void RunLut16(const Problem& p, int64_t m0, int64_t r0, int64
       __m256i* pp = reinterpret_cast<__m256i*>(part_buf.data() + row * 64);
       __m256i acc[4] = {_mm256_loadu_si256(pp), _mm256_loadu_si256(pp + 1),
                         _mm256_loadu_si256(pp + 2), _mm256_loadu_si256(pp + 3)};
-      L16_ADD8(0) L16_ADD8(8) L16_ADD8(16) L16_ADD8(24) if (widen) {
+      LUT_EIGHT(L16_ADD, 0);
+      LUT_EIGHT(L16_ADD, 8);
+      LUT_EIGHT(L16_ADD, 16);
+      LUT_EIGHT(L16_ADD, 24);
+      if (widen) {
         __m256i* a = reinterpret_cast<__m256i*>(acc_buf.data() + row * 64);
         for (int j = 0; j < 4; ++j) {
           _mm256_storeu_si256(
@@ -289,8 +257,7 @@ BITNET_AVX2 inline void RunLut16(const Problem& p, int64_t m0, int64_t r0, int64
                                _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[j], 1))));
           _mm256_storeu_si256(pp + j, _mm256_setzero_si256());
         }
-      }
-      else {
+      } else {
         for (int j = 0; j < 4; ++j) _mm256_storeu_si256(pp + j, acc[j]);
       }
     }
@@ -321,11 +288,13 @@ namespace bt = bitnet_ternary;
 #define PROBE_EIGHT(G)                                                     \
   "mov (%2,%0), %%rax\n" PROBE_TWO(G, "0", "1") PROBE_TWO(G + 2, "2", "3") \
       PROBE_TWO(G + 4, "0", "1") PROBE_TWO(G + 6, "2", "3") "add $8, %0\n"
-#define PROBE_FIXED(G)                                                                       \
-  PROBE_ADD("rcx", G, "0")                                                                   \
-  PROBE_ADD("rdx", G + 1, "1") PROBE_ADD("rcx", G + 2, "2") PROBE_ADD("rdx", G + 3, "3")     \
-      PROBE_ADD("rcx", G + 4, "0") PROBE_ADD("rdx", G + 5, "1") PROBE_ADD("rcx", G + 6, "2") \
-          PROBE_ADD("rdx", G + 7, "3") "add $8, %0\n"
+#define PROBE_FIXED(G)                                                                   \
+  PROBE_ADD("rcx", G, "0")                                                               \
+  PROBE_ADD("rdx", G + 1, "1")                                                           \
+  PROBE_ADD("rcx", G + 2, "2")                                                           \
+  PROBE_ADD("rdx", G + 3, "3")                                                           \
+  PROBE_ADD("rcx", G + 4, "0") PROBE_ADD("rdx", G + 5, "1") PROBE_ADD("rcx", G + 6, "2") \
+      PROBE_ADD("rdx", G + 7, "3") "add $8, %0\n"
 
 static void LookupCeiling() {
   alignas(64) static uint8_t table[16 * 1296 + 64];
