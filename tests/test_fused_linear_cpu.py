@@ -85,6 +85,33 @@ def test_fused_linear_matches_quantize_then_matmul_on_every_isa(m, i, os_):
         cpu_ffi.set_isa(previous)
 
 
+@pytest.mark.parametrize("where", ["all", "one vector lane", "tail"])
+def test_a_nan_activation_makes_its_row_nan_on_every_isa(where):
+    # As on the XLA path (jnp.max propagates NaN into the step): the engine relies on NaN logits
+    # to end a request whose hidden state went non-finite. A SIMD max or std::max drops NaN, which
+    # once quantised such a row against ACT_EPS into finite outputs.
+    m, i = 4, 100  # 96 columns in 8 / 16-wide vectors, 4 in the scalar tail
+    rng = np.random.default_rng(11)
+    x = np.asarray(_activations(rng, m, i)).copy()
+    row = {"all": np.s_[2, :], "one vector lane": np.s_[2, 37], "tail": np.s_[2, 98]}[where]
+    x[row] = np.nan
+    packed = [_packed(rng, 16, i)]
+    scales = [jnp.float32(0.5)]
+    want = np.asarray(_composed(jnp.asarray(x), None, scales, packed)[1][0])
+    assert np.isnan(want[2]).all() and np.isfinite(np.delete(want, 2, axis=0)).all()
+    previous = cpu_ffi.isa()
+    try:
+        for isa in cpu_ffi.supported_isas():
+            cpu_ffi.set_isa(isa)
+            got = np.asarray(jax.jit(cpu_ffi.ternary_linear_many_ffi)(
+                jnp.asarray(x), packed, scales, None)[0])
+            assert np.isnan(got[2]).all(), isa
+            np.testing.assert_allclose(np.delete(got, 2, axis=0), np.delete(want, 2, axis=0),
+                                       rtol=3e-7, atol=0, err_msg=isa)
+    finally:
+        cpu_ffi.set_isa(previous)
+
+
 def test_fused_linear_reads_a_stacked_layer_and_folds_vmap_batches():
     rng = np.random.default_rng(7)
     x = _activations(rng, 6, 192)

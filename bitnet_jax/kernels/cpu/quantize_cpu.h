@@ -29,10 +29,16 @@ namespace bitnet_ternary {
 
 constexpr float kActEps = 1e-5f;  // quant.py ACT_EPS
 
+// max(a, b) that is NaN if either is, as XLA's max (std::max(a, NaN) is a, and SIMD max
+// returns its second operand when either is NaN): a NaN activation must give a NaN absmax, so
+// that the outputs are NaN as on the XLA path and the engine sees non-finite logits (with
+// std::max a NaN row quantised against absmax = kActEps into finite garbage).
+inline float MaxNan(float a, float b) { return (a != a || a > b) ? a : b; }
+
 // Columns [k0, i) of a row, one at a time (the portable path, and the vector paths' tails):
 // max |x| folded into amax, and the codes for the multiplier inv = 127 / absmax.
 inline float AbsMaxTail(const float* x, int64_t k0, int64_t i, float amax) {
-  for (int64_t k = k0; k < i; ++k) amax = std::max(amax, std::fabs(x[k]));
+  for (int64_t k = k0; k < i; ++k) amax = MaxNan(amax, std::fabs(x[k]));
   return amax;
 }
 inline void CodesTail(const float* x, int64_t k0, int64_t i, float inv, int8_t* q) {
@@ -43,7 +49,7 @@ inline void CodesTail(const float* x, int64_t k0, int64_t i, float inv, int8_t* 
 
 // Portable row: returns absmax.
 inline float QuantizeRowScalar(const float* x, int64_t i, int8_t* q) {
-  const float amax = std::max(AbsMaxTail(x, 0, i, 0.0f), kActEps);
+  const float amax = MaxNan(AbsMaxTail(x, 0, i, 0.0f), kActEps);
   CodesTail(x, 0, i, 127.0f / amax, q);
   return amax;
 }
@@ -53,14 +59,17 @@ BITNET_SIMD_WARNINGS_OFF
 
 BITNET_AVX2 inline float QuantizeRowAvx2(const float* x, int64_t i, int8_t* q) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 vmax = _mm256_setzero_ps();
+  __m256 vmax = _mm256_setzero_ps(), vnan = _mm256_setzero_ps();  // vnan: lanes that saw NaN
   const int64_t i8 = i & ~int64_t{7};
   for (int64_t k = 0; k < i8; k += 8) {
-    vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+    const __m256 v = _mm256_loadu_ps(x + k);
+    vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   }
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, vmax);
-  const float amax = std::max(AbsMaxTail(x, i8, i, AbsMaxTail(lanes, 0, 8, 0.0f)), kActEps);
+  float amax = MaxNan(AbsMaxTail(x, i8, i, AbsMaxTail(lanes, 0, 8, 0.0f)), kActEps);
+  if (_mm256_movemask_ps(vnan)) amax = std::nanf("");
   const float inv = 127.0f / amax;
   const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-128.0f),
                hi = _mm256_set1_ps(127.0f);
@@ -77,11 +86,15 @@ BITNET_AVX2 inline float QuantizeRowAvx2(const float* x, int64_t i, int8_t* q) {
 
 BITNET_AVX512 inline float QuantizeRowAvx512(const float* x, int64_t i, int8_t* q) {
   __m512 vmax = _mm512_setzero_ps();
+  uint32_t nan = 0;  // lanes that saw NaN (as in the AVX2 row)
   const int64_t i16 = i & ~int64_t{15};
   for (int64_t k = 0; k < i16; k += 16) {
-    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+    const __m512 v = _mm512_loadu_ps(x + k);
+    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   }
-  const float amax = std::max(AbsMaxTail(x, i16, i, _mm512_reduce_max_ps(vmax)), kActEps);
+  float amax = MaxNan(AbsMaxTail(x, i16, i, _mm512_reduce_max_ps(vmax)), kActEps);
+  if (nan) amax = std::nanf("");
   const float inv = 127.0f / amax;
   const __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-128.0f),
                hi = _mm512_set1_ps(127.0f);
