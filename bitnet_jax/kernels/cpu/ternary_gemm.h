@@ -124,31 +124,16 @@ struct Avx512Gemm4 {
   }
 };
 
-// AVX2 GEMM block: one packed row by MB tokens. 16 bytes of the row are broadcast to both
-// 128-bit lanes (as in the AVX-512 block above), lane 0 masked to plane 0 (0x03) and lane 1 to
-// plane 1 (0x0c, x4), and the same after one shift by 4 for planes 2 and 3; x[t][k..k+15] is
-// broadcast too. So a token needs TWO int16 accumulators for the four outputs of the row (the
-// row kernel needs four), and 4 tokens fit in registers: 8 int16 accumulators + 2 planes + x +
-// mask. Per 16 columns and token: 2 maddubs + 2 adds, as the row kernel, but the shift and
-// masks (3 ops per 16 columns) are shared by 4 tokens instead of 2. Same int16 bounds as
-// Avx2Row (planes 1 and 3 x4, 16 maddubs per int16 lane, then widened with madd(., 1)).
-// Measured (Zen 5 via set_isa, one thread, thread CPU time, the large shape's linears, best of
-// 15 rounds interleaved with RunAvx2Rows in one process, 2026-12-02, load 0.8): 24 layers cold
-// M = 4 / 5 / 8 / 16 1.02 / 1.04 / 1.05 / 1.05x, 4 layers M = 64 / 128 1.04 / 1.03x, one layer
-// 1.03 / 1.05 / 1.04 / 1.03x (M = 1..3, the same code: 0.99-1.04, the noise floor). Both kernels
-// run at ~150 GMAC/s even from L1, i.e. core-bound; per 32 MACs they issue 2.63 (Avx2Row<2>)
-// and 2.38 (this, 4 tokens) vector ops against a floor of 2 (maddubs + its add), so no token
-// blocking can give more than ~1.2x. As a loop over a Step16 helper GCC 12 kept a16[][] in
-// memory (0.80-0.87x), hence written inline.
 #if BITNET_TERNARY_ASM
 // Avx2Gemm<4>'s column loop over [k, ke) (a multiple of 16 columns, k a multiple of 64) as
-// inline assembly: the same instructions as the intrinsics below (per 16 columns one broadcast
-// of the packed row, a shift and two masks, then per token one broadcast of x and 2 maddubs + 2
-// adds into a16), unrolled to 64 columns with one prefetch of pf + k, as the intrinsics' loop
-// prefetches once per 64 bytes. GCC 12 schedules the intrinsics' loop so that it runs ~1.2x
-// slower on Zen 3 (same machine code per iteration, but an extra test-and-branch per 16 columns
-// and a different order; measured in-process, alternating, the large shape's linears,
-// benchmarks/README.md: M = 8 1.16-1.24x, M = 128 1.16-1.26x median of rounds).
+// inline assembly: the same instructions as the intrinsics of Avx2Gemm below (per 16 columns
+// one broadcast of the packed row, a shift and two masks, then per token one broadcast of x and
+// 2 maddubs + 2 adds into a16), unrolled to 64 columns with one prefetch of pf + k, as the
+// intrinsics' loop prefetches once per 64 bytes (the last i % 64 columns of a row go 16 at a
+// time, without). GCC 12 schedules the intrinsics' loop so that it runs ~1.2x slower on Zen 3
+// (the same instructions per iteration plus a test-and-branch per 16 columns, in another
+// order; measured in-process, alternating, the large shape's linears, benchmarks/README.md:
+// M = 8 1.16-1.24x, M = 128 1.16-1.26x median of rounds).
 #define BITNET_GEMM4_STEP16(O)                                          \
   "vbroadcasti128 " O "(%[w],%[k]), %%ymm0\n"                          \
   "vpsrlw $4, %%ymm0, %%ymm1\n"                                        \
@@ -195,6 +180,23 @@ BITNET_AVX2 inline void Avx2Gemm4Columns(const uint8_t* w, const int8_t* x, int6
 #undef BITNET_GEMM4_OPERANDS
 #undef BITNET_GEMM4_STEP16
 #endif
+
+// AVX2 GEMM block: one packed row by MB tokens. 16 bytes of the row are broadcast to both
+// 128-bit lanes (as in the AVX-512 block above), lane 0 masked to plane 0 (0x03) and lane 1 to
+// plane 1 (0x0c, x4), and the same after one shift by 4 for planes 2 and 3; x[t][k..k+15] is
+// broadcast too. So a token needs TWO int16 accumulators for the four outputs of the row (the
+// row kernel needs four), and 4 tokens fit in registers: 8 int16 accumulators + 2 planes + x +
+// mask. Per 16 columns and token: 2 maddubs + 2 adds, as the row kernel, but the shift and
+// masks (3 ops per 16 columns) are shared by 4 tokens instead of 2. Same int16 bounds as
+// Avx2Row (planes 1 and 3 x4, 16 maddubs per int16 lane, then widened with madd(., 1)).
+// Measured (Zen 5 via set_isa, one thread, thread CPU time, the large shape's linears, best of
+// 15 rounds interleaved with RunAvx2Rows in one process, 2026-12-02, load 0.8): 24 layers cold
+// M = 4 / 5 / 8 / 16 1.02 / 1.04 / 1.05 / 1.05x, 4 layers M = 64 / 128 1.04 / 1.03x, one layer
+// 1.03 / 1.05 / 1.04 / 1.03x (M = 1..3, the same code: 0.99-1.04, the noise floor). Both kernels
+// run at ~150 GMAC/s even from L1, i.e. core-bound; per 32 MACs they issue 2.63 (Avx2Row<2>)
+// and 2.38 (this, 4 tokens) vector ops against a floor of 2 (maddubs + its add), so no token
+// blocking can give more than ~1.2x. As a loop over a Step16 helper GCC 12 kept a16[][] in
+// memory (0.80-0.87x), hence written inline.
 
 template <int MB>
 struct Avx2Gemm {
