@@ -98,7 +98,7 @@ BITNET_AVX2 inline void LutPairs(V u, V v, V e[9]) {
   e[1] = nv;
   e[2] = VAdd(u, nv);
   e[3] = nu;
-  e[4] = VAdd(nu, u);
+  e[4] = VAdd(nu, u);  // zero, in the vector type V
   e[5] = u;
   e[6] = VAdd(nu, v);
   e[7] = v;

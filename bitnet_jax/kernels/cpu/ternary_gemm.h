@@ -197,7 +197,6 @@ BITNET_AVX2 inline void Avx2Gemm4Columns(const uint8_t* w, const int8_t* x, int6
 // and 2.38 (this, 4 tokens) vector ops against a floor of 2 (maddubs + its add), so no token
 // blocking can give more than ~1.2x. As a loop over a Step16 helper GCC 12 kept a16[][] in
 // memory (0.80-0.87x), hence written inline.
-
 template <int MB>
 struct Avx2Gemm {
   BITNET_AVX2 static void Run(const Problem& p, int64_t m0, int64_t row, int64_t ahead) {
