@@ -36,6 +36,7 @@
 #include <cstdint>
 
 #include "isa.h"
+#include "ternary_gemm_asm.h"
 #include "ternary_paths.h"
 
 namespace bitnet_ternary {
@@ -124,63 +125,6 @@ struct Avx512Gemm4 {
   }
 };
 
-#if BITNET_TERNARY_ASM
-// Avx2Gemm<4>'s column loop over [k, ke) (a multiple of 16 columns, k a multiple of 64) as
-// inline assembly: the same instructions as the intrinsics of Avx2Gemm below (per 16 columns
-// one broadcast of the packed row, a shift and two masks, then per token one broadcast of x and
-// 2 maddubs + 2 adds into a16), unrolled to 64 columns with one prefetch of pf + k, as the
-// intrinsics' loop prefetches once per 64 bytes (the last i % 64 columns of a row go 16 at a
-// time, without). GCC 12 schedules the intrinsics' loop so that it runs ~1.2x slower on Zen 3
-// (the same instructions per iteration plus a test-and-branch per 16 columns, in another
-// order; measured in-process, alternating, the large shape's linears, benchmarks/README.md:
-// M = 8 1.16-1.24x, M = 128 1.16-1.26x median of rounds).
-#define BITNET_GEMM4_STEP16(O)                                          \
-  "vbroadcasti128 " O "(%[w],%[k]), %%ymm0\n"                          \
-  "vpsrlw $4, %%ymm0, %%ymm1\n"                                        \
-  "vpand %[mask], %%ymm0, %%ymm0\n"                                    \
-  "vpand %[mask], %%ymm1, %%ymm1\n"                                    \
-  "vbroadcasti128 " O "(%[x0],%[k]), %%ymm4\n"                         \
-  "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %[a00], %[a00]\n" \
-  "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %[a01], %[a01]\n" \
-  "vbroadcasti128 " O "(%[x1],%[k]), %%ymm4\n"                         \
-  "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %[a10], %[a10]\n" \
-  "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %[a11], %[a11]\n" \
-  "vbroadcasti128 " O "(%[x2],%[k]), %%ymm4\n"                         \
-  "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %[a20], %[a20]\n" \
-  "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %[a21], %[a21]\n" \
-  "vbroadcasti128 " O "(%[x3],%[k]), %%ymm4\n"                         \
-  "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %[a30], %[a30]\n" \
-  "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %[a31], %[a31]\n"
-#define BITNET_GEMM4_OPERANDS                                                                  \
-  : [a00] "+x"(a16[0][0]), [a01] "+x"(a16[0][1]), [a10] "+x"(a16[1][0]),                      \
-    [a11] "+x"(a16[1][1]), [a20] "+x"(a16[2][0]), [a21] "+x"(a16[2][1]),                      \
-    [a30] "+x"(a16[3][0]), [a31] "+x"(a16[3][1]), [k] "+r"(k)                                 \
-  : [w] "r"(w), [x0] "r"(x), [x1] "r"(x + i), [x2] "r"(x + 2 * i), [x3] "r"(x + 3 * i),       \
-    [ke] "r"(ke64), [pf] "r"(pf), [mask] "x"(mask)                                             \
-  : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "cc", "memory"
-#define BITNET_GEMM4_LOOP(PREFETCH)                                                            \
-  __asm__ volatile("1:\n" PREFETCH " (%[pf],%[k])\n" BITNET_GEMM4_STEP16("0")                 \
-                   BITNET_GEMM4_STEP16("16") BITNET_GEMM4_STEP16("32") BITNET_GEMM4_STEP16("48") \
-                   "add $64, %[k]\n cmp %[ke], %[k]\n jl 1b\n" BITNET_GEMM4_OPERANDS)
-BITNET_AVX2 inline void Avx2Gemm4Columns(const uint8_t* w, const int8_t* x, int64_t i, int64_t k,
-                                         int64_t ke, int64_t ahead_bytes, __m256i mask,
-                                         __m256i a16[4][2]) {
-  const int64_t ke64 = k + ((ke - k) & ~int64_t{63});
-  const uint8_t* pf = w + (ahead_bytes ? ahead_bytes : kPrefetch);
-  if (k < ke64) {
-    if (ahead_bytes) {
-      BITNET_GEMM4_LOOP("prefetcht1");
-    } else {
-      BITNET_GEMM4_LOOP("prefetcht0");
-    }
-  }
-  for (; k < ke; k += 16) __asm__ volatile(BITNET_GEMM4_STEP16("0") BITNET_GEMM4_OPERANDS);
-}
-#undef BITNET_GEMM4_LOOP
-#undef BITNET_GEMM4_OPERANDS
-#undef BITNET_GEMM4_STEP16
-#endif
-
 // AVX2 GEMM block: one packed row by MB tokens. 16 bytes of the row are broadcast to both
 // 128-bit lanes (as in the AVX-512 block above), lane 0 masked to plane 0 (0x03) and lane 1 to
 // plane 1 (0x0c, x4), and the same after one shift by 4 for planes 2 and 3; x[t][k..k+15] is
@@ -196,7 +140,9 @@ BITNET_AVX2 inline void Avx2Gemm4Columns(const uint8_t* w, const int8_t* x, int6
 // run at ~150 GMAC/s even from L1, i.e. core-bound; per 32 MACs they issue 2.63 (Avx2Row<2>)
 // and 2.38 (this, 4 tokens) vector ops against a floor of 2 (maddubs + its add), so no token
 // blocking can give more than ~1.2x. As a loop over a Step16 helper GCC 12 kept a16[][] in
-// memory (0.80-0.87x), hence written inline.
+// memory (0.80-0.87x), hence written inline. Native builds run the 4-token block as the asm of
+// ternary_gemm_asm.h instead (unscaled planes, whole tiles; 1.2-1.3x on Zen 3); the SIMDe builds
+// of the emulated tests run this.
 template <int MB>
 struct Avx2Gemm {
   BITNET_AVX2 static void Run(const Problem& p, int64_t m0, int64_t row, int64_t ahead) {
@@ -211,11 +157,6 @@ struct Avx2Gemm {
       const int64_t ke = std::min(k16, kb + 16 * 16);
       __m256i a16[MB][2];
       for (int t = 0; t < MB; ++t) a16[t][0] = a16[t][1] = _mm256_setzero_si256();
-#if BITNET_TERNARY_ASM
-      if constexpr (MB == 4) {
-        Avx2Gemm4Columns(w, x, i, kb, ke, ahead * i, mask, a16);
-      } else
-#endif
       for (int64_t k = kb; k < ke; k += 16) {
         if ((k & 63) == 0) PrefetchAt(w, k, ahead * i);
         const __m256i b = _mm256_broadcastsi128_si256(
@@ -280,7 +221,8 @@ BITNET_AVX512 inline void RunAvx512VnniGemm(const Problem& p, int64_t r0, int64_
 inline void RunScalar(const Problem& p, int64_t r0, int64_t r1) { RunScalarRows(p, r0, r1); }
 
 #if BITNET_TERNARY_X86
-// M >= kGemmMinMAvx2 on AVX2: 4-token blocks of Avx2Gemm, tile by tile with the next-tile prefetch
+// M >= kGemmMinMAvx2 on AVX2: 4-token blocks (Avx2Gemm4Tile of ternary_gemm_asm.h in native
+// builds, Avx2Gemm in the SIMDe ones), tile by tile with the next-tile prefetch
 // (isa.h; past r1 as on AVX-512), the last m % 4 tokens through Avx2Row (2 + 1: Avx2Gemm<1..3>
 // measured 0.6-0.96x of them).
 constexpr int64_t kGemmMinMAvx2 = 4;
@@ -288,7 +230,11 @@ BITNET_AVX2 inline void RunAvx2Gemm(const Problem& p, int64_t r0, int64_t r1) {
   const int64_t tile = TileRows(p.i, 1), m4 = p.m & ~int64_t{3};
   for (int64_t t0 = r0; t0 < r1; t0 += tile) {
     const int64_t t1 = std::min(r1, t0 + tile);
+#if BITNET_TERNARY_ASM
+    for (int64_t m0 = 0; m0 < m4; m0 += 4) Avx2Gemm4Tile(p, m0, t0, t1, m0 == 0 ? tile : 0, p.r);
+#else
     RunTokens<4, Avx2Gemm>(p, 0, m4, t0, t1, 1, tile, p.r);
+#endif
     if (m4 < p.m) RunTokens<2, Avx2Row>(p, m4, p.m, t0, t1, 1, m4 == 0 ? tile : 0, p.r);
   }
 }

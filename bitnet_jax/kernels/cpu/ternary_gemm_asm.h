@@ -1,0 +1,201 @@
+// The AVX2 GEMM's 4-token block as inline assembly (native builds, BITNET_TERNARY_ASM): every
+// row of a tile for one block of 4 tokens in one asm statement, with the int32 sums of each row
+// written to a small buffer and reduced afterwards. The SIMDe builds of the emulated tests keep
+// the intrinsics of Avx2Gemm (ternary_gemm.h), the same arithmetic in another plane layout.
+//
+// Per 16 columns of a packed row (bytes k..k+15, each holding 4 planes = 4 output rows, 2 bits
+// each): one broadcast of the 16 bytes to both 128-bit lanes, two vpsrlvd with per-lane counts
+// (lanes: 0 / 2 and 4 / 6 bits) and two masks with 0x03 leave planes 0 / 1 in one register and
+// 2 / 3 in the other, UNSCALED (codes 0..2); then per token one broadcast of x[t][k..k+15] and
+// 2 maddubs + 2 adds into two int16 accumulators (4 tokens: 8 accumulators). The planes shared
+// by 4 tokens cost 5 instructions (the intrinsics' plane 1 / 3 masks 0x0c keep the planes x4 at
+// 4: a shift and two masks), but unscaled codes let the int16 sums run 64 maddubs (1024
+// columns: |sum| <= 64 * 2 * 2 * 128 = 32768, the int16 minimum only when every x is -128)
+// before vpmaddwd widens them into the row's int32 sums, against 16 (256 columns) with x4
+// planes.
+//
+// Why asm for the whole tile: GCC 12 kept the accumulators of the intrinsics (and of the
+// previous asm column loop, which was called per 256 columns of one row) in memory between
+// calls, zeroed them with `rep stos` per row, and scheduled the loop ~1.2x slower; per row of
+// 1536 columns that was ~30% on top of the bare loop. Measured (Zen 3, AVX2 only, one thread,
+// in-process alternation with the previous kernel, 41 rounds, median; benchmarks/README.md):
+// weights hot in L1 M = 8 / 128 1.27-1.31x; the large shape's 24 layers from DRAM, M = 8,
+// 1.17-1.29x.
+
+#ifndef BITNET_JAX_KERNELS_CPU_TERNARY_GEMM_ASM_H_
+#define BITNET_JAX_KERNELS_CPU_TERNARY_GEMM_ASM_H_
+
+#include <algorithm>
+#include <cstdint>
+
+#include "isa.h"
+#include "ternary_paths.h"
+
+namespace bitnet_ternary {
+
+#if BITNET_TERNARY_X86 && BITNET_TERNARY_ASM
+
+BITNET_SIMD_WARNINGS_OFF
+
+// clang-format off
+// 16 columns at offset O of the row (see the top of the file); ymm6..13 = tokens 0..3 x planes
+// (0, 1) / (2, 3).
+#define BITNET_G4_STEP16(O)                                               \
+  "vbroadcasti128 " O "(%[w],%[k]), %%ymm1\n"                            \
+  "vpsrlvd %[sh01], %%ymm1, %%ymm0\n"                                    \
+  "vpsrlvd %[sh23], %%ymm1, %%ymm1\n"                                    \
+  "vpand %[mask], %%ymm0, %%ymm0\n"                                      \
+  "vpand %[mask], %%ymm1, %%ymm1\n"                                      \
+  "vbroadcasti128 " O "(%[x0],%[k]), %%ymm4\n"                           \
+  "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %%ymm6, %%ymm6\n"   \
+  "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %%ymm7, %%ymm7\n"   \
+  "vbroadcasti128 " O "(%[x1],%[k]), %%ymm4\n"                           \
+  "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %%ymm8, %%ymm8\n"   \
+  "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %%ymm9, %%ymm9\n"   \
+  "vbroadcasti128 " O "(%[x2],%[k]), %%ymm4\n"                           \
+  "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %%ymm10, %%ymm10\n" \
+  "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %%ymm11, %%ymm11\n" \
+  "vbroadcasti128 " O "(%[x3],%[k]), %%ymm4\n"                           \
+  "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %%ymm12, %%ymm12\n" \
+  "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %%ymm13, %%ymm13\n"
+// Widen int16 accumulator ymmR into the row's int32 sums at byte OFF of acc.
+#define BITNET_G4_FLUSH(R, OFF)                                   \
+  "vpmaddwd %[ones], %%ymm" R ", %%ymm" R "\n"                   \
+  "vpaddd " OFF "(%[acc]), %%ymm" R ", %%ymm" R "\n"             \
+  "vmovdqa %%ymm" R ", " OFF "(%[acc])\n"
+#define BITNET_G4_ZERO(R) "vpxor %%xmm" R ", %%xmm" R ", %%xmm" R "\n"
+// Rows w .. wend (i bytes apart): zero the row's 8 int32 sums; then blocks of up to 1024
+// columns: zero the int16 accumulators, 64 columns per iteration (with one prefetch of pf + k,
+// pf = the row + pfoff), the block's last k % 64 columns 16 at a time, widen; next row.
+#define BITNET_G4_ROWS(PREFETCH)                                                               \
+  __asm__ volatile(                                                                            \
+      "6:\n vpxor %%xmm2, %%xmm2, %%xmm2\n"                                                    \
+      "vmovdqa %%ymm2, (%[acc])\n vmovdqa %%ymm2, 32(%[acc])\n vmovdqa %%ymm2, 64(%[acc])\n"    \
+      "vmovdqa %%ymm2, 96(%[acc])\n vmovdqa %%ymm2, 128(%[acc])\n"                             \
+      "vmovdqa %%ymm2, 160(%[acc])\n vmovdqa %%ymm2, 192(%[acc])\n"                            \
+      "vmovdqa %%ymm2, 224(%[acc])\n"                                                          \
+      "mov %[pfoff], %[pf]\n add %[w], %[pf]\n xor %[k], %[k]\n"                               \
+      "2:\n lea 1024(%[k]), %[kb]\n cmp %[k16], %[kb]\n cmovg %[k16], %[kb]\n"                 \
+      "mov %[kb], %[k64]\n sub %[k], %[k64]\n and $-64, %[k64]\n add %[k], %[k64]\n"           \
+      BITNET_G4_ZERO("6") BITNET_G4_ZERO("7") BITNET_G4_ZERO("8") BITNET_G4_ZERO("9")         \
+      BITNET_G4_ZERO("10") BITNET_G4_ZERO("11") BITNET_G4_ZERO("12") BITNET_G4_ZERO("13")     \
+      "cmp %[k64], %[k]\n jge 4f\n"                                                            \
+      "1:\n" PREFETCH " (%[pf],%[k])\n" BITNET_G4_STEP16("0") BITNET_G4_STEP16("16")           \
+      BITNET_G4_STEP16("32") BITNET_G4_STEP16("48") "add $64, %[k]\n cmp %[k64], %[k]\n jl 1b\n" \
+      "4:\n cmp %[kb], %[k]\n jge 5f\n"                                                        \
+      "3:\n" BITNET_G4_STEP16("0") "add $16, %[k]\n cmp %[kb], %[k]\n jl 3b\n"                 \
+      "5:\n" BITNET_G4_FLUSH("6", "0") BITNET_G4_FLUSH("7", "32") BITNET_G4_FLUSH("8", "64")   \
+      BITNET_G4_FLUSH("9", "96") BITNET_G4_FLUSH("10", "128") BITNET_G4_FLUSH("11", "160")     \
+      BITNET_G4_FLUSH("12", "192") BITNET_G4_FLUSH("13", "224")                                \
+      "cmp %[k16], %[k]\n jl 2b\n"                                                             \
+      "add %[i], %[w]\n add $256, %[acc]\n cmp %[wend], %[w]\n jb 6b\n"                        \
+      : [k] "=&r"(k), [kb] "=&r"(kb), [k64] "=&r"(k64), [pf] "=&r"(pf), [w] "+r"(w),           \
+        [acc] "+r"(acc)                                                                        \
+      : [x0] "r"(x), [x1] "r"(x + i), [x2] "r"(x + 2 * i), [x3] "r"(x + 3 * i),                \
+        [k16] "m"(k16), [i] "m"(i), [wend] "m"(wend), [pfoff] "m"(pfoff), [mask] "x"(mask),    \
+        [sh01] "x"(sh01), [sh23] "x"(sh23), [ones] "m"(ones)                                   \
+      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",       \
+        "xmm11", "xmm12", "xmm13", "cc", "memory")
+// clang-format on
+
+// n >= 1 packed rows from w (i bytes apart) by the 4 tokens x, x + i, x + 2i, x + 3i over
+// columns [0, k16), k16 > 0 a multiple of 16: the 8 int32 sums of row j go to acc[8j..8j+7]
+// (token t: planes (0, 1) at 2t, (2, 3) at 2t + 1; lane j of a plane = 4 partial sums). Prefetch
+// per 64 columns: pfoff bytes ahead of the row, to L2 (l2: the next tile) or L1.
+BITNET_AVX2 inline void Avx2Gemm4Rows(const uint8_t* w, int64_t n, const int8_t* x, int64_t i,
+                                      int64_t k16, int64_t pfoff, bool l2, __m256i* acc) {
+  const __m256i mask = _mm256_set1_epi8(0x03), ones = _mm256_set1_epi16(1);
+  const __m256i sh01 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
+  const __m256i sh23 = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);
+  const uint8_t* wend = w + n * i;
+  const uint8_t* pf;
+  int64_t k, kb, k64;
+  if (l2) {
+    BITNET_G4_ROWS("prefetcht1");
+  } else {
+    BITNET_G4_ROWS("prefetcht0");
+  }
+}
+#undef BITNET_G4_ROWS
+#undef BITNET_G4_ZERO
+#undef BITNET_G4_FLUSH
+#undef BITNET_G4_STEP16
+
+// Row `row`'s outputs for tokens m0..m0+3 from its 8 int32 sums (Avx2Gemm4Rows), the columns
+// past the last 16 added from the codes.
+BITNET_AVX2 inline void Avx2Gemm4Finish(const Problem& p, int64_t m0, int64_t row,
+                                        const __m256i acc[8]) {
+  const int64_t i = p.i, k16 = i & ~int64_t{15};
+  if (k16 < i) {
+    for (int t = 0; t < 4; ++t) {
+      // h = plane sums (0, 0, 2, 2 | 1, 1, 3, 3), q = (0, 2, 1, 3)
+      const __m256i h = _mm256_hadd_epi32(acc[2 * t], acc[2 * t + 1]);
+      const __m128i q = _mm_hadd_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+      alignas(16) int32_t s[4];
+      _mm_store_si128(reinterpret_cast<__m128i*>(s), _mm_shuffle_epi32(q, 0xd8));
+      CodeDotTail(p.w + row * i, p.x + (m0 + t) * i, k16, i, s);
+      StoreRow(p, m0 + t, row, s);
+    }
+    return;
+  }
+  // Lane 0 of g01: (t0 p0, t0 p2, t1 p0, t1 p2), lane 1: (t0 p1, t0 p3, t1 p1, t1 p3); g23 the
+  // same for tokens 2 and 3.
+  const __m256i g01 =
+      _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0], acc[1]), _mm256_hadd_epi32(acc[2], acc[3]));
+  const __m256i g23 =
+      _mm256_hadd_epi32(_mm256_hadd_epi32(acc[4], acc[5]), _mm256_hadd_epi32(acc[6], acc[7]));
+  const int32_t* xs = p.xsum + m0;
+  alignas(32) int32_t s[16];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(s),
+                     _mm256_sub_epi32(g01, _mm256_setr_epi32(xs[0], xs[0], xs[1], xs[1], xs[0],
+                                                             xs[0], xs[1], xs[1])));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(s + 8),
+                     _mm256_sub_epi32(g23, _mm256_setr_epi32(xs[2], xs[2], xs[3], xs[3], xs[2],
+                                                             xs[2], xs[3], xs[3])));
+  const int64_t r = p.r;
+  for (int h = 0; h < 2; ++h) {  // tokens 2h and 2h + 1
+    int32_t* o0 = p.out + (m0 + 2 * h) * 4 * r + row;
+    int32_t* o1 = o0 + 4 * r;
+    const int32_t* q = s + 8 * h;
+    o0[0] = q[0];
+    o0[r] = q[4];
+    o0[2 * r] = q[1];
+    o0[3 * r] = q[5];
+    o1[0] = q[2];
+    o1[r] = q[6];
+    o1[2 * r] = q[3];
+    o1[3 * r] = q[7];
+  }
+}
+
+// Rows [t0, t1) of a tile for tokens m0..m0+3 (the RunTokens step of ternary_gemm.h, whole
+// tile at once): with ahead > 0, rows up to lim - ahead also prefetch the row `ahead` further
+// on (the next tile) to L2, as RunTokens does; the others prefetch within the row to L1.
+BITNET_AVX2 inline void Avx2Gemm4Tile(const Problem& p, int64_t m0, int64_t t0, int64_t t1,
+                                      int64_t ahead, int64_t lim) {
+  constexpr int64_t kRows = 32;  // rows per asm call: 8 KB of int32 sums on the stack
+  alignas(32) __m256i acc[8 * kRows];
+  const int64_t i = p.i, k16 = i & ~int64_t{15};
+  const int8_t* x = p.x + m0 * i;
+  const int64_t split = ahead ? std::max(t0, std::min(t1, lim - ahead)) : t0;
+  for (int64_t c0 = t0; c0 < t1; c0 += kRows) {
+    const int64_t c1 = std::min(t1, c0 + kRows), c2 = std::clamp(split, c0, c1);
+    if (k16 == 0) {
+      std::fill(acc, acc + 8 * (c1 - c0), _mm256_setzero_si256());
+    } else {
+      if (c2 > c0) Avx2Gemm4Rows(p.w + c0 * i, c2 - c0, x, i, k16, ahead * i, true, acc);
+      if (c1 > c2) {
+        Avx2Gemm4Rows(p.w + c2 * i, c1 - c2, x, i, k16, kPrefetch, false, acc + 8 * (c2 - c0));
+      }
+    }
+    for (int64_t row = c0; row < c1; ++row) Avx2Gemm4Finish(p, m0, row, acc + 8 * (row - c0));
+  }
+}
+
+BITNET_SIMD_WARNINGS_ON
+
+#endif  // BITNET_TERNARY_X86 && BITNET_TERNARY_ASM
+
+}  // namespace bitnet_ternary
+
+#endif  // BITNET_JAX_KERNELS_CPU_TERNARY_GEMM_ASM_H_
