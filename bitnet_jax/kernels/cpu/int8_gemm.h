@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "int8_asm.h"
 #include "int8_cpu.h"
 #include "isa.h"
 
@@ -126,6 +127,9 @@ inline void RunScalar(const Int8Problem& p, int64_t r0, int64_t r1) {
 
 #if BITNET_TERNARY_X86
 BITNET_AVX2 inline void RunAvx2(const Int8Problem& p, int64_t r0, int64_t r1) {
+#if BITNET_TERNARY_ASM
+  if (p.m >= 8) return RunAvx2Int8Asm(p, r0, r1);  // int8_asm.h: 8-token blocks as asm
+#endif
   RunAvx2Int8Rows(p, r0, r1);
 }
 #if BITNET_TERNARY_AVXVNNI
