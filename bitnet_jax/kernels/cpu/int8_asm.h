@@ -113,8 +113,7 @@ inline void InterleaveInt8(const Int8Problem& p, int64_t m0, int64_t kv, int8_t*
 // the first block prefetching the next tile to L2), the last M % 8 tokens through Avx2Int8Row.
 BITNET_AVX2 inline void RunAvx2Int8Asm(const Int8Problem& p, int64_t r0, int64_t r1) {
   const int64_t i = p.i, kv = i & ~int64_t{31}, m8 = p.m & ~int64_t{7};
-  thread_local std::vector<int8_t> buffer;
-  buffer.resize(std::max<int64_t>(m8 / 8 * kv * 16, 1));
+  std::vector<int8_t> buffer(std::max<int64_t>(m8 * kv * 2, 1));  // freed after the call
   for (int64_t m0 = 0; m0 < m8; m0 += 8) InterleaveInt8(p, m0, kv, buffer.data() + m0 * kv * 2);
   const int64_t tile = p.m <= 8 ? std::max<int64_t>(r1 - r0, 1) : TileRows(i, 1);
   alignas(32) __m256i acc[8];
