@@ -43,8 +43,8 @@
 #define BITNET_AVX2 __attribute__((target("avx2")))
 #define BITNET_AVXVNNI __attribute__((target("avx2,avxvnni")))
 #define BITNET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
-// x86 inline assembly where a kernel's inner loop has one (ternary_gemm.h): native builds only,
-// not the SIMDe builds of the emulated tests, which exercise the intrinsics instead.
+// x86 inline assembly where a kernel has one (ternary_gemm_asm.h, int8_asm.h): native builds
+// only, not the SIMDe builds of the emulated tests, which exercise the intrinsics instead.
 #define BITNET_TERNARY_ASM 1
 // AMX-INT8 (ternary_amx.h): native Linux builds with AVX-VNNI's compilers only (not the SIMDe
 // builds of the emulated tests, which define the attributes above themselves: SIMDe has no AMX;
