@@ -141,8 +141,8 @@ struct Avx512Gemm4 {
 // and 2.38 (this, 4 tokens) vector ops against a floor of 2 (maddubs + its add), so no token
 // blocking can give more than ~1.2x. As a loop over a Step16 helper GCC 12 kept a16[][] in
 // memory (0.80-0.87x), hence written inline. Native builds run the 4-token block as the asm of
-// ternary_gemm_asm.h instead (unscaled planes, whole tiles; 1.2-1.3x on Zen 3); the SIMDe builds
-// of the emulated tests run this.
+// ternary_gemm_asm.h instead (Avx2GemmBlock below: unscaled planes; 1.2-1.3x on Zen 3); the
+// SIMDe builds of the emulated tests run this.
 template <int MB>
 struct Avx2Gemm {
   BITNET_AVX2 static void Run(const Problem& p, int64_t m0, int64_t row, int64_t ahead) {
@@ -188,6 +188,18 @@ struct Avx2Gemm {
   }
 };
 
+// The AVX2 GEMM's token block: native builds run 4 tokens as the asm of ternary_gemm_asm.h,
+// the SIMDe builds (and any other block size) the intrinsics above.
+template <int MB>
+struct Avx2GemmBlock {
+  BITNET_AVX2 static void Run(const Problem& p, int64_t m0, int64_t row, int64_t ahead) {
+#if BITNET_TERNARY_ASM
+    if constexpr (MB == 4) return Avx2Gemm4Asm(p, m0, row, ahead);
+#endif
+    Avx2Gemm<MB>::Run(p, m0, row, ahead);
+  }
+};
+
 BITNET_SIMD_WARNINGS_ON
 
 // Columns up to which the plane-scaled sums stay exact (see the top of the file).
@@ -221,20 +233,15 @@ BITNET_AVX512 inline void RunAvx512VnniGemm(const Problem& p, int64_t r0, int64_
 inline void RunScalar(const Problem& p, int64_t r0, int64_t r1) { RunScalarRows(p, r0, r1); }
 
 #if BITNET_TERNARY_X86
-// M >= kGemmMinMAvx2 on AVX2: 4-token blocks (Avx2Gemm4Tile of ternary_gemm_asm.h in native
-// builds, Avx2Gemm in the SIMDe ones), tile by tile with the next-tile prefetch
-// (isa.h; past r1 as on AVX-512), the last m % 4 tokens through Avx2Row (2 + 1: Avx2Gemm<1..3>
+// M >= kGemmMinMAvx2 on AVX2: 4-token blocks of Avx2GemmBlock, tile by tile with the next-tile
+// prefetch (isa.h; past r1 as on AVX-512), the last m % 4 tokens through Avx2Row (2 + 1: Avx2Gemm<1..3>
 // measured 0.6-0.96x of them).
 constexpr int64_t kGemmMinMAvx2 = 4;
 BITNET_AVX2 inline void RunAvx2Gemm(const Problem& p, int64_t r0, int64_t r1) {
   const int64_t tile = TileRows(p.i, 1), m4 = p.m & ~int64_t{3};
   for (int64_t t0 = r0; t0 < r1; t0 += tile) {
     const int64_t t1 = std::min(r1, t0 + tile);
-#if BITNET_TERNARY_ASM
-    for (int64_t m0 = 0; m0 < m4; m0 += 4) Avx2Gemm4Tile(p, m0, t0, t1, m0 == 0 ? tile : 0, p.r);
-#else
-    RunTokens<4, Avx2Gemm>(p, 0, m4, t0, t1, 1, tile, p.r);
-#endif
+    RunTokens<4, Avx2GemmBlock>(p, 0, m4, t0, t1, 1, tile, p.r);
     if (m4 < p.m) RunTokens<2, Avx2Row>(p, m4, p.m, t0, t1, 1, m4 == 0 ? tile : 0, p.r);
   }
 }

@@ -1,7 +1,8 @@
-// The AVX2 GEMM's 4-token block as inline assembly (native builds, BITNET_TERNARY_ASM): every
-// row of a tile for one block of 4 tokens in one asm statement, with the int32 sums of each row
-// written to a small buffer and reduced afterwards. The SIMDe builds of the emulated tests keep
-// the intrinsics of Avx2Gemm (ternary_gemm.h), the same arithmetic in another plane layout.
+// The AVX2 GEMM's 4-token block as inline assembly (native builds, BITNET_TERNARY_ASM): one
+// packed row for 4 tokens in one asm statement, its int32 sums then reduced with vector hadds
+// (a step of isa.h's RunTokens, as the intrinsics' block is). The SIMDe builds of the emulated
+// tests keep the intrinsics of Avx2Gemm (ternary_gemm.h), the same arithmetic in another plane
+// layout.
 //
 // Per 16 columns of a packed row (bytes k..k+15, each holding 4 planes = 4 output rows, 2 bits
 // each): one broadcast of the 16 bytes to both 128-bit lanes, two vpsrlvd with per-lane counts
@@ -14,7 +15,7 @@
 // before vpmaddwd widens them into the row's int32 sums, against 16 (256 columns) with x4
 // planes.
 //
-// Why asm for the whole tile: GCC 12 kept the accumulators of the intrinsics (and of the
+// Why asm for the whole row: GCC 12 kept the accumulators of the intrinsics (and of the
 // previous asm column loop, which was called per 256 columns of one row) in memory between
 // calls, zeroed them with `rep stos` per row, and scheduled the loop ~1.2x slower; per row of
 // 1536 columns that was ~30% on top of the bare loop. Measured (Zen 3, AVX2 only, one thread,
@@ -64,21 +65,21 @@ BITNET_SIMD_WARNINGS_OFF
   "vpaddd " OFF "(%[acc]), %%ymm" R ", %%ymm" R "\n"             \
   "vmovdqa %%ymm" R ", " OFF "(%[acc])\n"
 #define BITNET_G4_ZERO(R) "vpxor %%xmm" R ", %%xmm" R ", %%xmm" R "\n"
-// Rows w .. wend (i bytes apart): zero the row's 8 int32 sums; then blocks of up to 1024
-// columns: zero the int16 accumulators, 64 columns per iteration (with one prefetch of pf + k,
-// pf = the row + pfoff), the block's last k % 64 columns 16 at a time, widen; next row.
-#define BITNET_G4_ROWS(PREFETCH)                                                               \
+// Row w: zero its 8 int32 sums; then blocks of up to 1024 columns: zero the int16
+// accumulators, 64 columns per iteration (with one prefetch of pf + k, pf = w + pfoff), the
+// block's last k % 64 columns 16 at a time, widen.
+#define BITNET_G4_ROW(PREFETCH)                                                                \
   __asm__ volatile(                                                                            \
-      "6:\n vpxor %%xmm2, %%xmm2, %%xmm2\n"                                                    \
-      "vmovdqa %%ymm2, (%[acc])\n vmovdqa %%ymm2, 32(%[acc])\n vmovdqa %%ymm2, 64(%[acc])\n"    \
+      "vpxor %%xmm2, %%xmm2, %%xmm2\n"                                                         \
+      "vmovdqa %%ymm2, (%[acc])\n vmovdqa %%ymm2, 32(%[acc])\n vmovdqa %%ymm2, 64(%[acc])\n"   \
       "vmovdqa %%ymm2, 96(%[acc])\n vmovdqa %%ymm2, 128(%[acc])\n"                             \
       "vmovdqa %%ymm2, 160(%[acc])\n vmovdqa %%ymm2, 192(%[acc])\n"                            \
       "vmovdqa %%ymm2, 224(%[acc])\n"                                                          \
-      "mov %[pfoff], %[pf]\n add %[w], %[pf]\n xor %[k], %[k]\n"                               \
+      "xor %[k], %[k]\n"                                                                       \
       "2:\n lea 1024(%[k]), %[kb]\n cmp %[k16], %[kb]\n cmovg %[k16], %[kb]\n"                 \
       "mov %[kb], %[k64]\n sub %[k], %[k64]\n and $-64, %[k64]\n add %[k], %[k64]\n"           \
-      BITNET_G4_ZERO("6") BITNET_G4_ZERO("7") BITNET_G4_ZERO("8") BITNET_G4_ZERO("9")         \
-      BITNET_G4_ZERO("10") BITNET_G4_ZERO("11") BITNET_G4_ZERO("12") BITNET_G4_ZERO("13")     \
+      BITNET_G4_ZERO("6") BITNET_G4_ZERO("7") BITNET_G4_ZERO("8") BITNET_G4_ZERO("9")          \
+      BITNET_G4_ZERO("10") BITNET_G4_ZERO("11") BITNET_G4_ZERO("12") BITNET_G4_ZERO("13")      \
       "cmp %[k64], %[k]\n jge 4f\n"                                                            \
       "1:\n" PREFETCH " (%[pf],%[k])\n" BITNET_G4_STEP16("0") BITNET_G4_STEP16("16")           \
       BITNET_G4_STEP16("32") BITNET_G4_STEP16("48") "add $64, %[k]\n cmp %[k64], %[k]\n jl 1b\n" \
@@ -88,40 +89,36 @@ BITNET_SIMD_WARNINGS_OFF
       BITNET_G4_FLUSH("9", "96") BITNET_G4_FLUSH("10", "128") BITNET_G4_FLUSH("11", "160")     \
       BITNET_G4_FLUSH("12", "192") BITNET_G4_FLUSH("13", "224")                                \
       "cmp %[k16], %[k]\n jl 2b\n"                                                             \
-      "add %[i], %[w]\n add $256, %[acc]\n cmp %[wend], %[w]\n jb 6b\n"                        \
-      : [k] "=&r"(k), [kb] "=&r"(kb), [k64] "=&r"(k64), [pf] "=&r"(pf), [w] "+r"(w),           \
-        [acc] "+r"(acc)                                                                        \
-      : [x0] "r"(x), [x1] "r"(x + i), [x2] "r"(x + 2 * i), [x3] "r"(x + 3 * i),                \
-        [k16] "m"(k16), [i] "m"(i), [wend] "m"(wend), [pfoff] "m"(pfoff), [mask] "x"(mask),    \
+      : [k] "=&r"(k), [kb] "=&r"(kb), [k64] "=&r"(k64)                                         \
+      : [w] "r"(w), [x0] "r"(x), [x1] "r"(x + i), [x2] "r"(x + 2 * i), [x3] "r"(x + 3 * i),    \
+        [k16] "r"(k16), [pf] "r"(w + pfoff), [acc] "r"(acc), [mask] "x"(mask),                 \
         [sh01] "x"(sh01), [sh23] "x"(sh23), [ones] "m"(ones)                                   \
       : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",       \
         "xmm11", "xmm12", "xmm13", "cc", "memory")
 // clang-format on
 
-// n >= 1 packed rows from w (i bytes apart) by the 4 tokens x, x + i, x + 2i, x + 3i over
-// columns [0, k16), k16 > 0 a multiple of 16: the 8 int32 sums of row j go to acc[8j..8j+7]
-// (token t: planes (0, 1) at 2t, (2, 3) at 2t + 1; lane j of a plane = 4 partial sums). Prefetch
-// per 64 columns: pfoff bytes ahead of the row, to L2 (l2: the next tile) or L1.
-BITNET_AVX2 inline void Avx2Gemm4Rows(const uint8_t* w, int64_t n, const int8_t* x, int64_t i,
-                                      int64_t k16, int64_t pfoff, bool l2, __m256i* acc) {
+// Packed row w by the 4 tokens x, x + i, x + 2i, x + 3i over columns [0, k16), k16 > 0 a
+// multiple of 16: its 8 int32 sums to acc (token t: planes (0, 1) at 2t, (2, 3) at 2t + 1; lane
+// j of a plane = 4 partial sums). Prefetch per 64 columns: pfoff bytes ahead of the row, to L2
+// (l2: the next tile) or L1.
+BITNET_AVX2 inline void Avx2Gemm4Row(const uint8_t* w, const int8_t* x, int64_t i, int64_t k16,
+                                     int64_t pfoff, bool l2, __m256i acc[8]) {
   const __m256i mask = _mm256_set1_epi8(0x03), ones = _mm256_set1_epi16(1);
   const __m256i sh01 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
   const __m256i sh23 = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);
-  const uint8_t* wend = w + n * i;
-  const uint8_t* pf;
   int64_t k, kb, k64;
   if (l2) {
-    BITNET_G4_ROWS("prefetcht1");
+    BITNET_G4_ROW("prefetcht1");
   } else {
-    BITNET_G4_ROWS("prefetcht0");
+    BITNET_G4_ROW("prefetcht0");
   }
 }
-#undef BITNET_G4_ROWS
+#undef BITNET_G4_ROW
 #undef BITNET_G4_ZERO
 #undef BITNET_G4_FLUSH
 #undef BITNET_G4_STEP16
 
-// Row `row`'s outputs for tokens m0..m0+3 from its 8 int32 sums (Avx2Gemm4Rows), the columns
+// Row `row`'s outputs for tokens m0..m0+3 from its 8 int32 sums (Avx2Gemm4Row), the columns
 // past the last 16 added from the codes.
 BITNET_AVX2 inline void Avx2Gemm4Finish(const Problem& p, int64_t m0, int64_t row,
                                         const __m256i acc[8]) {
@@ -168,28 +165,19 @@ BITNET_AVX2 inline void Avx2Gemm4Finish(const Problem& p, int64_t m0, int64_t ro
   }
 }
 
-// Rows [t0, t1) of a tile for tokens m0..m0+3 (the RunTokens step of ternary_gemm.h, whole
-// tile at once): with ahead > 0, rows up to lim - ahead also prefetch the row `ahead` further
-// on (the next tile) to L2, as RunTokens does; the others prefetch within the row to L1.
-BITNET_AVX2 inline void Avx2Gemm4Tile(const Problem& p, int64_t m0, int64_t t0, int64_t t1,
-                                      int64_t ahead, int64_t lim) {
-  constexpr int64_t kRows = 32;  // rows per asm call: 8 KB of int32 sums on the stack
-  alignas(32) __m256i acc[8 * kRows];
+// Packed row `row` for tokens m0..m0+3, a step of RunTokens (ternary_gemm.h, Avx2GemmAsm):
+// with ahead > 0 it also prefetches the row `ahead` further on (the next tile) to L2, else
+// within the row to L1, as the intrinsics do (isa.h PrefetchAt).
+BITNET_AVX2 inline void Avx2Gemm4Asm(const Problem& p, int64_t m0, int64_t row, int64_t ahead) {
   const int64_t i = p.i, k16 = i & ~int64_t{15};
-  const int8_t* x = p.x + m0 * i;
-  const int64_t split = ahead ? std::max(t0, std::min(t1, lim - ahead)) : t0;
-  for (int64_t c0 = t0; c0 < t1; c0 += kRows) {
-    const int64_t c1 = std::min(t1, c0 + kRows), c2 = std::clamp(split, c0, c1);
-    if (k16 == 0) {
-      std::fill(acc, acc + 8 * (c1 - c0), _mm256_setzero_si256());
-    } else {
-      if (c2 > c0) Avx2Gemm4Rows(p.w + c0 * i, c2 - c0, x, i, k16, ahead * i, true, acc);
-      if (c1 > c2) {
-        Avx2Gemm4Rows(p.w + c2 * i, c1 - c2, x, i, k16, kPrefetch, false, acc + 8 * (c2 - c0));
-      }
-    }
-    for (int64_t row = c0; row < c1; ++row) Avx2Gemm4Finish(p, m0, row, acc + 8 * (row - c0));
+  alignas(32) __m256i acc[8];
+  if (k16 > 0) {
+    Avx2Gemm4Row(p.w + row * i, p.x + m0 * i, i, k16, ahead ? ahead * i : kPrefetch, ahead != 0,
+                 acc);
+  } else {
+    std::fill(acc, acc + 8, _mm256_setzero_si256());
   }
+  Avx2Gemm4Finish(p, m0, row, acc);
 }
 
 BITNET_SIMD_WARNINGS_ON
