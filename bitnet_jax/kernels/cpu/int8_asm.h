@@ -26,35 +26,25 @@ namespace bitnet_ternary {
 BITNET_SIMD_WARNINGS_OFF
 
 // clang-format off
-// One token's step over 32 columns: x at byte XOFF of the buffer, |x| at AOFF; temps ymmA,
-// ymmB; accumulator ymmACC.
-#define BITNET_I8_TOKEN(XOFF, AOFF, A, B, ACC)          \
-  "vpsignb " XOFF "(%[xb]), %%ymm0, %%ymm" A "\n"      \
-  "vmovdqu " AOFF "(%[xb]), %%ymm" B "\n"              \
-  "vpmaddubsw %%ymm" A ", %%ymm" B ", %%ymm" B "\n"    \
-  "vpmaddwd %%ymm1, %%ymm" B ", %%ymm" B "\n"          \
+// Token T's step over 32 columns: x at byte XO + 32 T of the buffer, |x| at XO + 256 + 32 T
+// (the assembler adds the offsets); temps ymmA, ymmB; accumulator ymmACC.
+#define BITNET_I8_TOKEN(XO, T, A, B, ACC)                          \
+  "vpsignb " XO "+32*" T "(%[xb]), %%ymm0, %%ymm" A "\n"          \
+  "vmovdqu " XO "+256+32*" T "(%[xb]), %%ymm" B "\n"              \
+  "vpmaddubsw %%ymm" A ", %%ymm" B ", %%ymm" B "\n"               \
+  "vpmaddwd %%ymm1, %%ymm" B ", %%ymm" B "\n"                     \
   "vpaddd %%ymm" B ", %%ymm" ACC ", %%ymm" ACC "\n"
-// 32 columns of the row (w + k) against the 8 tokens, at the buffer's first / second 512 bytes.
-#define BITNET_I8_STEP32_0 \
-  "vmovdqu 0(%[w],%[k]), %%ymm0\n" \
-  BITNET_I8_TOKEN("0", "256", "2", "3", "8") \
-  BITNET_I8_TOKEN("32", "288", "4", "5", "9") \
-  BITNET_I8_TOKEN("64", "320", "2", "3", "10") \
-  BITNET_I8_TOKEN("96", "352", "4", "5", "11") \
-  BITNET_I8_TOKEN("128", "384", "2", "3", "12") \
-  BITNET_I8_TOKEN("160", "416", "4", "5", "13") \
-  BITNET_I8_TOKEN("192", "448", "2", "3", "14") \
-  BITNET_I8_TOKEN("224", "480", "4", "5", "15")
-#define BITNET_I8_STEP32_1 \
-  "vmovdqu 32(%[w],%[k]), %%ymm0\n" \
-  BITNET_I8_TOKEN("512", "768", "2", "3", "8") \
-  BITNET_I8_TOKEN("544", "800", "4", "5", "9") \
-  BITNET_I8_TOKEN("576", "832", "2", "3", "10") \
-  BITNET_I8_TOKEN("608", "864", "4", "5", "11") \
-  BITNET_I8_TOKEN("640", "896", "2", "3", "12") \
-  BITNET_I8_TOKEN("672", "928", "4", "5", "13") \
-  BITNET_I8_TOKEN("704", "960", "2", "3", "14") \
-  BITNET_I8_TOKEN("736", "992", "4", "5", "15")
+// 32 columns of the row (w + k + WO) against the 8 tokens, from the buffer's bytes XO..XO+511.
+#define BITNET_I8_STEP32(WO, XO)                                   \
+  "vmovdqu " WO "(%[w],%[k]), %%ymm0\n"                           \
+  BITNET_I8_TOKEN(XO, "0", "2", "3", "8")                          \
+  BITNET_I8_TOKEN(XO, "1", "4", "5", "9")                          \
+  BITNET_I8_TOKEN(XO, "2", "2", "3", "10")                         \
+  BITNET_I8_TOKEN(XO, "3", "4", "5", "11")                         \
+  BITNET_I8_TOKEN(XO, "4", "2", "3", "12")                         \
+  BITNET_I8_TOKEN(XO, "5", "4", "5", "13")                         \
+  BITNET_I8_TOKEN(XO, "6", "2", "3", "14")                         \
+  BITNET_I8_TOKEN(XO, "7", "4", "5", "15")
 // One row over columns [0, kv): 64 columns per iteration with one prefetch of pf + k, then the
 // last 32 if any; the 8 int32 accumulators to acc.
 #define BITNET_I8_ROW(PREFETCH)                                                                \
@@ -65,9 +55,9 @@ BITNET_SIMD_WARNINGS_OFF
       "vpxor %%xmm14, %%xmm14, %%xmm14\n vpxor %%xmm15, %%xmm15, %%xmm15\n"                    \
       "vmovdqu %[ones], %%ymm1\n xor %[k], %[k]\n"                                             \
       "cmp %[kv64], %[k]\n jge 2f\n"                                                           \
-      "1:\n" PREFETCH " (%[pf],%[k])\n" BITNET_I8_STEP32_0 BITNET_I8_STEP32_1       \
+      "1:\n" PREFETCH " (%[pf],%[k])\n" BITNET_I8_STEP32("0", "0") BITNET_I8_STEP32("32", "512") \
       "add $64, %[k]\n add $1024, %[xb]\n cmp %[kv64], %[k]\n jl 1b\n"                         \
-      "2:\n cmp %[kv], %[k]\n jge 3f\n" BITNET_I8_STEP32_0 "3:\n"                          \
+      "2:\n cmp %[kv], %[k]\n jge 3f\n" BITNET_I8_STEP32("0", "0") "3:\n"                      \
       "vmovdqu %%ymm8, (%[acc])\n vmovdqu %%ymm9, 32(%[acc])\n vmovdqu %%ymm10, 64(%[acc])\n"  \
       "vmovdqu %%ymm11, 96(%[acc])\n vmovdqu %%ymm12, 128(%[acc])\n"                           \
       "vmovdqu %%ymm13, 160(%[acc])\n vmovdqu %%ymm14, 192(%[acc])\n"                          \
@@ -94,8 +84,7 @@ BITNET_AVX2 inline void Avx2Int8Row8(const int8_t* w, const int8_t* xb, int64_t 
   }
 }
 #undef BITNET_I8_ROW
-#undef BITNET_I8_STEP32_0
-#undef BITNET_I8_STEP32_1
+#undef BITNET_I8_STEP32
 #undef BITNET_I8_TOKEN
 
 // x and |x| of tokens m0..m0+7 over columns [0, kv) interleaved as Avx2Int8Row8 reads them.
@@ -108,34 +97,47 @@ inline void InterleaveInt8(const Int8Problem& p, int64_t m0, int64_t kv, int8_t*
   }
 }
 
-// Rows [r0, r1) for every token, M >= 8: blocks of 8 tokens through the asm, tile by tile as
-// RunTiled<8, Avx2Int8Row> runs them (isa.h: one pass over the rows when M = 8, else tiles with
-// the first block prefetching the next tile to L2), the last M % 8 tokens through Avx2Int8Row.
-BITNET_AVX2 inline void RunAvx2Int8Asm(const Int8Problem& p, int64_t r0, int64_t r1) {
-  const int64_t i = p.i, kv = i & ~int64_t{31}, m8 = p.m & ~int64_t{7};
-  std::vector<int8_t> buffer(std::max<int64_t>(m8 * kv * 2, 1));  // freed after the call
-  for (int64_t m0 = 0; m0 < m8; m0 += 8) InterleaveInt8(p, m0, kv, buffer.data() + m0 * kv * 2);
-  const int64_t tile = p.m <= 8 ? std::max<int64_t>(r1 - r0, 1) : TileRows(i, 1);
-  alignas(32) __m256i acc[8];
-  for (int64_t t0 = r0; t0 < r1; t0 += tile) {
-    const int64_t t1 = std::min(r1, t0 + tile);
-    for (int64_t m0 = 0; m0 < m8; m0 += 8) {
-      const int64_t ahead = m0 == 0 ? tile : 0;
-      for (int64_t row = t0; row < t1; ++row) {
-        const int8_t* w = p.w + row * i;
-        const bool l2 = ahead && row + ahead + 1 <= r1;
-        if (kv > 0) {
-          Avx2Int8Row8(w, buffer.data() + m0 * kv * 2, kv, l2 ? ahead * i : kPrefetch, l2, acc);
-        } else {
-          std::fill(acc, acc + 8, _mm256_setzero_si256());
-        }
-        for (int t = 0; t < 8; ++t) {
-          p.out[(m0 + t) * p.r + row] = Sum8(acc[t]) + Int8DotTail(w, p.x + (m0 + t) * i, kv, i);
-        }
+// The problem with the interleaved buffer of its 8-token blocks (block b at xb + 16 b kv).
+struct Int8AsmProblem : Int8Problem {
+  const int8_t* xb;
+  int64_t kv;  // columns in the buffer: I rounded down to 32
+};
+
+// The RowFn of RunTiled: a block of 8 tokens through the asm, fewer (the last M % 8 tokens)
+// through Avx2Int8Row.
+template <int MB>
+struct Avx2Int8AsmRow {
+  BITNET_AVX2 static void Run(const Int8AsmProblem& p, int64_t m0, int64_t row, int64_t ahead) {
+    if constexpr (MB != 8) {
+      Avx2Int8Row<MB>::Run(p, m0, row, ahead);
+    } else {
+      const int8_t* w = p.w + row * p.i;
+      alignas(32) __m256i acc[8];
+      if (p.kv > 0) {
+        Avx2Int8Row8(w, p.xb + m0 * p.kv * 2, p.kv, ahead ? ahead * p.i : kPrefetch, ahead != 0,
+                     acc);
+      } else {
+        std::fill(acc, acc + 8, _mm256_setzero_si256());
+      }
+      for (int t = 0; t < 8; ++t) {
+        p.out[(m0 + t) * p.r + row] =
+            Sum8(acc[t]) + Int8DotTail(w, p.x + (m0 + t) * p.i, p.kv, p.i);
       }
     }
-    if (m8 < p.m) RunTokens<7, Avx2Int8Row>(p, m8, p.m, t0, t1, 1, 0, r1);
   }
+};
+
+// Rows [r0, r1) for every token, M >= 8: the activations interleaved once per call, then the
+// loop skeleton of isa.h as RunAvx2Int8Rows runs it (RunTiled<8>).
+BITNET_AVX2 inline void RunAvx2Int8Asm(const Int8Problem& p, int64_t r0, int64_t r1) {
+  const int64_t kv = p.i & ~int64_t{31}, m8 = p.m & ~int64_t{7};
+  std::vector<int8_t> buffer(std::max<int64_t>(m8 * kv * 2, 1));  // freed after the call
+  for (int64_t m0 = 0; m0 < m8; m0 += 8) InterleaveInt8(p, m0, kv, buffer.data() + m0 * kv * 2);
+  Int8AsmProblem q;
+  static_cast<Int8Problem&>(q) = p;
+  q.xb = buffer.data();
+  q.kv = kv;
+  RunTiled<8, Avx2Int8AsmRow>(q, r0, r1);
 }
 
 BITNET_SIMD_WARNINGS_ON
