@@ -28,7 +28,8 @@ When the library is not available the two matmuls compute the same result throug
 `ternary_matmul_kernel` and `attention_ffi` raise KernelError, and `attention_usable` is False.
 
 Transformations:
-  * jit: the call is one XLA custom call, multi-threaded on XLA's own intra-op thread pool.
+  * jit: the call is one XLA custom call, run on XLA's thread and on helper threads, one per
+    further core of XLA's pool (ffi_runtime.h).
   * vmap: a `custom_vmap` rule folds batch axes into M (one kernel call for the whole batch).
   * grad: the integer matmuls need none: both operands are integers, so JAX gives them
     symbolic-zero (float0) tangents and never differentiates through the call; gradients of

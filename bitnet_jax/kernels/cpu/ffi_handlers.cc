@@ -10,7 +10,7 @@
 // Built by setup.py against the FFI headers shipped in jaxlib (jax.ffi.include_dir()) into
 // bitnet_jax/kernels/cpu/_ternary_cpu*.so, loaded with ctypes and registered as CPU targets by
 // bitnet_jax/kernels/cpu/library.py (jax-notes §2.2). The handlers check shapes and run the
-// kernels on XLA's thread pool (ffi_runtime.h); the ISA path (isa.h) is one process-wide choice.
+// kernels on several threads (ffi_runtime.h); the ISA path (isa.h) is one process-wide choice.
 
 #include <algorithm>
 #include <atomic>

@@ -1,22 +1,32 @@
-// How the XLA FFI handlers (ffi_handlers.cc) run a kernel on XLA's intra-op thread pool.
+// How the XLA FFI handlers (ffi_handlers.cc) run a kernel on several threads.
 //
-// Each handler takes the pool from the call context, describes its work as rows [0, r) and a
-// function that computes rows [r0, r1), and calls Run(): the chunks of rows are dealt out as one
-// contiguous run per worker, each worker takes its own chunks in order from an atomic cursor and
-// then helps the others from theirs, the calling thread runs one worker itself, and the returned
-// ffi::Future is completed by a CountDownPromise when the last worker finishes. Nothing ever waits
-// on another task, so a pool thread is never blocked (the Eigen-pool deadlock of jax-notes §2.2
-// pitfall 2), and no OpenMP competes with XLA for the cores.
+// Each handler describes its work as rows [0, r) and a function that computes rows [r0, r1), and
+// calls Run(): the chunks of rows are dealt out as one contiguous run per worker, each worker
+// takes its own chunks in order from an atomic cursor and then helps the others from theirs. The
+// calling thread (XLA's) runs worker 0 and this file's helper threads (Helpers) the others, as
+// many as XLA's intra-op pool has threads (the cores the process may use); once every chunk is
+// taken the caller waits only for chunks still running on a helper and returns a ready future.
+// Nothing waits for a thread to start (a helper that starts late finds no chunks left), and
+// helpers never need XLA's pool, so no pool thread can block on another task (the Eigen-pool
+// deadlock of jax-notes §2.2 pitfall 2); no OpenMP competes with XLA for the cores.
 
 #ifndef BITNET_JAX_KERNELS_CPU_FFI_RUNTIME_H_
 #define BITNET_JAX_KERNELS_CPU_FFI_RUNTIME_H_
 
+#include <sched.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -58,7 +68,7 @@ struct Job {
   int64_t r = 0, chunk_rows = 1, num_chunks = 0, workers = 1;
   // Worker w owns chunks [FirstChunk(w), FirstChunk(w + 1)); cursor[w] is the next of them.
   std::unique_ptr<std::atomic<int64_t>[]> cursor;
-  ffi::CountDownPromise done;
+  std::atomic<int64_t> finished{0};  // chunks done
 };
 
 inline int64_t FirstChunk(const Job& job, int64_t w) { return w * job.num_chunks / job.workers; }
@@ -74,10 +84,108 @@ inline void Worker(const std::shared_ptr<Job>& job, int64_t self) {
     for (int64_t c; (c = job->cursor[w].fetch_add(1, std::memory_order_relaxed)) < end;) {
       const int64_t r0 = c * job->chunk_rows;
       job->rows(r0, std::min(job->r, r0 + job->chunk_rows));
+      job->finished.fetch_add(1, std::memory_order_release);
     }
   }
-  job->done.CountDown();
 }
+
+// Helper threads that wait for work by spinning, as llama.cpp's CPU threadpool does (ggml-cpu.c,
+// PR #8672: polling by default "to match OpenMP behavior"): helper w - 1 runs Worker(job, w) for
+// w >= 1 of every parallel call. Handing worker 1 to XLA's Eigen pool instead (pool.Schedule)
+// started it late: on the Zen 3 VM of benchmarks/README.md (M = 8 gate/up product, 2 threads,
+// rdtsc per call) a median 37 us after the call began and in 14% of calls never (the pool thread
+// woke after the caller had done every chunk), so calls ran at 84% of two independent threads;
+// with helpers worker 1 starts after ~2 us, and bitnet-jax bench's batch-8 decode went from
+// 121 / 113 / 129 to 151 / 160 / 144 tok/s (alternating builds; batch 1 unchanged). A helper
+// spins (with a yield every 64 pauses, so that a runnable XLA thread on its core goes first) for
+// kSpin after its last job, then sleeps until the next.
+class Helpers {
+ public:
+  // The helpers of this process (a fork's child starts its own).
+  static Helpers& Get() {
+    static std::atomic<Helpers*> current{nullptr};
+    static std::mutex mu;
+    Helpers* h = current.load(std::memory_order_acquire);
+    if (h != nullptr && h->pid_ == getpid()) return *h;
+    std::lock_guard<std::mutex> lock(mu);
+    h = current.load(std::memory_order_relaxed);
+    if (h == nullptr || h->pid_ != getpid()) {
+      h = new Helpers();  // never freed: detached threads use it until the process exits
+      current.store(h, std::memory_order_release);
+    }
+    return *h;
+  }
+
+  // Worker(job, w) on helper w - 1 for w in [1, job->workers).
+  void Post(const std::shared_ptr<Job>& job) {
+    for (int64_t w = 1; w < job->workers; ++w) {
+      Slot& slot = SlotFor(w - 1);
+      std::lock_guard<std::mutex> lock(slot.mu);
+      slot.jobs.push_back(job);
+      slot.pending.fetch_add(1, std::memory_order_release);
+      if (slot.sleeping) slot.cv.notify_one();
+    }
+  }
+
+  static void Relax() {  // one step of a spin-wait
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+
+ private:
+  static constexpr auto kSpin = std::chrono::milliseconds(2);
+
+  struct Slot {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::deque<std::shared_ptr<Job>> jobs;
+    std::atomic<int64_t> pending{0};
+    bool sleeping = false;
+  };
+
+  Helpers() : pid_(getpid()) {}
+
+  Slot& SlotFor(int64_t k) {
+    std::lock_guard<std::mutex> lock(mu_);
+    while (static_cast<int64_t>(slots_.size()) <= k) {
+      slots_.push_back(std::make_unique<Slot>());
+      std::thread(Loop, slots_.back().get(), static_cast<int64_t>(slots_.size())).detach();
+    }
+    return *slots_[k];
+  }
+
+  // Helper for worker index w: spin for a job, sleep after kSpin without one, run it.
+  static void Loop(Slot* slot, int64_t w) {
+    for (;;) {
+      auto since = std::chrono::steady_clock::now();
+      for (int64_t spins = 1; slot->pending.load(std::memory_order_acquire) == 0; ++spins) {
+        Relax();
+        if (spins % 64 != 0) continue;
+        sched_yield();
+        if (std::chrono::steady_clock::now() - since < kSpin) continue;
+        std::unique_lock<std::mutex> lock(slot->mu);
+        slot->sleeping = true;
+        slot->cv.wait(lock, [slot] { return !slot->jobs.empty(); });
+        slot->sleeping = false;
+      }
+      std::shared_ptr<Job> job;
+      {
+        std::lock_guard<std::mutex> lock(slot->mu);
+        job = std::move(slot->jobs.front());
+        slot->jobs.pop_front();
+        slot->pending.fetch_sub(1, std::memory_order_relaxed);
+      }
+      Worker(job, w);
+    }
+  }
+
+  const pid_t pid_;
+  std::mutex mu_;
+  std::vector<std::unique_ptr<Slot>> slots_;
+};
 
 inline ffi::Future ReadyFuture(ffi::Error error = ffi::Error::Success()) {
   ffi::Promise promise;
@@ -91,8 +199,8 @@ inline ffi::Future ReadyFuture(ffi::Error error = ffi::Error::Success()) {
 }
 
 // Run job->rows over [0, r) in chunks of chunk_rows on the calling thread and, when `work` (about
-// the bytes touched) is big enough, on XLA's pool (Worker above); the calling thread works too
-// instead of waiting. Chunks grown for the pool stay a multiple of `align` rows (chunk_rows must be
+// the bytes touched) is big enough, on the helpers too (Worker above), one worker per thread of
+// XLA's pool. Chunks grown for the pool stay a multiple of `align` rows (chunk_rows must be
 // one already, or cover all r).
 inline ffi::Future Run(ffi::ThreadPool& pool, std::shared_ptr<Job> job, int64_t r,
                        int64_t chunk_rows, int64_t work, int64_t align = 1) {
@@ -115,13 +223,11 @@ inline ffi::Future Run(ffi::ThreadPool& pool, std::shared_ptr<Job> job, int64_t 
   job->workers = workers;
   job->cursor.reset(new std::atomic<int64_t>[workers]);
   for (int64_t w = 0; w < workers; ++w) job->cursor[w].store(FirstChunk(*job, w));
-  job->done = ffi::CountDownPromise(workers);
-  ffi::Future future(job->done);  // before any worker can complete the promise
-  for (int64_t w = 1; w < workers; ++w) {
-    pool.Schedule([job, w] { Worker(job, w); });
-  }
+  Helpers::Get().Post(job);
   Worker(job, 0);
-  return future;
+  // Every chunk is taken now; wait for those still running on helpers (at most one each).
+  while (job->finished.load(std::memory_order_acquire) < job->num_chunks) Helpers::Relax();
+  return ReadyFuture();
 }
 
 // "[2, 3]" for error messages.
