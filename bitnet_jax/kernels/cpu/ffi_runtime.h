@@ -26,6 +26,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -116,10 +117,13 @@ class Helpers {
     return *h;
   }
 
-  // Worker(job, w) on helper w - 1 for w in [1, job->workers).
+  // Worker(job, w) on helper w - 1 for w in [1, job->workers). Without helpers (a thread could
+  // not be started) the caller does every chunk.
   void Post(const std::shared_ptr<Job>& job) {
     for (int64_t w = 1; w < job->workers; ++w) {
-      Slot& slot = SlotFor(w - 1);
+      Slot* found = SlotFor(w - 1);
+      if (found == nullptr) return;
+      Slot& slot = *found;
       std::lock_guard<std::mutex> lock(slot.mu);
       slot.jobs.push_back(job);
       slot.pending.fetch_add(1, std::memory_order_release);
@@ -127,12 +131,13 @@ class Helpers {
     }
   }
 
-  static void Relax() {  // one step of a spin-wait
+  // Step `spins` (from 1) of a spin-wait: a pause, and every 64th a yield, so that a thread
+  // waiting for this core (with fewer cores than threads) runs.
+  static void Relax(int64_t spins) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
-#else
-    std::this_thread::yield();
 #endif
+    if (spins % 64 == 0) sched_yield();
   }
 
  private:
@@ -148,13 +153,18 @@ class Helpers {
 
   Helpers() : pid_(getpid()) {}
 
-  Slot& SlotFor(int64_t k) {
+  Slot* SlotFor(int64_t k) {
     std::lock_guard<std::mutex> lock(mu_);
     while (static_cast<int64_t>(slots_.size()) <= k) {
-      slots_.push_back(std::make_unique<Slot>());
-      std::thread(Loop, slots_.back().get(), static_cast<int64_t>(slots_.size())).detach();
+      auto slot = std::make_unique<Slot>();
+      try {
+        std::thread(Loop, slot.get(), static_cast<int64_t>(slots_.size()) + 1).detach();
+      } catch (const std::system_error&) {
+        return nullptr;
+      }
+      slots_.push_back(std::move(slot));
     }
-    return *slots_[k];
+    return slots_[k].get();
   }
 
   // Helper for worker index w: spin for a job, sleep after kSpin without one, run it.
@@ -162,10 +172,8 @@ class Helpers {
     for (;;) {
       auto since = std::chrono::steady_clock::now();
       for (int64_t spins = 1; slot->pending.load(std::memory_order_acquire) == 0; ++spins) {
-        Relax();
-        if (spins % 64 != 0) continue;
-        sched_yield();
-        if (std::chrono::steady_clock::now() - since < kSpin) continue;
+        Relax(spins);
+        if (spins % 64 != 0 || std::chrono::steady_clock::now() - since < kSpin) continue;
         std::unique_lock<std::mutex> lock(slot->mu);
         slot->sleeping = true;
         slot->cv.wait(lock, [slot] { return !slot->jobs.empty(); });
@@ -226,7 +234,9 @@ inline ffi::Future Run(ffi::ThreadPool& pool, std::shared_ptr<Job> job, int64_t 
   Helpers::Get().Post(job);
   Worker(job, 0);
   // Every chunk is taken now; wait for those still running on helpers (at most one each).
-  while (job->finished.load(std::memory_order_acquire) < job->num_chunks) Helpers::Relax();
+  for (int64_t spins = 1; job->finished.load(std::memory_order_acquire) < job->num_chunks;) {
+    Helpers::Relax(spins++);
+  }
   return ReadyFuture();
 }
 
