@@ -97,9 +97,10 @@ inline void Worker(const std::shared_ptr<Job>& job, int64_t self) {
 // rdtsc per call) a median 37 us after the call began and in 14% of calls never (the pool thread
 // woke after the caller had done every chunk), so calls ran at 84% of two independent threads;
 // with helpers worker 1 starts after ~2 us, and bitnet-jax bench's batch-8 decode went from
-// 121 / 113 / 129 to 151 / 160 / 144 tok/s (alternating builds; batch 1 unchanged). A helper
-// spins (with a yield every 64 pauses, so that a runnable XLA thread on its core goes first) for
-// kSpin after its last job, then sleeps until the next.
+// 121 / 113 / 129 to 151 / 160 / 144 tok/s (alternating builds; 1.12-1.25x over three such
+// series, batch 1 and prefill even within the noise). A helper spins (with a yield every 64 pauses,
+// so that a runnable XLA thread on its core goes first) for kSpin after its last job, then sleeps
+// until the next.
 class Helpers {
  public:
   // The helpers of this process (a fork's child starts its own).
