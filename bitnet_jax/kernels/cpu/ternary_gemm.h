@@ -234,8 +234,8 @@ inline void RunScalar(const Problem& p, int64_t r0, int64_t r1) { RunScalarRows(
 
 #if BITNET_TERNARY_X86
 // M >= kGemmMinMAvx2 on AVX2: 4-token blocks of Avx2GemmBlock, tile by tile with the next-tile
-// prefetch (isa.h; past r1 as on AVX-512), the last m % 4 tokens through Avx2Row (2 + 1: Avx2Gemm<1..3>
-// measured 0.6-0.96x of them).
+// prefetch (isa.h; past r1 as on AVX-512), the last m % 4 tokens through Avx2Row (2 + 1:
+// Avx2Gemm<1..3> measured 0.6-0.96x of them).
 constexpr int64_t kGemmMinMAvx2 = 4;
 BITNET_AVX2 inline void RunAvx2Gemm(const Problem& p, int64_t r0, int64_t r1) {
   const int64_t tile = TileRows(p.i, 1), m4 = p.m & ~int64_t{3};

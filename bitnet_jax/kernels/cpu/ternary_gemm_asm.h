@@ -165,7 +165,7 @@ BITNET_AVX2 inline void Avx2Gemm4Finish(const Problem& p, int64_t m0, int64_t ro
   }
 }
 
-// Packed row `row` for tokens m0..m0+3, a step of RunTokens (ternary_gemm.h, Avx2GemmAsm):
+// Packed row `row` for tokens m0..m0+3, a step of RunTokens (ternary_gemm.h, Avx2GemmBlock):
 // with ahead > 0 it also prefetches the row `ahead` further on (the next tile) to L2, else
 // within the row to L1, as the intrinsics do (isa.h PrefetchAt).
 BITNET_AVX2 inline void Avx2Gemm4Asm(const Problem& p, int64_t m0, int64_t row, int64_t ahead) {
