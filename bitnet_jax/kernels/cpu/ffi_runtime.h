@@ -13,8 +13,8 @@
 #ifndef BITNET_JAX_KERNELS_CPU_FFI_RUNTIME_H_
 #define BITNET_JAX_KERNELS_CPU_FFI_RUNTIME_H_
 
+#include <pthread.h>
 #include <sched.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -103,17 +103,19 @@ inline void Worker(const std::shared_ptr<Job>& job, int64_t self) {
 // until the next.
 class Helpers {
  public:
-  // The helpers of this process (a fork's child starts its own).
+  // The helpers of this process: a fork's child, which has none of the parent's threads, starts
+  // its own (a pthread_atfork handler forgets the parent's; no getpid system call per call).
   static Helpers& Get() {
-    static std::atomic<Helpers*> current{nullptr};
     static std::mutex mu;
-    Helpers* h = current.load(std::memory_order_acquire);
-    if (h != nullptr && h->pid_ == getpid()) return *h;
+    Helpers* h = Current().load(std::memory_order_acquire);
+    if (h != nullptr) return *h;
     std::lock_guard<std::mutex> lock(mu);
-    h = current.load(std::memory_order_relaxed);
-    if (h == nullptr || h->pid_ != getpid()) {
+    h = Current().load(std::memory_order_relaxed);
+    if (h == nullptr) {
+      static bool forgets_on_fork = false;  // the handler is inherited by children
+      if (!forgets_on_fork) forgets_on_fork = !pthread_atfork(nullptr, nullptr, [] { Forget(); });
       h = new Helpers();  // never freed: detached threads use it until the process exits
-      current.store(h, std::memory_order_release);
+      Current().store(h, std::memory_order_release);
     }
     return *h;
   }
@@ -152,7 +154,13 @@ class Helpers {
     bool sleeping = false;
   };
 
-  Helpers() : pid_(getpid()) {}
+  Helpers() = default;
+
+  static std::atomic<Helpers*>& Current() {
+    static std::atomic<Helpers*> current{nullptr};
+    return current;
+  }
+  static void Forget() { Current().store(nullptr, std::memory_order_relaxed); }
 
   Slot* SlotFor(int64_t k) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -191,7 +199,6 @@ class Helpers {
     }
   }
 
-  const pid_t pid_;
   std::mutex mu_;
   std::vector<std::unique_ptr<Slot>> slots_;
 };
