@@ -50,11 +50,21 @@ MODEL_TOL = 1e-4  # max abs error on logits of a whole model in float32
 
 # CI services (GitHub Actions, GitLab, ...) set CI=true; .ci/run may too.
 IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
 # Skip reasons (substrings) that mean the build is broken: outside CI they skip, in CI they fail.
 CI_FATAL_SKIPS = ("CPU FFI extension", "SIMDe headers not found")
 
 TINY_SEED = 0
 TINY_STD = 0.3  # weights large enough that logits are O(1) and argmax is meaningful
+
+
+def random_packed(rng: np.random.Generator, shape) -> np.ndarray:
+    """Packed ternary bytes [..., O/4, I] whose four 2-bit fields are uniform codes in {0, 1, 2}
+    (code 3 is invalid: loaders refuse it, bitlinear.py)."""
+    packed = np.zeros(shape, np.uint8)
+    for j in range(4):
+        packed |= rng.integers(0, 3, shape, dtype=np.uint8) << np.uint8(2 * j)
+    return packed
 
 
 def require_shared(*parts: str) -> Path:

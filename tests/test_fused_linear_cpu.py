@@ -19,6 +19,7 @@ from bitnet_jax.kernels.cpu import ffi as cpu_ffi
 from bitnet_jax.model import bitlinear
 from bitnet_jax.model.policy import Policy
 from bitnet_jax.quant import quantize_activations
+from conftest import random_packed
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "cpu" or not cpu_ffi.available(),
@@ -28,10 +29,7 @@ pytestmark = pytest.mark.skipif(
 
 def _packed(rng, rows: int, i: int, layers: int | None = None) -> jnp.ndarray:
     shape = (rows, i) if layers is None else (layers, rows, i)
-    packed = np.zeros(shape, np.uint8)
-    for j in range(4):
-        packed |= rng.integers(0, 3, shape, dtype=np.uint8) << np.uint8(2 * j)
-    return jnp.asarray(packed)
+    return jnp.asarray(random_packed(rng, shape))
 
 
 def _activations(rng, m: int, i: int) -> jnp.ndarray:

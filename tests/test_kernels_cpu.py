@@ -25,7 +25,7 @@ from bitnet_jax.kernels.cpu import ffi as cpu_ffi
 from bitnet_jax.kernels.cpu import library
 from bitnet_jax.kernels.xla import int8_matmul_xla, ternary_matmul_xla
 from bitnet_jax.model.policy import Policy
-from conftest import IN_CI
+from conftest import IN_CI, random_packed
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "cpu", reason="the FFI kernel runs on JAX's CPU backend only"
@@ -48,15 +48,6 @@ def test_extension_is_loaded():
     assert cpu_ffi.supported_isas()[0] == "scalar"
 
 
-def _random_packed(rng, shape) -> np.ndarray:
-    """Packed bytes whose four 2-bit fields are uniform codes in {0, 1, 2} (code 3 is invalid:
-    loaders refuse it, bitlinear.py)."""
-    packed = np.zeros(shape, np.uint8)
-    for j in range(4):
-        packed |= rng.integers(0, 3, shape, dtype=np.uint8) << np.uint8(2 * j)
-    return packed
-
-
 def _operands(seed: int, m: int, i: int, o: int, extremes: bool = True):
     """Random int8 activations and packed weights."""
     rng = np.random.default_rng(seed)
@@ -65,7 +56,7 @@ def _operands(seed: int, m: int, i: int, o: int, extremes: bool = True):
         x[0] = -128  # the most negative sums the s16 accumulators must hold
         x[1] = 127
         x[2] = 0  # an all-zero token
-    return jnp.asarray(x), jnp.asarray(_random_packed(rng, (o // 4, i)))
+    return jnp.asarray(x), jnp.asarray(random_packed(rng, (o // 4, i)))
 
 
 def _numpy_reference(x, packed) -> np.ndarray:
@@ -136,7 +127,7 @@ def test_ffi_accumulator_extremes(i):
 def test_ffi_stacked_weights_at_a_layer_index():
     # [L, O/4, I] plus a traced layer index (model.apply's scan) reads matrix `layer` in place.
     rng = np.random.default_rng(12)
-    stack = jnp.asarray(_random_packed(rng, (3, 12, 200)))
+    stack = jnp.asarray(random_packed(rng, (3, 12, 200)))
     x = jnp.asarray(rng.integers(-128, 128, (5, 200), dtype=np.int8))
     fn = jax.jit(lambda a, w, l: cpu_ffi.ternary_matmul_kernel(a, w, l))
     disp = jax.jit(lambda a, w, l: kernels.ternary_matmul(a, w, kernel="xla", layer=l))
@@ -161,7 +152,7 @@ def test_ffi_several_weights_in_one_call(stacked):
     # weights split across the thread pool together (2560 x (1024 + 256 + 4) weights).
     rng = np.random.default_rng(21)
     shapes = [(256, 2560), (64, 2560), (1, 2560)]
-    ws = [jnp.asarray(_random_packed(rng, ((2,) if stacked else ()) + s)) for s in shapes]
+    ws = [jnp.asarray(random_packed(rng, ((2,) if stacked else ()) + s)) for s in shapes]
     layer = jnp.int32(1) if stacked else None
     for m in (1, 3):
         x = jnp.asarray(rng.integers(-128, 128, (m, 2560), dtype=np.int8))
@@ -277,7 +268,7 @@ def test_ffi_vmap_folds_batch_into_rows():
 def test_ffi_vmap_over_weights():
     rng = np.random.default_rng(9)
     x, _ = _operands(6, 3, 64, 8)
-    pb = jnp.asarray(_random_packed(rng, (4, 2, 64)))
+    pb = jnp.asarray(random_packed(rng, (4, 2, 64)))
     expected = np.asarray(jax.vmap(ternary_matmul_xla, (None, 0))(x, pb))
     got = jax.vmap(cpu_ffi.ternary_matmul_kernel, (None, 0))(x, pb)
     np.testing.assert_array_equal(np.asarray(got), expected)

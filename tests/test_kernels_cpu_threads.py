@@ -14,6 +14,7 @@ import pytest
 
 from bitnet_jax.kernels.cpu import ffi as cpu_ffi
 from bitnet_jax.kernels.xla import int8_matmul_xla, ternary_matmul_xla
+from conftest import random_packed
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "cpu" or not cpu_ffi.available(),
@@ -25,10 +26,7 @@ def _ternary_case(seed: int, m: int, i: int, o: int):
     """int8 activations and packed weights (codes 0..2) big enough to be split across threads."""
     rng = np.random.default_rng(seed)
     x = rng.integers(-128, 128, (m, i), dtype=np.int8)
-    packed = np.zeros((o // 4, i), np.uint8)
-    for j in range(4):
-        packed |= rng.integers(0, 3, packed.shape, dtype=np.uint8) << np.uint8(2 * j)
-    return x, packed
+    return x, random_packed(rng, (o // 4, i))
 
 
 def test_concurrent_callers_get_exact_products():
