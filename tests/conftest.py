@@ -58,6 +58,19 @@ TINY_SEED = 0
 TINY_STD = 0.3  # weights large enough that logits are O(1) and argmax is meaningful
 
 
+@pytest.fixture
+def xla_optimized():
+    """XLA's optimisations on for one test, as programs run outside the suite (above they are
+    mostly off, which changes XLA's own float rounding: a kernel compared with the XLA ops it
+    replaces at tight tolerance is compared with the optimised ones)."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    jax.clear_caches()
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+    jax.clear_caches()
+
+
 def random_packed(rng: np.random.Generator, shape) -> np.ndarray:
     """Packed ternary bytes [..., O/4, I] whose four 2-bit fields are uniform codes in {0, 1, 2}
     (code 3 is invalid: loaders refuse it, bitlinear.py)."""

@@ -145,7 +145,8 @@ def test_bitlinear_runs_one_fused_call_per_projection_group_on_cpu():
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=3e-7, atol=0)
 
 
-def test_model_generates_the_same_tokens_with_and_without_the_fused_linear(monkeypatch):
+def test_model_generates_the_same_tokens_with_and_without_the_fused_linear(monkeypatch,
+                                                                        xla_optimized):
     from bitnet_jax.formats.loader import DEFAULT_MODEL, load_model
     from bitnet_jax.model import transformer
     from bitnet_jax.runtime.generate import generate

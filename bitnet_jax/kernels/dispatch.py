@@ -27,6 +27,7 @@ import jax
 
 from bitnet_jax.kernels import sharded
 from bitnet_jax.kernels.cpu import ffi as cpu_ffi
+from bitnet_jax.kernels.cpu import fused as cpu_fused
 from bitnet_jax.kernels.gpu import fallback as gpu_fallback
 from bitnet_jax.kernels.gpu.platform import default_platform
 from bitnet_jax.kernels.xla import int8_matmul_xla, ternary_matmul_xla
@@ -124,12 +125,19 @@ def linear_fusable(kernel: str, x: jax.Array, packed: list, layer) -> bool:
             and sharded.mesh_of(x, *packed) is None)
 
 
-def ternary_linear_many(x: jax.Array, packed: list, scales: list, layer=None) -> list:
+def ternary_linear_many(x: jax.Array, packed: list, scales: list, layer=None, *, norm=None,
+                        eps: float = 1e-6, residual=None, act: str | None = None) -> list:
     """[M, I] float activations through several packed weights in one CPU kernel call that
     also quantises x and scales the products: list of [M, O_j] float32, the same int32 products
     as quantize_activations + `ternary_matmul_many`, scaled as bitlinear_many does to a few ulp
-    (cpu/ffi.py). Only where `linear_fusable` holds."""
-    return cpu_ffi.ternary_linear_many_ffi(x, packed, scales, layer)
+    (cpu/ffi.py). With `norm` (gain [I]), `residual` ([M, O], one weight) or `act` ("silu" /
+    "relu2", gate and up) the call also runs the RMSNorm before and the residual add or the
+    gated activation after (cpu/fused.py; to float rounding). Only where `linear_fusable`
+    holds."""
+    if norm is None and residual is None and act is None:
+        return cpu_ffi.ternary_linear_many_ffi(x, packed, scales, layer)
+    return cpu_fused.fused_linear_ffi(x, packed, scales, layer, norm=norm, eps=eps,
+                                      residual=residual, act=act)
 
 
 def int8_matmul(x_q: jax.Array, w: jax.Array, kernel: str = "auto") -> jax.Array:

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 
 from bitnet_jax import kernels
 from bitnet_jax.model import cache as kv_cache
-from bitnet_jax.model.bitlinear import bitlinear, bitlinear_many
+from bitnet_jax.model.bitlinear import bitlinear_many
 from bitnet_jax.model.config import ModelConfig
-from bitnet_jax.model.layers import apply_rope, rms_norm
+from bitnet_jax.model.layers import apply_rope
 from bitnet_jax.model.policy import Policy
 
 _NEG_INF = -1e30
@@ -78,12 +78,13 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, laye
 
 def attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
               cfg: ModelConfig, policy: Policy, cache: dict | None = None, *, layer=None,
-              pos=None, slot=None) -> tuple[jax.Array, dict | None]:
+              pos=None, slot=None, norm: jax.Array | None = None,
+              residual: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
     """One attention block: projections, RoPE, GQA softmax attention, sub-norm, output.
 
     Args:
       p: this layer's `self_attn` params (q/k/v/o_proj, optional attn_sub_norm [D]).
-      x: [B, T, D] normalised residual stream.
+      x: [B, T, D] normalised residual stream (the raw stream with `norm`).
       cos, sin: [B, T, H] RoPE tables for the T positions.
       mask: [B, T, S] boolean attention mask.
       cfg: model config.
@@ -92,13 +93,18 @@ def attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.A
         `layer` (int32 scalar) at positions pos[i]..pos[i]+T-1 ([B] int32) of cache row i, or of
         cache row `slot` for a one-row call (model/cache.py). Without it the call attends over
         its own T tokens only (S = T).
+      norm: None or the RMSNorm gain [D] to apply to x first (input_layernorm).
+      residual: None or [B, T, D]: returned plus the block's output.
+    Both go into the projections' kernel call where it takes them (bitlinear_many).
 
     Returns:
-      (out [B, T, D], the updated cache or None).
+      (out [B, T, D] (+ residual), the updated cache or None).
     """
     b, t, _ = x.shape
     n, k_heads, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    q, k, v = bitlinear_many(x, [p["q_proj"], p["k_proj"], p["v_proj"]], policy, cfg.quantized)
+    eps = cfg.rms_norm_eps
+    q, k, v = bitlinear_many(x, [p["q_proj"], p["k_proj"], p["v_proj"]], policy, cfg.quantized,
+                             norm=norm, eps=eps)
     q = apply_rope(q.reshape(b, t, n, h), cos, sin)
     k = apply_rope(k.reshape(b, t, k_heads, h), cos, sin)
     v = v.reshape(b, t, k_heads, h)
@@ -108,6 +114,6 @@ def attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.A
     else:
         out, cache = cached_attention(q, k, v, cache, layer, pos, slot, mask, cfg, policy)
     out = out.reshape(b, t, n * h)
-    if cfg.use_sub_norms:
-        out = rms_norm(out, p["attn_sub_norm"], cfg.rms_norm_eps)
-    return bitlinear(out, p["o_proj"], policy, cfg.quantized), cache
+    sub = p["attn_sub_norm"] if cfg.use_sub_norms else None
+    return bitlinear_many(out, [p["o_proj"]], policy, cfg.quantized, norm=sub, eps=eps,
+                          residual=residual)[0], cache

@@ -34,9 +34,9 @@ from bitnet_jax.kernels.stacked import scan_layers
 from bitnet_jax.model import cache as kv_cache
 from bitnet_jax.model import fused
 from bitnet_jax.model.attention import attention
-from bitnet_jax.model.bitlinear import bitlinear, bitlinear_many
+from bitnet_jax.model.bitlinear import bitlinear_many
 from bitnet_jax.model.config import ModelConfig
-from bitnet_jax.model.layers import activation, rms_norm, rope_frequencies
+from bitnet_jax.model.layers import rms_norm, rope_frequencies
 from bitnet_jax.model.policy import Policy, get_policy
 from bitnet_jax.quant import quantize_activations
 
@@ -54,23 +54,26 @@ def embed(params: dict, tokens: jax.Array, policy: Policy) -> jax.Array:
     return jnp.take(table, tokens, axis=0).astype(policy.compute)
 
 
-def feed_forward(p: dict, x: jax.Array, cfg: ModelConfig, policy: Policy) -> jax.Array:
+def feed_forward(p: dict, x: jax.Array, cfg: ModelConfig, policy: Policy, *,
+                 norm: jax.Array | None = None, residual: jax.Array | None = None) -> jax.Array:
     """Gated FFN: down(sub_norm(act(gate(x)) · up(x))).
 
     Args:
       p: this layer's `mlp` params (gate/up/down_proj, optional ffn_sub_norm [F]).
-      x: [B, T, D] normalised residual stream.
+      x: [B, T, D] normalised residual stream (the raw stream with `norm`).
+      norm: None or the RMSNorm gain [D] to apply to x first (post_attention_layernorm).
+      residual: None or [B, T, D]: returned plus the FFN's output.
 
     Returns:
-      [B, T, D].
+      [B, T, D] (+ residual).
     """
-    gate, up = bitlinear_many(x, [p["gate_proj"], p["up_proj"]], policy, cfg.quantized)  # [B, T, F]
-    # relu² (2B4T) grows fast: compute the product in float32, never float16.
-    hidden = (activation(cfg.hidden_act, gate.astype(jnp.float32)) * up.astype(jnp.float32))
-    hidden = hidden.astype(policy.compute)
-    if cfg.use_sub_norms:
-        hidden = rms_norm(hidden, p["ffn_sub_norm"], cfg.rms_norm_eps)
-    return bitlinear(hidden, p["down_proj"], policy, cfg.quantized)
+    eps = cfg.rms_norm_eps
+    # relu² (2B4T) grows fast: the product is computed in float32, never float16.
+    hidden = bitlinear_many(x, [p["gate_proj"], p["up_proj"]], policy, cfg.quantized, norm=norm,
+                            eps=eps, act=cfg.hidden_act)[0]  # [B, T, F]
+    sub = p["ffn_sub_norm"] if cfg.use_sub_norms else None
+    return bitlinear_many(hidden, [p["down_proj"]], policy, cfg.quantized, norm=sub, eps=eps,
+                          residual=residual)[0]
 
 
 def block(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
@@ -85,12 +88,12 @@ def block(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array
     Returns:
       (x [B, T, D], the updated cache or None).
     """
-    a = rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps)
-    attn, cache = attention(p["self_attn"], a, cos, sin, mask, cfg, policy, cache, layer=layer,
-                            pos=pos, slot=slot)
-    x = x + attn
-    m = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
-    return x + feed_forward(p["mlp"], m, cfg, policy), cache
+    # The norms and residual adds go into the projections' kernel calls where they can
+    # (bitlinear_many): the same math as x += attn(rms_norm(x)); x += ffn(rms_norm(x)).
+    x, cache = attention(p["self_attn"], x, cos, sin, mask, cfg, policy, cache, layer=layer,
+                         pos=pos, slot=slot, norm=p["input_layernorm"], residual=x)
+    return feed_forward(p["mlp"], x, cfg, policy, norm=p["post_attention_layernorm"],
+                        residual=x), cache
 
 
 def apply(params: dict, tokens: jax.Array, cfg: ModelConfig, policy: Policy | str | None = None,

@@ -22,7 +22,9 @@
 #include <vector>
 
 #include "attention_cpu.h"
+#include "ffi_problems.h"
 #include "ffi_runtime.h"
+#include "fused_cpu.h"
 #include "int8_gemm.h"
 #include "isa.h"
 #include "quantize_cpu.h"
@@ -40,10 +42,14 @@ namespace ffi = xla::ffi;
 namespace bt = bitnet_ternary;
 namespace ba = bitnet_attention;
 using bitnet_ffi::ChunkRows;
+using bitnet_ffi::Collect;
+using bitnet_ffi::CollectGated;
 using bitnet_ffi::Dims;
 using bitnet_ffi::Job;
+using bitnet_ffi::Prologue;
 using bitnet_ffi::ReadyFuture;
 using bitnet_ffi::Run;
+using bitnet_ffi::RunProblems;
 using bitnet_ffi::Same;
 
 namespace {
@@ -65,74 +71,12 @@ int InitialIsa() {
 
 std::atomic<int> g_isa{InitialIsa()};
 
-// The problems of one call of the packed matmuls: n >= 1 weights, each packed [O_j/4, I] or
-// stacked [L, O_j/4, I] (matrix `at` is used; at must be 0 for 2-D weights), against x [M, I]
-// int8 (x_q, built by the caller) with outputs [M, O_j] of element type Out (int32, or float32
-// whose buffer first receives the int32 products, TernaryLinear). Problem j owns rows
-// [first_row[j], first_row[j + 1]) of the call's work.
-template <ffi::DataType Out>
-ffi::Error Collect(const char* name, int64_t m, int64_t i, int64_t at, const int8_t* x_q,
-                   const int32_t* xsum, ffi::RemainingArgs weights, size_t first_weight,
-                   ffi::RemainingRets outs, std::vector<bt::Problem>& problems,
-                   std::vector<int64_t>& first_row) {
-  const std::string who = name;
-  if (weights.size() <= first_weight || weights.size() - first_weight != outs.size()) {
-    return ffi::Error::InvalidArgument(who + " expects as many packed weights [(L,) O/4, I] as "
-                                       "outputs [M, O]");
-  }
-  first_row = {0};
-  for (size_t j = 0; j < outs.size(); ++j) {
-    auto w = weights.get<ffi::Buffer<ffi::U8>>(first_weight + j);
-    auto o = outs.get<ffi::Buffer<Out>>(j);
-    if (!w.has_value() || !o.has_value()) {
-      return ffi::Error::InvalidArgument(who + " weight/output " + std::to_string(j) +
-                                         " has the wrong element type");
-    }
-    const auto wd = w->dimensions();
-    const auto od = (*o)->dimensions();
-    const bool stacked = wd.size() == 3;
-    if ((wd.size() != 2 && !stacked) || od.size() != 2) {
-      return ffi::Error::InvalidArgument(who + " weight " + std::to_string(j) +
-                                         " must be [O/4, I] or [L, O/4, I], its output [M, O]");
-    }
-    const int64_t l = stacked ? wd[0] : 1, r = wd[wd.size() - 2];
-    if (wd[wd.size() - 1] != i || od[0] != m || od[1] != 4 * r) {
-      return ffi::Error::InvalidArgument(who + " shape mismatch: packed " + Dims(wd) +
-                                         ", out " + Dims(od) + " for x [" + std::to_string(m) +
-                                         ", " + std::to_string(i) + "]");
-    }
-    if (at < 0 || at >= l) {
-      return ffi::Error::InvalidArgument(who + " layer " + std::to_string(at) +
-                                         " is outside [0, " + std::to_string(l) + ")");
-    }
-    int32_t* out = reinterpret_cast<int32_t*>((*o)->typed_data());
-    problems.push_back(bt::Problem{x_q, w->typed_data() + at * r * i, out, xsum, m, i, r});
-    first_row.push_back(first_row.back() + r);
-  }
-  return ffi::Error::Success();
-}
-
-// Rows [r0, r1) of the call's work: each problem's share of them, then `after(j, lo, hi)` on
-// the rows [lo, hi) of problem j just computed (while they are in cache).
-template <class After>
-inline void RunProblems(int isa, const std::vector<bt::Problem>& problems,
-                        const std::vector<int64_t>& first_row, int64_t r0, int64_t r1,
-                        After after) {
-  for (size_t j = 0; j < problems.size(); ++j) {
-    const int64_t lo = std::max(r0, first_row[j]), hi = std::min(r1, first_row[j + 1]);
-    if (lo >= hi) continue;
-    bt::RunRows(isa, problems[j], lo - first_row[j], hi - first_row[j]);
-    after(j, lo - first_row[j], hi - first_row[j]);
-  }
-}
-
 // x [M, I] int8 and a layer index (int32 scalar), then n >= 1 weights [(L,) O_j/4, I] -> n
 // outputs out_j [M, O_j] int32. Reading stacked weights in place spares the per-layer slice copy
 // XLA makes for a custom call inside lax.scan; taking several weights that share x (q/k/v,
 // gate/up) in one call halves the thread hand-offs of a decode step.
-ffi::Future TernaryMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
-                          ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs weights,
-                          ffi::RemainingRets outs) {
+ffi::Future TernaryMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S32> layer,
+                          ffi::RemainingArgs weights, ffi::RemainingRets outs) {
   const auto xd = x.dimensions();
   if (xd.size() != 2 || layer.element_count() != 1) {
     return ReadyFuture(ffi::Error::InvalidArgument(
@@ -144,9 +88,9 @@ ffi::Future TernaryMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
   std::vector<int64_t> first_row;
   auto job = std::make_shared<Job>();
   job->xsum.resize(m);
-  ffi::Error error = Collect<ffi::S32>("bitnet_ternary_matmul", m, i, layer.typed_data()[0],
-                                       x.typed_data(), job->xsum.data(), weights, 0, outs,
-                                       problems, first_row);
+  ffi::Error error =
+      Collect<ffi::S32>("bitnet_ternary_matmul", m, i, layer.typed_data()[0], x.typed_data(),
+                        job->xsum.data(), weights, 0, outs, problems, first_row);
   if (!error.success()) return ReadyFuture(std::move(error));
   const int64_t rows = first_row.back();
   if (m == 0 || rows == 0) return ReadyFuture();
@@ -158,31 +102,53 @@ ffi::Future TernaryMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
   return Run(pool, job, rows, ChunkRows(i, rows), m * rows * i, bitnet_ffi::kRowAlign);
 }
 
-// BitLinear in one call (issue 16 item 2; quantize_cpu.h): x [M, I] float32, a layer index,
-// then n scales (each float32 [] or [L], read at `layer`: the weight's dequantisation scale),
-// then n weights [(L,) O_j/4, I] -> n outputs y_j [M, O_j] float32 = (x_q · t_jᵀ) · step ·
-// scale_j, where x_q, step is the per-token absmax int8 quantisation of x: quantize_activations'
-// codes, so the int32 matmul's products exactly, and bitlinear_many's float32 scaling (to a few
-// ulp, quantize_cpu.h).
+// BitLinear in one call (issue 16 item 2; quantize_cpu.h, fused_cpu.h): x [M, I] float32, a
+// layer index, then (with attribute norm = 1) the RMSNorm gain [I] or [L, I], (with residual =
+// 1) the residual [M, O], then n scales (each float32 [] or [L], read at `layer`: the weight's
+// dequantisation scale), then n weights [(L,) O_j/4, I] -> y_j [M, O_j] float32 = (x_q · t_jᵀ) ·
+// step · scale_j, where x_q, step is the per-token absmax int8 quantisation of x (of
+// RMSNorm(x; gain, eps) with norm): quantize_activations' codes, so the int32 matmul's products
+// exactly, and bitlinear_many's float32 scaling (to a few ulp, quantize_cpu.h). residual = 1
+// (one weight) returns residual + y; act = 1 / 2 (two weights, gate and up of the same shape)
+// returns the one output act(y_0) · y_1 with act silu / relu2.
 ffi::Future TernaryLinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs args,
-                          ffi::RemainingRets outs) {
+                          ffi::RemainingRets outs, float eps, int32_t norm, int32_t residual,
+                          int32_t act) {
   const auto xd = x.dimensions();
-  const size_t n = outs.size();
-  if (xd.size() != 2 || layer.element_count() != 1 || args.size() != 2 * n) {
+  const size_t lead = (norm ? 1 : 0) + (residual ? 1 : 0);
+  const size_t n = args.size() >= lead ? (args.size() - lead) / 2 : 0;
+  const bool gated = act != bt::kActNone;
+  if (xd.size() != 2 || layer.element_count() != 1 || n == 0 || args.size() != lead + 2 * n ||
+      act < bt::kActNone || act > bt::kActRelu2 || (gated && (n != 2 || residual)) ||
+      (residual && n != 1) || outs.size() != (gated ? 1 : n)) {
     return ReadyFuture(ffi::Error::InvalidArgument(
-        "bitnet_ternary_linear expects x [M, I] float32, a scalar layer, one scale per weight, "
-        "and as many packed weights [(L,) O/4, I] as outputs [M, O]"));
+        "bitnet_ternary_linear expects x [M, I] float32, a scalar layer, [a norm gain], [a "
+        "residual], one scale per weight, and as many packed weights [(L,) O/4, I] as outputs "
+        "[M, O] (one output for a residual with one weight, or act with two weights)"));
   }
   const int64_t m = xd[0], i = xd[1], at = layer.typed_data()[0];
+  const float* gain = nullptr;
+  const float* res = nullptr;
+  if (norm) {
+    auto g = args.get<ffi::Buffer<ffi::F32>>(0);
+    const bool stacked = g.has_value() && g->dimensions().size() == 2;
+    if (!g.has_value() || g->dimensions().back() != i || g->dimensions().size() > 2 ||
+        (stacked && (at < 0 || at >= g->dimensions()[0]))) {
+      return ReadyFuture(ffi::Error::InvalidArgument(
+          "bitnet_ternary_linear norm gain must be float32 [I] or [L, I] with the layer in it"));
+    }
+    gain = g->typed_data() + (stacked ? at * i : 0);
+  }
   std::vector<float> scale(n);
   for (size_t j = 0; j < n; ++j) {
-    auto s = args.get<ffi::Buffer<ffi::F32>>(j);
+    auto s = args.get<ffi::Buffer<ffi::F32>>(lead + j);
     if (!s.has_value() || s->element_count() == 0 ||
         (s->element_count() > 1 && (at < 0 || at >= static_cast<int64_t>(s->element_count())))) {
-      return ReadyFuture(ffi::Error::InvalidArgument(
-          "bitnet_ternary_linear scale " + std::to_string(j) + " must be float32 [] or [L] "
-          "with the layer inside it"));
+      return ReadyFuture(ffi::Error::InvalidArgument("bitnet_ternary_linear scale " +
+                                                     std::to_string(j) +
+                                                     " must be float32 [] or [L] "
+                                                     "with the layer inside it"));
     }
     scale[j] = s->typed_data()[s->element_count() == 1 ? 0 : at];
   }
@@ -192,22 +158,46 @@ ffi::Future TernaryLinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   job->xsum.resize(m);
   job->xq.resize(m * i);
   job->absmax.resize(m);
-  ffi::Error error = Collect<ffi::F32>("bitnet_ternary_linear", m, i, at, job->xq.data(),
-                                       job->xsum.data(), args, n, outs, problems, first_row);
+  ffi::Error error =
+      gated ? CollectGated(m, i, at, job.get(), args, lead + n, outs, problems)
+            : Collect<ffi::F32>("bitnet_ternary_linear", m, i, at, job->xq.data(), job->xsum.data(),
+                                args, lead + n, outs, problems, first_row);
   if (!error.success()) return ReadyFuture(std::move(error));
-  const int64_t rows = first_row.back();
+  if (residual) {
+    auto r = args.get<ffi::Buffer<ffi::F32>>(norm ? 1 : 0);
+    auto o = outs.get<ffi::Buffer<ffi::F32>>(0);
+    if (!r.has_value() || !o.has_value() || !Same(r->dimensions(), (*o)->dimensions())) {
+      return ReadyFuture(ffi::Error::InvalidArgument(
+          "bitnet_ternary_linear residual must be float32 with the output's shape [M, O]"));
+    }
+    res = r->typed_data();
+  }
+  const int64_t rows = gated ? problems[0].r : first_row.back();
   if (m == 0 || rows == 0) return ReadyFuture();
   const int isa = g_isa.load(std::memory_order_relaxed);
-  bt::QuantizeRows(isa, x.typed_data(), m, i, job->xq.data(), job->absmax.data());
-  bt::RowSums(job->xq.data(), m, i, job->xsum.data());
+  Prologue(pool, isa, x.typed_data(), m, i, gain, eps, job.get());
   const float* absmax = job->absmax.data();
-  job->rows = [problems, first_row, isa, scale, absmax](int64_t r0, int64_t r1) {
-    RunProblems(isa, problems, first_row, r0, r1, [&](size_t j, int64_t lo, int64_t hi) {
-      const bt::Problem& p = problems[j];
-      bt::ScaleRows(reinterpret_cast<float*>(p.out), p.m, p.r, lo, hi, absmax, scale[j]);
-    });
-  };
-  return Run(pool, job, rows, ChunkRows(i, rows), m * rows * i, bitnet_ffi::kRowAlign);
+  if (gated) {
+    const bool vec = isa != bt::kScalar && ba::HasAvx2Fma();
+    job->rows = [problems, isa, scale, absmax, act, vec](int64_t r0, int64_t r1) {
+      const bt::Problem &g = problems[0], &u = problems[1];
+      bt::RunRows(isa, g, r0, r1);
+      bt::RunRows(isa, u, r0, r1);
+      bt::ActRows(act, vec, g.out, u.out, reinterpret_cast<float*>(problems[2].out), g.m, g.r, r0,
+                  r1, absmax, scale[0], scale[1]);
+    };
+  } else {
+    job->rows = [problems, first_row, isa, scale, absmax, res](int64_t r0, int64_t r1) {
+      RunProblems(isa, problems, first_row, r0, r1, [&](size_t j, int64_t lo, int64_t hi) {
+        const bt::Problem& p = problems[j];
+        float* y = reinterpret_cast<float*>(p.out);
+        bt::ScaleRows(y, p.m, p.r, lo, hi, absmax, scale[j]);
+        if (res != nullptr) bt::AddResidualRows(y, res, p.m, p.r, lo, hi);
+      });
+    };
+  }
+  return Run(pool, job, rows, ChunkRows(i, rows), m * rows * i * (gated ? 2 : 1),
+             bitnet_ffi::kRowAlign);
 }
 
 // x [M, I] int8, w [V, I] int8 (no -128) -> out [M, V] int32: the int8 LM head.
@@ -216,11 +206,11 @@ ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   const auto od = out->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || od.size() != 2 || wd[1] != xd[1] ||
-      od[0] != xd[0] || od[1] != wd[0]) {
+  if (xd.size() != 2 || wd.size() != 2 || od.size() != 2 || wd[1] != xd[1] || od[0] != xd[0] ||
+      od[1] != wd[0]) {
     return ReadyFuture(ffi::Error::InvalidArgument(
-        "bitnet_int8_matmul expects x [M, I], w [V, I] and out [M, V]; got x " + Dims(xd) +
-        ", w " + Dims(wd) + ", out " + Dims(od)));
+        "bitnet_int8_matmul expects x [M, I], w [V, I] and out [M, V]; got x " + Dims(xd) + ", w " +
+        Dims(wd) + ", out " + Dims(od)));
   }
   const int64_t m = xd[0], i = xd[1], v = wd[0];
   if (m == 0 || v == 0) return ReadyFuture();
@@ -229,8 +219,14 @@ ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer
   bt::AbsBytes(x.typed_data(), m * i, job->xabs.data());
   job->xsum.resize(m);
   bt::RowSums(x.typed_data(), m, i, job->xsum.data());
-  const bt::Int8Problem problem{x.typed_data(), job->xabs.data(), w.typed_data(),
-                                out->typed_data(), job->xsum.data(), m, i, v};
+  const bt::Int8Problem problem{x.typed_data(),
+                                job->xabs.data(),
+                                w.typed_data(),
+                                out->typed_data(),
+                                job->xsum.data(),
+                                m,
+                                i,
+                                v};
   const int isa = g_isa.load(std::memory_order_relaxed);
   job->rows = [problem, isa](int64_t r0, int64_t r1) { bt::RunRows(isa, problem, r0, r1); };
   return Run(pool, job, v, ChunkRows(i, v), m * v * i, bitnet_ffi::kRowAlign);
@@ -252,13 +248,20 @@ ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuf
       qd[2] % kd[2] != 0) {
     return ReadyFuture(ffi::Error::InvalidArgument(
         "bitnet_attention expects q [Bq, T, N, H], caches [L, B, K, S, H] with N % K == 0, a "
-        "scalar layer, rows [Bq] and pos [Bq]; got q " + Dims(qd) + ", k " + Dims(kd)));
+        "scalar layer, rows [Bq] and pos [Bq]; got q " +
+        Dims(qd) + ", k " + Dims(kd)));
   }
   int cache;
   switch (k.element_type()) {
-    case ffi::DataType::F32: cache = ba::kF32; break;
-    case ffi::DataType::F16: cache = ba::kF16; break;
-    case ffi::DataType::BF16: cache = ba::kBF16; break;
+    case ffi::DataType::F32:
+      cache = ba::kF32;
+      break;
+    case ffi::DataType::F16:
+      cache = ba::kF16;
+      break;
+    case ffi::DataType::BF16:
+      cache = ba::kBF16;
+      break;
     default:
       return ReadyFuture(ffi::Error::InvalidArgument(
           "bitnet_attention caches must be float32, float16 or bfloat16"));
@@ -270,30 +273,37 @@ ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuf
                 h = qd[3];
   const int64_t at = layer.typed_data()[0];
   if (at < 0 || at >= l) {
-    return ReadyFuture(ffi::Error::InvalidArgument(
-        "bitnet_attention layer " + std::to_string(at) + " outside the cache " + Dims(kd)));
+    return ReadyFuture(ffi::Error::InvalidArgument("bitnet_attention layer " + std::to_string(at) +
+                                                   " outside the cache " + Dims(kd)));
   }
   int64_t visible = 0;  // positions read per kv head, summed over rows (the work estimate)
   for (int64_t i = 0; i < b; ++i) {
     const int64_t row = rows.typed_data()[i], p0 = pos.typed_data()[i];
     if (row < 0 || row >= bc || p0 < 0) {
-      return ReadyFuture(ffi::Error::InvalidArgument(
-          "bitnet_attention row " + std::to_string(row) + " / position " + std::to_string(p0) +
-          " outside the cache " + Dims(kd)));
+      return ReadyFuture(ffi::Error::InvalidArgument("bitnet_attention row " + std::to_string(row) +
+                                                     " / position " + std::to_string(p0) +
+                                                     " outside the cache " + Dims(kd)));
     }
     visible += std::min(p0 + t, s);
   }
   if (b == 0 || t == 0 || n == 0 || h == 0) return ReadyFuture();
   const int64_t per_layer = bc * kh * s * h * (cache == ba::kF32 ? 4 : 2);  // bytes
-  const ba::Problem problem{q.typed_data(),
-                            static_cast<const char*>(k.untyped_data()) + at * per_layer,
-                            static_cast<const char*>(v.untyped_data()) + at * per_layer,
-                            rows.typed_data(), pos.typed_data(), out->typed_data(), b, t, n, kh,
-                            s, h, cache,
-                            g_isa.load(std::memory_order_relaxed) != bt::kScalar &&
-                                ba::HasAvx2Fma(),
-                            g_isa.load(std::memory_order_relaxed) >= bt::kAvx512Vnni &&
-                                ba::HasAvx512()};
+  const ba::Problem problem{
+      q.typed_data(),
+      static_cast<const char*>(k.untyped_data()) + at * per_layer,
+      static_cast<const char*>(v.untyped_data()) + at * per_layer,
+      rows.typed_data(),
+      pos.typed_data(),
+      out->typed_data(),
+      b,
+      t,
+      n,
+      kh,
+      s,
+      h,
+      cache,
+      g_isa.load(std::memory_order_relaxed) != bt::kScalar && ba::HasAvx2Fma(),
+      g_isa.load(std::memory_order_relaxed) >= bt::kAvx512Vnni && ba::HasAvx512()};
   auto job = std::make_shared<Job>();
   job->rows = [problem](int64_t u0, int64_t u1) {
     thread_local std::vector<float> scores;
@@ -331,7 +341,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetTernaryLinear, TernaryLinear,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .RemainingArgs()
-                                  .RemainingRets());
+                                  .RemainingRets()
+                                  .Attr<float>("eps")
+                                  .Attr<int32_t>("norm")
+                                  .Attr<int32_t>("residual")
+                                  .Attr<int32_t>("act"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetAttention, Attention,
                               ffi::Ffi::Bind()
@@ -354,7 +368,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetInt8Matmul, Int8Matmul,
 // Plain C entry points for ctypes (library.py): kernel path introspection and selection.
 extern "C" {
 
-__attribute__((visibility("default"))) int bitnet_ternary_abi_version() { return 3; }
+__attribute__((visibility("default"))) int bitnet_ternary_abi_version() { return 4; }
 
 __attribute__((visibility("default"))) const char* bitnet_ternary_built_jaxlib() {
   return BITNET_JAXLIB_VERSION;

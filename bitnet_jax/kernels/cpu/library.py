@@ -35,7 +35,7 @@ TARGET = "bitnet_ternary_matmul"
 LINEAR_TARGET = "bitnet_ternary_linear"
 INT8_TARGET = "bitnet_int8_matmul"
 ATTENTION_TARGET = "bitnet_attention"
-ABI_VERSION = 3
+ABI_VERSION = 4
 ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni", "amx")  # isa.h `Isa`, best last
 DISABLE_ENV = "BITNET_JAX_DISABLE_FFI"
 
