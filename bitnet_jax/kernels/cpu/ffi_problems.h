@@ -109,10 +109,10 @@ inline ffi::Error CollectGated(int64_t m, int64_t i, int64_t at, Job* job, ffi::
                                        Dims(wd) + ", out " + Dims(od) + " for x [" +
                                        std::to_string(m) + ", " + std::to_string(i) + "]");
   }
-  job->gated.resize(2 * m * 4 * r);
+  job->gated.reset(new int32_t[2 * m * 4 * r]);
   for (int k = 0; k < 2; ++k) {
     const uint8_t* w = (k == 0 ? g : u)->typed_data() + at * r * i;
-    problems.push_back(bt::Problem{job->xq.data(), w, job->gated.data() + k * m * 4 * r,
+    problems.push_back(bt::Problem{job->xq.data(), w, job->gated.get() + k * m * 4 * r,
                                    job->xsum.data(), m, i, r});
   }
   problems.push_back(bt::Problem{nullptr, nullptr, reinterpret_cast<int32_t*>((*o)->typed_data()),
