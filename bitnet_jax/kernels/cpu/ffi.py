@@ -12,7 +12,8 @@ model).
 `ternary_linear_many_ffi(x [M, I] float, packed, scales) -> [M, O_j] float32` is BitLinear in
 one call: the per-token int8 quantisation of x, the same kernels, and the scaling by step · scale
 (quantize_cpu.h), so that no XLA op runs around the product (same codes and int32 products as
-the unfused ops; the float scaling to a few ulp).
+the unfused ops; the float scaling to a few ulp). cpu/fused.py adds the layer's RMSNorm
+before it and the residual add or act(gate) · up after it to the same call.
 
 `int8_matmul_ffi(x_q [M, I] int8, w [V, I] int8) -> [M, V] int32` is the int8 LM head
 (params.quantize_lm_head; int8_cpu.h GEMV, int8_gemm.h GEMM for M >= 2 on AVX-512 VNNI), exact

@@ -3,7 +3,9 @@
 //   bitnet_ternary_matmul  packed ternary x int8 matmul, one or several weights (ternary_paths.h
 //                          GEMV for M = 1, ternary_gemm.h GEMM for M >= 2)
 //   bitnet_ternary_linear  the same with BitLinear's activation quantisation and output scaling
-//                          in the call: float32 in, float32 out (quantize_cpu.h)
+//                          in the call: float32 in, float32 out (quantize_cpu.h); optionally
+//                          with the RMSNorm before and the residual add or act(gate) * up after
+//                          (fused_cpu.h)
 //   bitnet_int8_matmul     int8 x int8 LM head (int8_cpu.h GEMV, int8_gemm.h GEMM)
 //   bitnet_attention       attention over one layer of the stacked KV cache (attention_cpu.h)
 //

@@ -84,6 +84,25 @@ inline void RunProblems(int isa, const std::vector<bt::Problem>& problems,
   }
 }
 
+// n int32 for a gated linear's gate and up products, written before they are read: the calling
+// thread's buffer, kept between calls up to kKeep elements (a decode step's FFN calls; a fresh
+// allocation of that size is an mmap, page faults and an munmap per call, ~5% of a batch-8
+// step here), or above that one owned by the job (prefill: large calls, rare).
+inline int32_t* GatedScratch(Job* job, size_t n) {
+  constexpr size_t kKeep = size_t{1} << 20;  // 4 MB
+  if (n > kKeep) {
+    job->gated.reset(new int32_t[n]);
+    return job->gated.get();
+  }
+  thread_local std::unique_ptr<int32_t[]> kept;
+  thread_local size_t size = 0;
+  if (size < n) {
+    kept.reset(new int32_t[n]);
+    size = n;
+  }
+  return kept.get();
+}
+
 // The gate and up weights of a gated linear (args first_weight, first_weight + 1; same shape
 // [(L,) R, I]) as problems 0 and 1 writing int32 products to job->gated, and the float32 output
 // [M, 4R] as problems[2].out (act(gate) · up, fused_cpu.h ActRows).
@@ -109,11 +128,11 @@ inline ffi::Error CollectGated(int64_t m, int64_t i, int64_t at, Job* job, ffi::
                                        Dims(wd) + ", out " + Dims(od) + " for x [" +
                                        std::to_string(m) + ", " + std::to_string(i) + "]");
   }
-  job->gated.reset(new int32_t[2 * m * 4 * r]);
+  int32_t* scratch = GatedScratch(job, 2 * m * 4 * r);
   for (int k = 0; k < 2; ++k) {
     const uint8_t* w = (k == 0 ? g : u)->typed_data() + at * r * i;
-    problems.push_back(bt::Problem{job->xq.data(), w, job->gated.get() + k * m * 4 * r,
-                                   job->xsum.data(), m, i, r});
+    problems.push_back(
+        bt::Problem{job->xq.data(), w, scratch + k * m * 4 * r, job->xsum.data(), m, i, r});
   }
   problems.push_back(bt::Problem{nullptr, nullptr, reinterpret_cast<int32_t*>((*o)->typed_data()),
                                  nullptr, m, i, r});

@@ -66,9 +66,7 @@ struct Job {
   std::vector<uint8_t> xabs;
   std::vector<int8_t> xq;     // quantised activations (bitnet_ternary_linear)
   std::vector<float> absmax;  // their per-token max |x| (the step is absmax / 127)
-  // Gate and up int32 products of a gated linear: written before read, so not zero-filled
-  // (a vector would clear 256 KB per batch-8 FFN call).
-  std::unique_ptr<int32_t[]> gated;
+  std::unique_ptr<int32_t[]> gated;  // a large gated linear's gate and up int32 products
   int64_t r = 0, chunk_rows = 1, num_chunks = 0, workers = 1;
   // Worker w owns chunks [FirstChunk(w), FirstChunk(w + 1)); cursor[w] is the next of them.
   std::unique_ptr<std::atomic<int64_t>[]> cursor;
