@@ -93,9 +93,9 @@ def attention(p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.A
         `layer` (int32 scalar) at positions pos[i]..pos[i]+T-1 ([B] int32) of cache row i, or of
         cache row `slot` for a one-row call (model/cache.py). Without it the call attends over
         its own T tokens only (S = T).
-      norm: None or the RMSNorm gain [D] to apply to x first (input_layernorm).
-      residual: None or [B, T, D]: returned plus the block's output.
-    Both go into the projections' kernel call where it takes them (bitlinear_many).
+      norm: None or the RMSNorm gain [D] to apply to x first (input_layernorm), inside the
+        q/k/v kernel call where it takes it (bitlinear_many).
+      residual: None or [B, T, D]: returned plus the block's output (likewise inside o_proj's).
 
     Returns:
       (out [B, T, D] (+ residual), the updated cache or None).

@@ -77,8 +77,9 @@ std::atomic<int> g_isa{InitialIsa()};
 // outputs out_j [M, O_j] int32. Reading stacked weights in place spares the per-layer slice copy
 // XLA makes for a custom call inside lax.scan; taking several weights that share x (q/k/v,
 // gate/up) in one call halves the thread hand-offs of a decode step.
-ffi::Future TernaryMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S32> layer,
-                          ffi::RemainingArgs weights, ffi::RemainingRets outs) {
+ffi::Future TernaryMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
+                          ffi::Buffer<ffi::S32> layer, ffi::RemainingArgs weights,
+                          ffi::RemainingRets outs) {
   const auto xd = x.dimensions();
   if (xd.size() != 2 || layer.element_count() != 1) {
     return ReadyFuture(ffi::Error::InvalidArgument(
@@ -90,9 +91,9 @@ ffi::Future TernaryMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buf
   std::vector<int64_t> first_row;
   auto job = std::make_shared<Job>();
   job->xsum.resize(m);
-  ffi::Error error =
-      Collect<ffi::S32>("bitnet_ternary_matmul", m, i, layer.typed_data()[0], x.typed_data(),
-                        job->xsum.data(), weights, 0, outs, problems, first_row);
+  ffi::Error error = Collect<ffi::S32>("bitnet_ternary_matmul", m, i, layer.typed_data()[0],
+                                       x.typed_data(), job->xsum.data(), weights, 0, outs,
+                                       problems, first_row);
   if (!error.success()) return ReadyFuture(std::move(error));
   const int64_t rows = first_row.back();
   if (m == 0 || rows == 0) return ReadyFuture();
@@ -208,11 +209,11 @@ ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   const auto od = out->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || od.size() != 2 || wd[1] != xd[1] || od[0] != xd[0] ||
-      od[1] != wd[0]) {
+  if (xd.size() != 2 || wd.size() != 2 || od.size() != 2 || wd[1] != xd[1] ||
+      od[0] != xd[0] || od[1] != wd[0]) {
     return ReadyFuture(ffi::Error::InvalidArgument(
-        "bitnet_int8_matmul expects x [M, I], w [V, I] and out [M, V]; got x " + Dims(xd) + ", w " +
-        Dims(wd) + ", out " + Dims(od)));
+        "bitnet_int8_matmul expects x [M, I], w [V, I] and out [M, V]; got x " + Dims(xd) +
+        ", w " + Dims(wd) + ", out " + Dims(od)));
   }
   const int64_t m = xd[0], i = xd[1], v = wd[0];
   if (m == 0 || v == 0) return ReadyFuture();
@@ -221,14 +222,8 @@ ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer
   bt::AbsBytes(x.typed_data(), m * i, job->xabs.data());
   job->xsum.resize(m);
   bt::RowSums(x.typed_data(), m, i, job->xsum.data());
-  const bt::Int8Problem problem{x.typed_data(),
-                                job->xabs.data(),
-                                w.typed_data(),
-                                out->typed_data(),
-                                job->xsum.data(),
-                                m,
-                                i,
-                                v};
+  const bt::Int8Problem problem{x.typed_data(), job->xabs.data(), w.typed_data(),
+                                out->typed_data(), job->xsum.data(), m, i, v};
   const int isa = g_isa.load(std::memory_order_relaxed);
   job->rows = [problem, isa](int64_t r0, int64_t r1) { bt::RunRows(isa, problem, r0, r1); };
   return Run(pool, job, v, ChunkRows(i, v), m * v * i, bitnet_ffi::kRowAlign);
@@ -250,20 +245,13 @@ ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuf
       qd[2] % kd[2] != 0) {
     return ReadyFuture(ffi::Error::InvalidArgument(
         "bitnet_attention expects q [Bq, T, N, H], caches [L, B, K, S, H] with N % K == 0, a "
-        "scalar layer, rows [Bq] and pos [Bq]; got q " +
-        Dims(qd) + ", k " + Dims(kd)));
+        "scalar layer, rows [Bq] and pos [Bq]; got q " + Dims(qd) + ", k " + Dims(kd)));
   }
   int cache;
   switch (k.element_type()) {
-    case ffi::DataType::F32:
-      cache = ba::kF32;
-      break;
-    case ffi::DataType::F16:
-      cache = ba::kF16;
-      break;
-    case ffi::DataType::BF16:
-      cache = ba::kBF16;
-      break;
+    case ffi::DataType::F32: cache = ba::kF32; break;
+    case ffi::DataType::F16: cache = ba::kF16; break;
+    case ffi::DataType::BF16: cache = ba::kBF16; break;
     default:
       return ReadyFuture(ffi::Error::InvalidArgument(
           "bitnet_attention caches must be float32, float16 or bfloat16"));
@@ -275,37 +263,30 @@ ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuf
                 h = qd[3];
   const int64_t at = layer.typed_data()[0];
   if (at < 0 || at >= l) {
-    return ReadyFuture(ffi::Error::InvalidArgument("bitnet_attention layer " + std::to_string(at) +
-                                                   " outside the cache " + Dims(kd)));
+    return ReadyFuture(ffi::Error::InvalidArgument(
+        "bitnet_attention layer " + std::to_string(at) + " outside the cache " + Dims(kd)));
   }
   int64_t visible = 0;  // positions read per kv head, summed over rows (the work estimate)
   for (int64_t i = 0; i < b; ++i) {
     const int64_t row = rows.typed_data()[i], p0 = pos.typed_data()[i];
     if (row < 0 || row >= bc || p0 < 0) {
-      return ReadyFuture(ffi::Error::InvalidArgument("bitnet_attention row " + std::to_string(row) +
-                                                     " / position " + std::to_string(p0) +
-                                                     " outside the cache " + Dims(kd)));
+      return ReadyFuture(ffi::Error::InvalidArgument(
+          "bitnet_attention row " + std::to_string(row) + " / position " + std::to_string(p0) +
+          " outside the cache " + Dims(kd)));
     }
     visible += std::min(p0 + t, s);
   }
   if (b == 0 || t == 0 || n == 0 || h == 0) return ReadyFuture();
   const int64_t per_layer = bc * kh * s * h * (cache == ba::kF32 ? 4 : 2);  // bytes
-  const ba::Problem problem{
-      q.typed_data(),
-      static_cast<const char*>(k.untyped_data()) + at * per_layer,
-      static_cast<const char*>(v.untyped_data()) + at * per_layer,
-      rows.typed_data(),
-      pos.typed_data(),
-      out->typed_data(),
-      b,
-      t,
-      n,
-      kh,
-      s,
-      h,
-      cache,
-      g_isa.load(std::memory_order_relaxed) != bt::kScalar && ba::HasAvx2Fma(),
-      g_isa.load(std::memory_order_relaxed) >= bt::kAvx512Vnni && ba::HasAvx512()};
+  const ba::Problem problem{q.typed_data(),
+                            static_cast<const char*>(k.untyped_data()) + at * per_layer,
+                            static_cast<const char*>(v.untyped_data()) + at * per_layer,
+                            rows.typed_data(), pos.typed_data(), out->typed_data(), b, t, n, kh,
+                            s, h, cache,
+                            g_isa.load(std::memory_order_relaxed) != bt::kScalar &&
+                                ba::HasAvx2Fma(),
+                            g_isa.load(std::memory_order_relaxed) >= bt::kAvx512Vnni &&
+                                ba::HasAvx512()};
   auto job = std::make_shared<Job>();
   job->rows = [problem](int64_t u0, int64_t u1) {
     thread_local std::vector<float> scores;
