@@ -161,8 +161,9 @@ ffi::Future TernaryLinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   job->xsum.resize(m);
   job->xq.resize(m * i);
   job->absmax.resize(m);
+  float* gated_out = nullptr;
   ffi::Error error =
-      gated ? CollectGated(m, i, at, job.get(), args, lead + n, outs, problems)
+      gated ? CollectGated(m, i, at, job.get(), args, lead + n, outs, problems, &gated_out)
             : Collect<ffi::F32>("bitnet_ternary_linear", m, i, at, job->xq.data(), job->xsum.data(),
                                 args, lead + n, outs, problems, first_row);
   if (!error.success()) return ReadyFuture(std::move(error));
@@ -182,20 +183,19 @@ ffi::Future TernaryLinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* absmax = job->absmax.data();
   if (gated) {
     const bool vec = isa != bt::kScalar && ba::HasAvx2Fma();
-    job->rows = [problems, isa, scale, absmax, act, vec](int64_t r0, int64_t r1) {
+    job->rows = [problems, isa, scale, absmax, act, vec, gated_out](int64_t r0, int64_t r1) {
       const bt::Problem &g = problems[0], &u = problems[1];
       bt::RunRows(isa, g, r0, r1);
       bt::RunRows(isa, u, r0, r1);
-      bt::ActRows(act, vec, g.out, u.out, reinterpret_cast<float*>(problems[2].out), g.m, g.r, r0,
-                  r1, absmax, scale[0], scale[1]);
+      bt::ActRows(act, vec, g.out, u.out, gated_out, g.m, g.r, r0, r1, absmax, scale[0],
+                  scale[1]);
     };
   } else {
     job->rows = [problems, first_row, isa, scale, absmax, res](int64_t r0, int64_t r1) {
       RunProblems(isa, problems, first_row, r0, r1, [&](size_t j, int64_t lo, int64_t hi) {
         const bt::Problem& p = problems[j];
         float* y = reinterpret_cast<float*>(p.out);
-        bt::ScaleRows(y, p.m, p.r, lo, hi, absmax, scale[j]);
-        if (res != nullptr) bt::AddResidualRows(y, res, p.m, p.r, lo, hi);
+        bt::ScaleRows(y, p.m, p.r, lo, hi, absmax, scale[j], res);
       });
     };
   }

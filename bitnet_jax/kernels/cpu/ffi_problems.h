@@ -22,6 +22,30 @@ namespace bitnet_ffi {
 
 namespace bt = bitnet_ternary;
 
+// Weight j of a call, dimensions wd, with output dimensions od: checks that it is packed
+// [O/4, I] or stacked [L, O/4, I] with matrix `at` in it, and its output [M, 4R]; R to *r.
+inline ffi::Error CheckWeight(const std::string& who, size_t j, ffi::Span<const int64_t> wd,
+                              ffi::Span<const int64_t> od, int64_t m, int64_t i, int64_t at,
+                              int64_t* r) {
+  const bool stacked = wd.size() == 3;
+  if ((wd.size() != 2 && !stacked) || od.size() != 2) {
+    return ffi::Error::InvalidArgument(who + " weight " + std::to_string(j) +
+                                       " must be [O/4, I] or [L, O/4, I], its output [M, O]");
+  }
+  const int64_t l = stacked ? wd[0] : 1;
+  *r = wd[wd.size() - 2];
+  if (wd[wd.size() - 1] != i || od[0] != m || od[1] != 4 * *r) {
+    return ffi::Error::InvalidArgument(who + " shape mismatch: packed " + Dims(wd) + ", out " +
+                                       Dims(od) + " for x [" + std::to_string(m) + ", " +
+                                       std::to_string(i) + "]");
+  }
+  if (at < 0 || at >= l) {
+    return ffi::Error::InvalidArgument(who + " layer " + std::to_string(at) + " is outside [0, " +
+                                       std::to_string(l) + ")");
+  }
+  return ffi::Error::Success();
+}
+
 // The problems of one call of the packed matmuls: n >= 1 weights, each packed [O_j/4, I] or
 // stacked [L, O_j/4, I] (matrix `at` is used; at must be 0 for 2-D weights), against x [M, I]
 // int8 (x_q, built by the caller) with outputs [M, O_j] of element type Out (int32, or float32
@@ -46,23 +70,9 @@ inline ffi::Error Collect(const char* name, int64_t m, int64_t i, int64_t at, co
       return ffi::Error::InvalidArgument(who + " weight/output " + std::to_string(j) +
                                          " has the wrong element type");
     }
-    const auto wd = w->dimensions();
-    const auto od = (*o)->dimensions();
-    const bool stacked = wd.size() == 3;
-    if ((wd.size() != 2 && !stacked) || od.size() != 2) {
-      return ffi::Error::InvalidArgument(who + " weight " + std::to_string(j) +
-                                         " must be [O/4, I] or [L, O/4, I], its output [M, O]");
-    }
-    const int64_t l = stacked ? wd[0] : 1, r = wd[wd.size() - 2];
-    if (wd[wd.size() - 1] != i || od[0] != m || od[1] != 4 * r) {
-      return ffi::Error::InvalidArgument(who + " shape mismatch: packed " + Dims(wd) + ", out " +
-                                         Dims(od) + " for x [" + std::to_string(m) + ", " +
-                                         std::to_string(i) + "]");
-    }
-    if (at < 0 || at >= l) {
-      return ffi::Error::InvalidArgument(who + " layer " + std::to_string(at) + " is outside [0, " +
-                                         std::to_string(l) + ")");
-    }
+    int64_t r;
+    ffi::Error error = CheckWeight(who, j, w->dimensions(), (*o)->dimensions(), m, i, at, &r);
+    if (!error.success()) return error;
     int32_t* out = reinterpret_cast<int32_t*>((*o)->typed_data());
     problems.push_back(bt::Problem{x_q, w->typed_data() + at * r * i, out, xsum, m, i, r});
     first_row.push_back(first_row.back() + r);
@@ -103,12 +113,12 @@ inline int32_t* GatedScratch(Job* job, size_t n) {
   return kept.get();
 }
 
-// The gate and up weights of a gated linear (args first_weight, first_weight + 1; same shape
-// [(L,) R, I]) as problems 0 and 1 writing int32 products to job->gated, and the float32 output
-// [M, 4R] as problems[2].out (act(gate) · up, fused_cpu.h ActRows).
+// The gate and up weights of a gated linear (args first_weight, first_weight + 1; one shape
+// [(L,) R, I]) as problems 0 and 1, their int32 products in GatedScratch, and the float32 output
+// [M, 4R] (act(gate) · up, fused_cpu.h ActRows) to *out.
 inline ffi::Error CollectGated(int64_t m, int64_t i, int64_t at, Job* job, ffi::RemainingArgs args,
                                size_t first_weight, ffi::RemainingRets outs,
-                               std::vector<bt::Problem>& problems) {
+                               std::vector<bt::Problem>& problems, float** out) {
   auto g = args.get<ffi::Buffer<ffi::U8>>(first_weight);
   auto u = args.get<ffi::Buffer<ffi::U8>>(first_weight + 1);
   auto o = outs.get<ffi::Buffer<ffi::F32>>(0);
@@ -118,24 +128,17 @@ inline ffi::Error CollectGated(int64_t m, int64_t i, int64_t at, Job* job, ffi::
         "bitnet_ternary_linear with act needs gate and up uint8 weights of one shape and a "
         "float32 output");
   }
-  const auto wd = g->dimensions();
-  const auto od = (*o)->dimensions();
-  const bool stacked = wd.size() == 3;
-  const int64_t l = stacked ? wd[0] : 1, r = wd.size() >= 2 ? wd[wd.size() - 2] : -1;
-  if ((wd.size() != 2 && !stacked) || wd.back() != i || od.size() != 2 || od[0] != m ||
-      od[1] != 4 * r || at < 0 || at >= l) {
-    return ffi::Error::InvalidArgument("bitnet_ternary_linear act shape mismatch: packed " +
-                                       Dims(wd) + ", out " + Dims(od) + " for x [" +
-                                       std::to_string(m) + ", " + std::to_string(i) + "]");
-  }
+  int64_t r;
+  ffi::Error error =
+      CheckWeight("bitnet_ternary_linear", 0, g->dimensions(), (*o)->dimensions(), m, i, at, &r);
+  if (!error.success()) return error;
   int32_t* scratch = GatedScratch(job, 2 * m * 4 * r);
   for (int k = 0; k < 2; ++k) {
     const uint8_t* w = (k == 0 ? g : u)->typed_data() + at * r * i;
     problems.push_back(
         bt::Problem{job->xq.data(), w, scratch + k * m * 4 * r, job->xsum.data(), m, i, r});
   }
-  problems.push_back(bt::Problem{nullptr, nullptr, reinterpret_cast<int32_t*>((*o)->typed_data()),
-                                 nullptr, m, i, r});
+  *out = (*o)->typed_data();
   return ffi::Error::Success();
 }
 

@@ -1,9 +1,10 @@
 // The rest of a BitLinear's neighbourhood inside the fused linear call (ffi_handlers.cc
 // bitnet_ternary_linear with norm / residual / act; issue 16 item 2, the per-layer glue): the
 // RMSNorm before the activation quantisation, and after the products either the residual add
-// or the gated activation act(gate) * up of the FFN. Same roles and order of operations as the
-// GPU's fused_bitlinear (kernels/gpu/fused.py) and as the XLA composition it replaces
-// (model/layers.py rms_norm and activation, transformer.py's residual adds):
+// or the gated activation act(gate) * up of the FFN (the residual add lives in quantize_cpu.h
+// ScaleRows). Same roles and order of operations as the GPU's fused_bitlinear
+// (kernels/gpu/fused.py) and as the XLA composition it replaces (model/layers.py rms_norm and
+// activation, transformer.py's residual adds):
 //
 //   norm:     y = gain * (x * r),  r = 1 / sqrt(sum_k x[k]^2 / I + eps)   (float32)
 //   residual: out = residual + y                                            (one float add)
@@ -103,18 +104,6 @@ inline void ActRows(int act, bool vec, const int32_t* ga, const int32_t* ua, flo
         out[at + c] = ActOne(act, static_cast<float>(ga[at + c]) * sg) *
                       (static_cast<float>(ua[at + c]) * su);
       }
-    }
-  }
-}
-
-// out += residual over the outputs of packed rows [r0, r1) of an [M, 4R] result (after
-// ScaleRows): the residual stream's add, in the order XLA adds them.
-inline void AddResidualRows(float* out, const float* residual, int64_t m, int64_t r, int64_t r0,
-                            int64_t r1) {
-  for (int64_t t = 0; t < m; ++t) {
-    for (int64_t j = 0; j < 4; ++j) {
-      const int64_t at = t * 4 * r + j * r;
-      for (int64_t c = r0; c < r1; ++c) out[at + c] = residual[at + c] + out[at + c];
     }
   }
 }

@@ -134,19 +134,25 @@ inline void QuantizeRows(int isa, const float* x, int64_t m, int64_t i, int8_t* 
 
 // The outputs of packed rows [r0, r1) of an [M, 4R] int32 product in y (written there by the
 // matmul: packed row r holds output columns r, R + r, 2R + r, 3R + r, ternary_paths.h) turned,
-// in place, into float32 y = float(acc) * (absmax[m] * (scale * (1 / 127))). memcpy keeps the
-// reinterpretation of the buffer well defined; compilers turn it into plain vector code.
+// in place, into float32 y = float(acc) * (absmax[m] * (scale * (1 / 127))), plus residual
+// [M, 4R] when given (the residual stream's add of the o and down projections, rounded as XLA
+// adds them: fused_cpu.h). memcpy keeps the reinterpretation of the buffer well defined;
+// compilers turn it into plain vector code.
 inline void ScaleRows(float* y, int64_t m, int64_t r, int64_t r0, int64_t r1,
-                      const float* absmax, float scale) {
+                      const float* absmax, float scale, const float* residual = nullptr) {
   const float per_step = scale * (1.0f / 127.0f);
   for (int64_t t = 0; t < m; ++t) {
     const float s = absmax[t] * per_step;
     for (int64_t j = 0; j < 4; ++j) {
-      float* out = y + t * 4 * r + j * r;
+      const int64_t at = t * 4 * r + j * r;
+      float* out = y + at;
       for (int64_t c = r0; c < r1; ++c) {
         int32_t a;
         std::memcpy(&a, out + c, sizeof a);
         out[c] = static_cast<float>(a) * s;
+      }
+      if (residual != nullptr) {
+        for (int64_t c = r0; c < r1; ++c) out[c] = residual[at + c] + out[c];
       }
     }
   }
