@@ -58,15 +58,13 @@ CASES = {  # name: (weights' packed rows, norm, residual, act)
 def test_fused_linear_matches_the_composed_ops(xla_optimized, case, m, i, stacked):
     rows, with_norm, with_residual, act = CASES[case]
     x, packed, scales, gain, residual, layer = _operands(m * i, m, i, rows, stacked)
-    kw = dict(norm=gain if with_norm else None, residual=residual if with_residual else None,
-              act=act)
-    got = jax.jit(lambda x, g, r: fused.fused_linear_ffi(
-        x, packed, scales, layer, eps=1e-5, **dict(kw, norm=g if with_norm else None,
-                                                   residual=r if with_residual else None)))(
-        x, gain, residual)
-    want = jax.jit(lambda x: fused.fused_linear_composed(
-        x, tuple(packed), tuple(scales), cpu_ffi._layer_operand(layer), kw["norm"],
-        kw["residual"], eps=1e-5, act=act))(x)
+    norm = gain if with_norm else None
+    res = residual if with_residual else None
+    got = jax.jit(lambda x, g, r: fused.fused_linear_ffi(x, packed, scales, layer, eps=1e-5,
+                                                         norm=g, residual=r, act=act))(x, norm, res)
+    want = jax.jit(lambda x, g, r: fused.fused_linear_composed(
+        x, tuple(packed), tuple(scales), cpu_ffi._layer_operand(layer), g, r, eps=1e-5,
+        act=act))(x, norm, res)
     assert len(got) == len(want) == (1 if with_residual or act else len(rows))
     for g, w in zip(got, want):
         g, w = np.asarray(g), np.asarray(w)

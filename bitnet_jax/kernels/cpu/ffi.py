@@ -103,14 +103,25 @@ def _layer_operand(layer) -> jax.Array:
 
 
 def _packed_call(target: str, dtype, x: jax.Array, layer: jax.Array, extra: tuple,
-                 packed: tuple, **attrs) -> tuple:
+                 packed: tuple, outputs: int | None = None, vmap_method: str | None = None,
+                 **attrs) -> tuple:
     """One custom call of `target`: x [M, I], the layer index, `extra` operands, then the weights
-    [(L,) O_j/4, I] -> tuple of [M, O_j] `dtype` (zeros without a call when a size is 0)."""
+    [(L,) O_j/4, I] -> tuple of [M, O_j] `dtype` (zeros without a call when a size is 0), the
+    first `outputs` of them only when given (cpu/fused.py's act(gate) · up); attrs: the call's
+    attributes."""
     m = x.shape[0]
-    outs = tuple(jax.ShapeDtypeStruct((m, 4 * w.shape[-2]), dtype) for w in packed)
+    outs = tuple(jax.ShapeDtypeStruct((m, 4 * w.shape[-2]), dtype) for w in packed)[:outputs]
     if m == 0 or any(w.shape[-2] == 0 for w in packed):
         return tuple(jnp.zeros(o.shape, dtype) for o in outs)
-    return tuple(jax.ffi.ffi_call(target, outs)(x, layer, *extra, *packed, **attrs))
+    call = jax.ffi.ffi_call(target, outs, vmap_method=vmap_method)
+    return tuple(call(x, layer, *extra, *packed, **attrs))
+
+
+def linear_attrs(eps: float = 0.0, norm: bool = False, residual: bool = False,
+                 act: int = 0) -> dict:
+    """The attributes of a bitnet_ternary_linear call (all off: the bare fused linear)."""
+    return dict(eps=np.float32(eps), norm=np.int32(norm), residual=np.int32(residual),
+                act=np.int32(act))
 
 
 def _ffi_matmul(x_q: jax.Array, layer: jax.Array, *packed: jax.Array) -> tuple:
@@ -209,8 +220,7 @@ def _ffi_linear(x: jax.Array, layer: jax.Array, *scales_and_packed: jax.Array) -
     """x [M, I] float32, n scales, n weights -> tuple of [M, O_j] float32 (the fused linear)."""
     n = len(scales_and_packed) // 2
     return _packed_call(LINEAR_TARGET, jnp.float32, x, layer, scales_and_packed[:n],
-                        scales_and_packed[n:], eps=np.float32(0), norm=np.int32(0),
-                        residual=np.int32(0), act=np.int32(0))  # the bare linear (fused.py)
+                        scales_and_packed[n:], **linear_attrs())
 
 
 @jax.custom_batching.custom_vmap
@@ -263,14 +273,21 @@ def ternary_linear_many_ffi(x: jax.Array, packed: list, scales: list, layer=None
     Returns:
       list of [M, O_j] float32.
     """
+    scales = linear_operands("ternary_linear_many_ffi", x, packed, scales, layer)
+    return list(_linear(x.astype(jnp.float32), _layer_operand(layer), *scales, *packed))
+
+
+def linear_operands(who: str, x: jax.Array, packed: list, scales: list, layer) -> list:
+    """Checks of a fused linear's x and weights (and that the library is loaded); its scales
+    as float32 [] or [L] (with `layer`) arrays."""
     for w in packed:
         _check(x, w, layer, int8=False)
     require_library()
     scales = [jnp.asarray(s, jnp.float32) for s in scales]
     if any(s.ndim > 1 or (s.ndim == 1 and layer is None) for s in scales):
-        raise KernelError("ternary_linear_many_ffi takes scalar scales, or [L] scales with a "
-                          f"layer index; got shapes {[s.shape for s in scales]}.")
-    return list(_linear(x.astype(jnp.float32), _layer_operand(layer), *scales, *packed))
+        raise KernelError(f"{who} takes scalar scales, or [L] scales with a layer index; got "
+                          f"shapes {[s.shape for s in scales]}.")
+    return scales
 
 
 # ------------------------------------------------------------------------------------------------

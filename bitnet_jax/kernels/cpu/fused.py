@@ -21,12 +21,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from bitnet_jax.errors import KernelError
 from bitnet_jax.kernels.cpu import ffi
 from bitnet_jax.kernels.cpu.library import LINEAR_TARGET
-from bitnet_jax.quant import dequantize_products, quantize_activations
 
 ACTS = {"silu": 1, "relu2": 2}  # fused_cpu.h Act
 
@@ -48,32 +46,25 @@ def _act(name: str, g: jax.Array) -> jax.Array:
 def fused_linear_composed(x, packed, scales, layer, norm, residual, *, eps: float, act):
     """What the fused call computes, as the XLA ops it replaces (for the JVP and the tests).
 
-    Same arguments as `fused_linear_ffi` (x float32, scales float32 [] or [L]); returns a tuple.
+    Same arguments as `fused_linear_ffi` (x float32, scales float32 [] or [L], layer the int32
+    operand); returns a tuple. The bare linear's part is ffi's own composition.
     """
     if norm is not None:
         x = _rms_norm(x, norm if norm.ndim == 1 else norm[layer], eps)
-    x_q, step = quantize_activations(x)
-    accs = ffi.ternary_matmul_many_ffi(x_q, list(packed), layer if packed[0].ndim == 3 else None)
-    ys = [dequantize_products(a, step, s if s.ndim == 0 else s[layer])
-          for a, s in zip(accs, scales)]
+    ys = ffi._linear_composed(x, layer, *scales, *packed)
     if act is not None:
         return (_act(act, ys[0]) * ys[1],)
     if residual is not None:
         return (residual + ys[0],)
-    return tuple(ys)
+    return ys
 
 
 def _call(x, packed, scales, layer, norm, residual, *, eps, act):
-    m = x.shape[0]
-    sizes = [4 * w.shape[-2] for w in packed][:1 if act is not None else None]
-    outs = tuple(jax.ShapeDtypeStruct((m, o), jnp.float32) for o in sizes)
-    if m == 0 or any(o == 0 for o in sizes):
-        return tuple(jnp.zeros(o.shape, jnp.float32) for o in outs)
     lead = tuple(a for a in (norm, residual) if a is not None)
-    call = jax.ffi.ffi_call(LINEAR_TARGET, outs, vmap_method="sequential")
-    return tuple(call(x, layer, *lead, *scales, *packed, eps=np.float32(eps),
-                      norm=np.int32(norm is not None), residual=np.int32(residual is not None),
-                      act=np.int32(ACTS.get(act, 0))))
+    attrs = ffi.linear_attrs(eps, norm is not None, residual is not None, ACTS.get(act, 0))
+    return ffi._packed_call(LINEAR_TARGET, jnp.float32, x, layer, (*lead, *scales), packed,
+                            outputs=1 if act is not None else None, vmap_method="sequential",
+                            **attrs)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7))
@@ -108,15 +99,11 @@ def fused_linear_ffi(x: jax.Array, packed: list, scales: list, layer=None, *,
     Returns:
       list of [M, O_j] float32; one [M, O] with `residual` or `act`.
     """
-    for w in packed:
-        ffi._check(x, w, layer, int8=False)
-    ffi.require_library()
     m, i = x.shape
-    scales = [jnp.asarray(s, jnp.float32) for s in scales]
-    if len(scales) != len(packed) or any(s.ndim > 1 or (s.ndim == 1 and layer is None)
-                                         for s in scales):
-        raise KernelError("fused_linear_ffi takes one scale per weight: a scalar, or [L] with a "
-                          f"layer index; got shapes {[s.shape for s in scales]}.")
+    scales = ffi.linear_operands("fused_linear_ffi", x, packed, scales, layer)
+    if len(scales) != len(packed):
+        raise KernelError(f"fused_linear_ffi takes one scale per weight; got {len(scales)} for "
+                          f"{len(packed)} weights.")
     if act is not None and (act not in ACTS or len(packed) != 2
                             or packed[0].shape != packed[1].shape or residual is not None):
         raise KernelError(f"fused_linear_ffi(act={act!r}) needs act 'silu' or 'relu2' and "
