@@ -4,7 +4,8 @@ tests/test_attention.py runs the kernel under the machine's best path and the po
 an AVX-512 machine that never reaches the AVX2 unit, which the avx2 and avxvnni paths (and
 AVX2-only CPUs) run for H = 64, 96 and 128. Here every supported path runs, with the unit's H
 values, decode (T = 1, with its prefetches and the next unit's keys) and prefill chunks, and
-visible lengths that are not multiples of 8 (the masked exp tail).
+visible lengths that are not multiples of 8 (the masked exp tail), and the tiled prefill units
+(attention_prefill.h) that prefill chunks with H a multiple of 16 run on these paths.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ UNIT_CASES = [
     (8, 2, 128, 2, 1, 24, (17, 23)),
     (4, 2, 96, 1, 5, 32, (9,)),
     (4, 4, 128, 1, 9, 20, (0,)),
+    # the tiled prefill units (attention_prefill.h): several query blocks over several key
+    # blocks (the large shape's heads), G = 4 (2B4T) in two rows, G = 3 (groups of 4 rows
+    # plus single rows, a last block of one query), G = 32 > 16 (one query per unit) with
+    # positions past the cache dropped
+    (16, 16, 96, 1, 40, 64, (5,)),
+    (20, 5, 128, 2, 7, 48, (30, 3)),
+    (6, 2, 64, 1, 11, 24, (0,)),
+    (32, 1, 64, 1, 3, 16, (14,)),
 ]
 
 

@@ -50,6 +50,25 @@ BITNET_ATTN_TARGET inline float Sum8(__m256 a) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+// Scores sc[0, len) (max mx) -> their softmax in place, and sc[len, end) -> 0 (end >= len a
+// multiple of 8; the lanes past len are masked, whatever they held).
+BITNET_ATTN_TARGET inline void SoftmaxRow(float* sc, int64_t len, int64_t end, float mx) {
+  __m256 total = _mm256_setzero_ps();
+  const __m256 mxv = _mm256_set1_ps(mx);
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t s = 0; s < end; s += 8) {
+    const __m256i left = _mm256_set1_epi32(static_cast<int>(std::max<int64_t>(len - s, 0)));
+    const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(left, iota));
+    const __m256 e = _mm256_and_ps(Exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + s), mxv)), live);
+    _mm256_storeu_ps(sc + s, e);
+    total = _mm256_add_ps(total, e);
+  }
+  const __m256 inv = _mm256_set1_ps(1.0f / Sum8(total));
+  for (int64_t s = 0; s < end; s += 8) {
+    _mm256_storeu_ps(sc + s, _mm256_mul_ps(_mm256_loadu_ps(sc + s), inv));
+  }
+}
+
 // Output columns [8 * J0, 8 * (J0 + NJ)) of one query head: o = sum_s w[s] * v[s], then stored.
 template <int C, int J0, int NJ>
 BITNET_ATTN_TARGET inline void ValuePass(const Problem& p, int64_t base, int64_t len,
@@ -100,20 +119,7 @@ BITNET_ATTN_TARGET inline void RunUnit256(const Problem& p, int64_t unit, int64_
       sc[s] = v;
       mx = v > mx ? v : mx;
     }
-    __m256 total = _mm256_setzero_ps();
-    const __m256 mxv = _mm256_set1_ps(mx);
-    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    for (int64_t s = 0; s < len; s += 8) {
-      const __m256i left = _mm256_set1_epi32(static_cast<int>(len - s));
-      const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(left, iota));
-      const __m256 e = _mm256_and_ps(Exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + s), mxv)), live);
-      _mm256_storeu_ps(sc + s, e);  // lanes past len: zeros in the padding
-      total = _mm256_add_ps(total, e);
-    }
-    const __m256 inv = _mm256_set1_ps(1.0f / Sum8(total));
-    for (int64_t s = 0; s < len; s += 8) {
-      _mm256_storeu_ps(sc + s, _mm256_mul_ps(_mm256_loadu_ps(sc + s), inv));
-    }
+    SoftmaxRow(sc, len, (len + 7) & ~int64_t{7}, mx);
     const bool pf = gi == g - 1;
     float* out = p.out + row * h;
     if constexpr (NV <= 12) {

@@ -14,7 +14,8 @@
 //
 // Why a kernel: inside lax.scan XLA copies the layer's [B, K, S, H] slice of each cache before
 // its dot (3 MB per layer of the large model at S=256, 5 ms of a 20 ms decode step here), and it
-// reads all S slots; this reads only the visible ones, in place.
+// reads all S slots; this reads only the visible ones, in place. Prefill chunks (T > 1) on AVX2
+// run the tiled units of attention_prefill.h (NumUnits / RunUnits choose).
 
 #ifndef BITNET_JAX_KERNELS_ATTENTION_CPU_H_
 #define BITNET_JAX_KERNELS_ATTENTION_CPU_H_
@@ -382,5 +383,7 @@ inline bool HasAvx512() {
 }
 
 }  // namespace bitnet_attention
+
+#include "attention_prefill.h"  // T > 1 tiled; NumUnits / RunUnits, the handler's entry points
 
 #endif  // BITNET_JAX_KERNELS_ATTENTION_CPU_H_

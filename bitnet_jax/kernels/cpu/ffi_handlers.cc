@@ -232,7 +232,7 @@ ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer
 // q [Bq, T, N, H] float32, k/v caches [L, B, K, S, H] (float32, float16 or bfloat16), layer
 // int32 scalar, rows [Bq] and pos [Bq] int32 -> out [Bq, T, N, H]: query t of row i attends
 // over positions 0..pos[i]+t of cache row rows[i] in layer `layer` (attention_cpu.h). One work
-// unit per (row, kv head, query).
+// unit per (row, kv head, query), or per block of queries in prefill (attention_prefill.h).
 ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
                       ffi::AnyBuffer v, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows,
                       ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> out) {
@@ -289,12 +289,12 @@ ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuf
                                 ba::HasAvx512()};
   auto job = std::make_shared<Job>();
   job->rows = [problem](int64_t u0, int64_t u1) {
-    thread_local std::vector<float> scores;
-    for (int64_t u = u0; u < u1; ++u) ba::RunUnit(problem, u, u + 1 < u1 ? u + 1 : -1, scores);
+    thread_local std::vector<float> scratch;
+    ba::RunUnits(problem, u0, u1, scratch);
   };
-  const int64_t units = b * kh * t;
-  // Work ~ bytes of cache read: the visible positions of k and v per unit.
-  return Run(pool, job, units, 1, visible * kh * t * h * (cache == ba::kF32 ? 8 : 4));
+  // Work ~ bytes of cache read: the visible positions of k and v per query.
+  return Run(pool, job, ba::NumUnits(problem), 1,
+             visible * kh * t * h * (cache == ba::kF32 ? 8 : 4));
 }
 
 }  // namespace
