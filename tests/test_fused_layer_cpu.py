@@ -128,3 +128,39 @@ def test_fused_linear_refuses_what_it_cannot_compute(kw, match):
     x, packed, scales, _, _, layer = _operands(5, 2, 64, [8] * n, True)
     with pytest.raises(cpu_ffi.KernelError, match=match):
         fused.fused_linear_ffi(x, packed, scales, layer, **kw)
+
+
+def test_layer_scan_hands_the_norm_gains_whole(tiny_cfg, tiny_packed_params):
+    """Where every projection is one fused kernel call, model.apply's layer scan passes the
+    [L, D] norm gains whole and the kernel reads gain `layer` (a scan slice is one more XLA op
+    per norm and layer); elsewhere they are sliced as before, and the XLA path of
+    bitlinear_many still takes a whole stack (it slices gain `layer` itself)."""
+    from bitnet_jax.kernels.stacked import scan_layers
+    from bitnet_jax.model.bitlinear import NORMS, bitlinear_many, whole_norms
+    from bitnet_jax.model.policy import Policy
+
+    layers = tiny_packed_params["layers"]
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 3, tiny_cfg.hidden_size)),
+                    jnp.float32)
+    assert whole_norms(layers, x, Policy(kernel="ffi")) == NORMS
+    assert whole_norms(layers, x, Policy(kernel="xla")) == ()
+    assert whole_norms(layers, x, Policy(kernel="ffi", compute_dtype="bfloat16")) == ()
+    assert whole_norms(tiny_packed_params["embed_tokens"], x, Policy(kernel="ffi")) == ()
+    mixed = {**layers, "mlp": {**layers["mlp"], "up_proj": jnp.zeros((2, 48, 32))}}  # latent
+    assert whole_norms(mixed, x, Policy(kernel="ffi")) == ()
+
+    seen = []
+
+    def body(p, layer, carry):
+        seen.append((p["input_layernorm"].shape, p["mlp"]["ffn_sub_norm"].shape,
+                     p["self_attn"]["q_proj"]["scale"].shape))
+        ws = [p["self_attn"]["q_proj"]]
+        whole = bitlinear_many(carry, ws, Policy(kernel="xla"), norm=p["input_layernorm"])[0]
+        sliced = bitlinear_many(carry, ws, Policy(kernel="xla"),
+                                norm=p["input_layernorm"][layer])[0]
+        return carry + 0 * jnp.sum(whole - sliced) + jnp.max(jnp.abs(whole - sliced))
+
+    out = scan_layers(body, layers, x, whole=NORMS)
+    d, f = tiny_cfg.hidden_size, tiny_cfg.intermediate_size
+    assert seen == [((tiny_cfg.num_hidden_layers, d), (tiny_cfg.num_hidden_layers, f), ())]
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(x))  # whole == sliced gain

@@ -8,12 +8,15 @@ bytes again as the kernel reads. So the packed uint8 [L, O/4, I] arrays are not 
 both to the kernel (the CPU and Pallas GPU kernels read matrix l in place; XLA slices it, which
 on a GPU unpacks one layer at a time). The whole [L] "scales" serve the fused CPU linear, which
 reads scale l itself: a scan slice passed to a custom call is one more XLA op per weight and
-layer. Everything else is scanned as usual.
+layer. For the same reason the leaves named in `whole` (the norm gains, where the fused CPU
+linear reads gain l itself: model/bitlinear.py `whole_norms`) are handed whole, [L, ...].
+Everything else is scanned as usual.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +24,13 @@ import jax.numpy as jnp
 from bitnet_jax.quant import is_packed
 
 
-def scan_layers(body: Callable, layers: dict, carry):
+class _Whole(NamedTuple):
+    """A leaf handed to every layer whole ([L, ...]), not sliced."""
+
+    array: jax.Array
+
+
+def scan_layers(body: Callable, layers: dict, carry, *, whole: Collection[str] = ()):
     """Run `carry = body(layer_params, layer, carry)` over the L stacked layers, in order.
 
     Args:
@@ -29,11 +38,13 @@ def scan_layers(body: Callable, layers: dict, carry):
         params carry the whole stack and the layer index (module docstring).
       layers: the stacked per-layer params (every leaf has a leading L axis).
       carry: the loop state (any pytree: the residual stream, the KV cache, ...).
+      whole: names of array leaves (at any depth) that every layer gets whole, [L, ...]: the
+        body indexes them with the layer index itself.
 
     Returns:
       The final carry.
     """
-    xs, stacks = _split_stacks(layers)
+    xs, stacks = _split_stacks(layers, frozenset(whole))
 
     def step(state, p):
         carry, layer = state
@@ -43,23 +54,31 @@ def scan_layers(body: Callable, layers: dict, carry):
     return carry
 
 
-def _split_stacks(layers):
+def _split_stacks(layers, whole: frozenset):
     """Split the stacked params into (xs, stacks): stacks holds each packed leaf's uint8 array
-    and its [L] scales (None elsewhere), xs everything else (the scales too: scanned as usual)."""
+    and its [L] scales, and each `whole` leaf (None elsewhere), xs everything else (the scales
+    too: scanned as usual)."""
     if is_packed(layers):
         return ({k: v for k, v in layers.items() if k != "packed"},
                 (layers["packed"], layers["scale"]))
     if isinstance(layers, dict):
-        pairs = {k: _split_stacks(v) for k, v in layers.items()}
-        return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+        xs, stacks = {}, {}
+        for k, v in layers.items():
+            if k in whole and not isinstance(v, dict):
+                stacks[k] = _Whole(v)
+            else:
+                xs[k], stacks[k] = _split_stacks(v, whole)
+        return xs, stacks
     return layers, None
 
 
 def _join_stacks(xs, stacks, layer):
-    """One layer's params from a scan slice of xs, the packed stacks and the layer index."""
+    """One layer's params from a scan slice of xs, the stacks and the layer index."""
     if stacks is None:
         return xs
+    if isinstance(stacks, _Whole):
+        return stacks.array
     if not isinstance(stacks, dict):
         packed, scales = stacks
         return {**xs, "packed": packed, "scales": scales, "layer": layer}
-    return {k: _join_stacks(xs[k], stacks[k], layer) for k in xs}
+    return {k: _join_stacks(xs.get(k), stacks[k], layer) for k in stacks}

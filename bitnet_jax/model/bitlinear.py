@@ -64,7 +64,8 @@ def bitlinear_many(x: jax.Array, ws: list, policy: Policy, quantized: bool = Tru
     Args:
       x: [..., I] activations in the compute dtype (the raw residual stream with `norm`).
       ws: BitLinear leaves, all with input size I.
-      norm: None, or the gain [I] of an RMSNorm applied to x first (layers.rms_norm, eps).
+      norm: None, or the gain [I] of an RMSNorm applied to x first (layers.rms_norm, eps); or
+        the layer scan's whole stack [L, I] (`whole_norms`), of which gain ws[0]["layer"].
       residual: None or [..., O] (one leaf): the result is residual + the projection.
       act: None or the FFN activation's name (two leaves, gate and up): the result is
         act(gate) · up, computed in float32 (layers.activation).
@@ -76,6 +77,8 @@ def bitlinear_many(x: jax.Array, ws: list, policy: Policy, quantized: bool = Tru
     if fused is not None:
         return fused
     if norm is not None:
+        if norm.ndim == 2:  # [L, I]: the gain of this layer
+            norm = jax.lax.dynamic_index_in_dim(norm, ws[0]["layer"], 0, keepdims=False)
         x = rms_norm(x, norm, eps)
     ys = _projections(x, ws, policy, quantized)
     if act is not None:
@@ -84,6 +87,26 @@ def bitlinear_many(x: jax.Array, ws: list, policy: Policy, quantized: bool = Tru
     if residual is not None:
         return [residual + ys[0]]
     return ys
+
+
+# The per-layer RMSNorm gains, each the `norm` of one bitlinear_many call of model.block.
+NORMS = ("input_layernorm", "post_attention_layernorm", "attn_sub_norm", "ffn_sub_norm")
+
+
+def whole_norms(layers: dict, x: jax.Array, policy: Policy) -> tuple[str, ...]:
+    """The norm gains the layer scan can hand whole ([L, I], kernels/stacked.py): all of NORMS
+    where every packed projection of x is one CPU kernel call that also runs the norm and reads
+    gain `layer` itself (`_kernel_call`: float32, the "ffi" kernel on one device), else none.
+    A scan slice of each gain is one XLA op per norm and layer (~2-5 us on a CPU)."""
+    leaves = jax.tree.leaves(layers, is_leaf=is_packed)
+    packed = [w for w in leaves if is_packed(w)]
+    latent = [w for w in leaves if not is_packed(w) and w.ndim >= 3]  # float [L, O, I] weights
+    if not packed or latent or policy.compute != jnp.float32:
+        return ()
+    x2 = x.reshape(-1, x.shape[-1])
+    if not kernels.linear_fusable(policy.kernel, x2, [w["packed"] for w in packed], 0):
+        return ()
+    return NORMS
 
 
 def _kernel_call(x: jax.Array, ws: list, policy: Policy, **extras) -> list | None:

@@ -34,7 +34,7 @@ from bitnet_jax.kernels.stacked import scan_layers
 from bitnet_jax.model import cache as kv_cache
 from bitnet_jax.model import fused
 from bitnet_jax.model.attention import attention
-from bitnet_jax.model.bitlinear import bitlinear_many
+from bitnet_jax.model.bitlinear import bitlinear_many, whole_norms
 from bitnet_jax.model.config import ModelConfig
 from bitnet_jax.model.layers import rms_norm, rope_frequencies
 from bitnet_jax.model.policy import Policy, get_policy
@@ -133,7 +133,8 @@ def apply(params: dict, tokens: jax.Array, cfg: ModelConfig, policy: Policy | st
     if fused.usable(params["layers"], x, cache, cfg, policy, slot):  # GPU decode: 5 launches/layer
         x, cache = fused.decode_layers(params["layers"], x, cache, pos, cos, sin, cfg)
     else:
-        x, cache = scan_layers(layer_step, params["layers"], (x, cache))
+        x, cache = scan_layers(layer_step, params["layers"], (x, cache),
+                               whole=whole_norms(params["layers"], x, policy))
     return rms_norm(x, params["norm"], cfg.rms_norm_eps), cache
 
 
