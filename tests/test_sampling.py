@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from bitnet_jax.errors import GenerationError
-from bitnet_jax.runtime.sampling import (SamplingParams, apply_repetition_penalty, keep_mask, knob_arrays,
-                                 sample)
+from bitnet_jax.runtime.sampling import (SamplingParams, apply_repetition_penalty, keep_mask,
+                                         knob_arrays, sample, sample_checked)
 
 V = 37
 B = 512  # rows per sampler call: one compiled program serves most tests
@@ -148,3 +148,67 @@ def test_a_row_samples_the_same_alone_or_beside_a_filtering_row():
 def test_invalid_sampling_params_raise(field, value):
     with pytest.raises(GenerationError, match=field):
         SamplingParams(**{field: value})
+
+
+def _greedy_cases():
+    """(logits [B, V], seen, penalties): random rows, NaN and inf, every logit -inf, ties
+    (the first maximum wins), ties made by the penalty, one row, and a vocabulary that is
+    not a multiple of 8 (the kernel's scalar tail)."""
+    rng = np.random.default_rng(3)
+    cases = []
+    for b, v in ((8, 32002), (5, 1000), (1, 7), (3, 61)):
+        for kind in ("random", "nonfinite", "all_neg_inf", "ties", "penalty_ties"):
+            x = (rng.standard_normal((b, v)) * 3).astype(np.float32)
+            if kind == "nonfinite":
+                x[0, v // 2] = np.nan
+                x[0, v // 3] = np.nan
+                x[-1, v - 1] = np.inf
+                x[b // 2, 1] = -np.inf
+            elif kind == "all_neg_inf":
+                x[:] = -np.inf
+            elif kind == "ties":
+                x[:, 1::3] = x.max()
+            elif kind == "penalty_ties":
+                x = np.round(x)
+            seen = rng.random((b, v)) < 0.3
+            penalty = rng.choice([1.0, 1.3, 0.7, 2.0], b).astype(np.float32)
+            cases.append(pytest.param(x, seen, penalty, id=f"{b}x{v}-{kind}"))
+    return cases
+
+
+@pytest.mark.parametrize("logits,seen,penalty", _greedy_cases())
+def test_cpu_greedy_kernel_gives_the_xla_tokens(logits, seen, penalty):
+    # The greedy choice and the finite check of a decode step through the CPU kernel
+    # (kernels/cpu/greedy_cpu.h) are sampling's own: the argmax of the penalised logits (the
+    # first maximum, or the first NaN) and all(isfinite) before the penalty, on every path.
+    from bitnet_jax.kernels.cpu import ffi as cpu_ffi
+
+    if jax.default_backend() != "cpu" or not cpu_ffi.available():
+        pytest.skip(f"CPU FFI extension not available: {cpu_ffi.unavailable_reason()}")
+    b = logits.shape[0]
+    knobs = {k: jnp.asarray(v) for k, v in knob_arrays(
+        [SamplingParams(temperature=0.0, repetition_penalty=float(p)) for p in penalty]).items()}
+    want_tok = np.argmax(np.asarray(apply_repetition_penalty(jnp.asarray(logits),
+                                                             jnp.asarray(seen),
+                                                             jnp.asarray(penalty))), axis=-1)
+    want_finite = np.isfinite(logits).all(axis=-1)
+    previous = cpu_ffi.isa()
+    try:
+        for isa in sorted({previous, "scalar"}):
+            cpu_ffi.set_isa(isa)
+            for kernel in ("ffi", "xla"):
+                tok, finite = jax.jit(sample_checked, static_argnames="kernel")(
+                    jnp.asarray(logits), jnp.asarray(seen), knobs, jnp.zeros((b,), jnp.int32),
+                    kernel=kernel)
+                np.testing.assert_array_equal(np.asarray(tok), want_tok, err_msg=f"{isa} {kernel}")
+                np.testing.assert_array_equal(np.asarray(finite), want_finite, err_msg=isa)
+    finally:
+        cpu_ffi.set_isa(previous)
+
+
+def test_cpu_greedy_kernel_refuses_bad_shapes():
+    from bitnet_jax.kernels.cpu import ffi as cpu_ffi
+    from bitnet_jax.kernels.cpu.greedy import greedy_ffi
+
+    with pytest.raises(cpu_ffi.KernelError, match=r"logits \[B, V\], seen \[B, V\] and penalty"):
+        greedy_ffi(jnp.zeros((2, 5)), jnp.zeros((2, 4), bool), jnp.ones((2,)))

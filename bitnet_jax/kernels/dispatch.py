@@ -28,6 +28,7 @@ import jax
 from bitnet_jax.kernels import sharded
 from bitnet_jax.kernels.cpu import ffi as cpu_ffi
 from bitnet_jax.kernels.cpu import fused as cpu_fused
+from bitnet_jax.kernels.cpu import greedy as cpu_greedy
 from bitnet_jax.kernels.gpu import fallback as gpu_fallback
 from bitnet_jax.kernels.gpu.platform import default_platform
 from bitnet_jax.kernels.xla import int8_matmul_xla, ternary_matmul_xla
@@ -165,6 +166,19 @@ def attention_kernel(kernel: str, q: jax.Array, cache_k: jax.Array) -> str:
         return "xla"
     usable = cpu_ffi.attention_usable(q, cache_k) and sharded.attention_shardable(q, cache_k)
     return "ffi" if usable else "xla"
+
+
+def greedy_usable(kernel: str, logits: jax.Array) -> bool:
+    """Whether the greedy choice runs the CPU kernel (`greedy_tokens`): "ffi" (or "auto" on a
+    CPU) with the extension loaded, logits on one device."""
+    return (choose_kernel(kernel) == "ffi" and cpu_ffi.available()
+            and sharded.mesh_of(logits) is None)
+
+
+def greedy_tokens(logits: jax.Array, seen: jax.Array, penalty: jax.Array):
+    """(argmax of the repetition-penalised logits [B] int32, all logits finite [B] bool) in one
+    CPU call (cpu/greedy.py): logits [B, V] float32, seen [B, V] bool, penalty [B]."""
+    return cpu_greedy.greedy_ffi(logits, seen, penalty)
 
 
 def fused_decode(kernel: str, dtype, batch: int, weights: list, cache_k: jax.Array,

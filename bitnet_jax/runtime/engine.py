@@ -176,11 +176,12 @@ def prefill(params: dict, state: dict, tokens: jax.Array, slot: jax.Array, start
     h_last = jax.lax.dynamic_index_in_dim(h[0], jnp.clip(n_valid - 1, 0, t - 1), 0,
                                           keepdims=False)  # [D]
     logits = model_lib.unembed(params, h_last[None], cfg, policy).astype(jnp.float32)  # [1, V]
-    tok = sampling.sample(logits, seen[None], knobs, jnp.zeros((1,), jnp.int32))
+    tok, row_finite = sampling.sample_checked(logits, seen[None], knobs,
+                                              jnp.zeros((1,), jnp.int32), kernel=policy.kernel)
     length = start + n_valid
     is_eos = jnp.any(tok[0] == eos[0])
     done = ~last | is_eos | (knobs["max_new"][0] <= 1) | (length >= s)
-    finite = ~last | jnp.all(jnp.isfinite(logits))
+    finite = ~last | row_finite[0]
     seen = jnp.where(last, seen.at[tok[0]].set(True), seen)
     row = {"length": length, "token": jnp.where(last, tok[0], 0),
            "count": last.astype(jnp.int32), "done": done, "seen": seen,
@@ -234,10 +235,10 @@ def decode(params: dict, state: dict, n_steps: jax.Array, stop: jax.Array, *, cf
         logits = model_lib.unembed(params, h[:, 0], cfg, policy).astype(jnp.float32)  # [b, V]
         active = ~st["done"]
         knobs = st["knobs"]
-        tok = sampling.sample(logits, st["seen"], knobs, st["count"])
+        tok, finite = sampling.sample_checked(logits, st["seen"], knobs, st["count"],
+                                              kernel=policy.kernel)
         count = st["count"] + active
         length = st["length"] + active
-        finite = jnp.all(jnp.isfinite(logits), axis=-1)
         is_eos = jnp.any(tok[:, None] == st["eos"], axis=1)
         ended = is_eos | (count >= knobs["max_new"]) | (length >= s) | ~finite
         seen = st["seen"].at[jnp.arange(b), jnp.where(active, tok, cfg.vocab_size)].set(

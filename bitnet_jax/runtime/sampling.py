@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bitnet_jax import kernels
 from bitnet_jax.errors import GenerationError
 
 KNOB_DTYPES = {
@@ -135,7 +136,8 @@ def gumbel_noise(seeds: jax.Array, steps: jax.Array, vocab: int) -> jax.Array:
     return jax.vmap(one_row)(seeds, steps)
 
 
-def sample(logits: jax.Array, seen: jax.Array, knobs: dict, steps: jax.Array) -> jax.Array:
+def sample(logits: jax.Array, seen: jax.Array, knobs: dict, steps: jax.Array, *,
+           kernel: str = "auto") -> jax.Array:
     """Choose one token per row.
 
     Args:
@@ -144,18 +146,33 @@ def sample(logits: jax.Array, seen: jax.Array, knobs: dict, steps: jax.Array) ->
       knobs: {name: [B] array} from `knob_arrays` (temperature, top_k, top_p, min_p,
         repetition_penalty, seed).
       steps: [B] int32 generation step of each row (folded into its random key).
+      kernel: the policy's kernel: "ffi" (and "auto" on a CPU) takes the greedy choice from
+        the CPU kernel (kernels.greedy_tokens; the same tokens).
 
     Returns:
       [B] int32 token ids.
     """
-    logits = apply_repetition_penalty(logits.astype(jnp.float32), seen,
-                                      knobs["repetition_penalty"])
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return sample_checked(logits, seen, knobs, steps, kernel=kernel)[0]
+
+
+def sample_checked(logits: jax.Array, seen: jax.Array, knobs: dict, steps: jax.Array, *,
+                   kernel: str = "auto") -> tuple[jax.Array, jax.Array]:
+    """`sample`, and whether each row's logits are all finite ([B] bool; the engine ends a row
+    whose logits are not), the two from one pass over the logits where the CPU kernel runs."""
+    logits = logits.astype(jnp.float32)
+    penalty = knobs["repetition_penalty"]
+    if kernels.greedy_usable(kernel, logits):
+        greedy, finite = kernels.greedy_tokens(logits, seen, penalty)
+    else:
+        greedy = jnp.argmax(apply_repetition_penalty(logits, seen, penalty),
+                            axis=-1).astype(jnp.int32)
+        finite = jnp.all(jnp.isfinite(logits), axis=-1)
     temperature = knobs["temperature"]
     random_rows = temperature > 0
 
     def draw(_):
-        scaled = logits / jnp.where(random_rows, temperature, 1.0)[:, None]
+        penalised = apply_repetition_penalty(logits, seen, penalty)
+        scaled = penalised / jnp.where(random_rows, temperature, 1.0)[:, None]
         noise = gumbel_noise(knobs["seed"], steps, logits.shape[-1])
         filtering = random_rows & ((knobs["top_k"] > 0) | (knobs["top_p"] < 1.0)
                                    | (knobs["min_p"] > 0.0))
@@ -164,7 +181,7 @@ def sample(logits: jax.Array, seen: jax.Array, knobs: dict, steps: jax.Array) ->
         return jax.lax.cond(jnp.any(filtering), _filtered_draw, _plain_draw, scaled, noise, knobs)
 
     drawn = jax.lax.cond(jnp.any(random_rows), draw, lambda _: greedy, None)
-    return jnp.where(random_rows, drawn, greedy)
+    return jnp.where(random_rows, drawn, greedy), finite
 
 
 def _plain_draw(scaled, noise, knobs):

@@ -8,6 +8,8 @@
 //                          (fused_cpu.h)
 //   bitnet_int8_matmul     int8 x int8 LM head (int8_cpu.h GEMV, int8_gemm.h GEMM)
 //   bitnet_attention       attention over one layer of the stacked KV cache (attention_cpu.h)
+//   bitnet_greedy          greedy next tokens of penalised logits, and their finiteness
+//                          (greedy_cpu.h)
 //
 // Built by setup.py against the FFI headers shipped in jaxlib (jax.ffi.include_dir()) into
 // bitnet_jax/kernels/cpu/_ternary_cpu*.so, loaded with ctypes and registered as CPU targets by
@@ -23,10 +25,11 @@
 #include <string>
 #include <vector>
 
-#include "attention_cpu.h"
+#include "ffi_attention.h"
 #include "ffi_problems.h"
 #include "ffi_runtime.h"
 #include "fused_cpu.h"
+#include "greedy_cpu.h"
 #include "int8_gemm.h"
 #include "isa.h"
 #include "quantize_cpu.h"
@@ -229,72 +232,43 @@ ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer
   return Run(pool, job, v, ChunkRows(i, v), m * v * i, bitnet_ffi::kRowAlign);
 }
 
-// q [Bq, T, N, H] float32, k/v caches [L, B, K, S, H] (float32, float16 or bfloat16), layer
-// int32 scalar, rows [Bq] and pos [Bq] int32 -> out [Bq, T, N, H]: query t of row i attends
-// over positions 0..pos[i]+t of cache row rows[i] in layer `layer` (attention_cpu.h). One work
-// unit per (row, kv head, query), or per block of queries in prefill (attention_prefill.h).
+// bitnet_attention (ffi_attention.h) with the process-wide ISA path.
 ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
                       ffi::AnyBuffer v, ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows,
                       ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> out) {
-  const auto qd = q.dimensions();
-  const auto kd = k.dimensions();
-  if (qd.size() != 4 || kd.size() != 5 || !Same(v.dimensions(), kd) ||
-      !Same(out->dimensions(), qd) || layer.element_count() != 1 ||
-      static_cast<int64_t>(rows.element_count()) != qd[0] ||
-      static_cast<int64_t>(pos.element_count()) != qd[0] || kd[4] != qd[3] || kd[2] == 0 ||
-      qd[2] % kd[2] != 0) {
+  return bitnet_ffi::Attention(pool, q, k, v, layer, rows, pos, out,
+                               g_isa.load(std::memory_order_relaxed));
+}
+
+// logits [B, V] float32, seen [B, V] bool, penalty [B] float32 -> token [B] int32 (the argmax of
+// the repetition-penalised logits) and finite [B] bool (every logit finite): greedy_cpu.h.
+ffi::Future Greedy(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::PRED> seen,
+                   ffi::Buffer<ffi::F32> penalty, ffi::ResultBuffer<ffi::S32> token,
+                   ffi::ResultBuffer<ffi::PRED> finite) {
+  const auto d = logits.dimensions();
+  if (d.size() != 2 || !Same(seen.dimensions(), d) ||
+      static_cast<int64_t>(penalty.element_count()) != d[0] ||
+      static_cast<int64_t>(token->element_count()) != d[0] ||
+      static_cast<int64_t>(finite->element_count()) != d[0]) {
     return ReadyFuture(ffi::Error::InvalidArgument(
-        "bitnet_attention expects q [Bq, T, N, H], caches [L, B, K, S, H] with N % K == 0, a "
-        "scalar layer, rows [Bq] and pos [Bq]; got q " + Dims(qd) + ", k " + Dims(kd)));
+        "bitnet_greedy expects logits [B, V], seen [B, V], penalty [B]; got logits " + Dims(d)));
   }
-  int cache;
-  switch (k.element_type()) {
-    case ffi::DataType::F32: cache = ba::kF32; break;
-    case ffi::DataType::F16: cache = ba::kF16; break;
-    case ffi::DataType::BF16: cache = ba::kBF16; break;
-    default:
-      return ReadyFuture(ffi::Error::InvalidArgument(
-          "bitnet_attention caches must be float32, float16 or bfloat16"));
-  }
-  if (v.element_type() != k.element_type()) {
-    return ReadyFuture(ffi::Error::InvalidArgument("bitnet_attention k and v dtypes differ"));
-  }
-  const int64_t l = kd[0], bc = kd[1], b = qd[0], t = qd[1], n = qd[2], kh = kd[2], s = kd[3],
-                h = qd[3];
-  const int64_t at = layer.typed_data()[0];
-  if (at < 0 || at >= l) {
-    return ReadyFuture(ffi::Error::InvalidArgument(
-        "bitnet_attention layer " + std::to_string(at) + " outside the cache " + Dims(kd)));
-  }
-  int64_t visible = 0;  // positions read per kv head, summed over rows (the work estimate)
-  for (int64_t i = 0; i < b; ++i) {
-    const int64_t row = rows.typed_data()[i], p0 = pos.typed_data()[i];
-    if (row < 0 || row >= bc || p0 < 0) {
-      return ReadyFuture(ffi::Error::InvalidArgument(
-          "bitnet_attention row " + std::to_string(row) + " / position " + std::to_string(p0) +
-          " outside the cache " + Dims(kd)));
-    }
-    visible += std::min(p0 + t, s);
-  }
-  if (b == 0 || t == 0 || n == 0 || h == 0) return ReadyFuture();
-  const int64_t per_layer = bc * kh * s * h * (cache == ba::kF32 ? 4 : 2);  // bytes
-  const ba::Problem problem{q.typed_data(),
-                            static_cast<const char*>(k.untyped_data()) + at * per_layer,
-                            static_cast<const char*>(v.untyped_data()) + at * per_layer,
-                            rows.typed_data(), pos.typed_data(), out->typed_data(), b, t, n, kh,
-                            s, h, cache,
-                            g_isa.load(std::memory_order_relaxed) != bt::kScalar &&
-                                ba::HasAvx2Fma(),
-                            g_isa.load(std::memory_order_relaxed) >= bt::kAvx512Vnni &&
-                                ba::HasAvx512()};
+  const int64_t b = d[0], v = d[1];
+  const float* x = logits.typed_data();
+  const uint8_t* s = reinterpret_cast<const uint8_t*>(seen.typed_data());
+  const float* p = penalty.typed_data();
+  int32_t* tok = token->typed_data();
+  bool* fin = finite->typed_data();
+  const bool avx2 = g_isa.load(std::memory_order_relaxed) != bt::kScalar && ba::HasAvx2Fma();
   auto job = std::make_shared<Job>();
-  job->rows = [problem](int64_t u0, int64_t u1) {
-    thread_local std::vector<float> scratch;
-    ba::RunUnits(problem, u0, u1, scratch);
+  job->rows = [=](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const bitnet_greedy::Row row = bitnet_greedy::Greedy(avx2, x + r * v, s + r * v, p[r], v);
+      tok[r] = row.token;
+      fin[r] = row.finite;
+    }
   };
-  // Work ~ bytes of cache read: the visible positions of k and v per query.
-  return Run(pool, job, ba::NumUnits(problem), 1,
-             visible * kh * t * h * (cache == ba::kF32 ? 8 : 4));
+  return Run(pool, job, b, 1, b * v);
 }
 
 }  // namespace
@@ -308,6 +282,8 @@ extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetTernaryLi
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetInt8Matmul(
     XLA_FFI_CallFrame* call_frame);
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetAttention(
+    XLA_FFI_CallFrame* call_frame);
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetGreedy(
     XLA_FFI_CallFrame* call_frame);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetTernaryMatmul, TernaryMatmul,
@@ -341,6 +317,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetAttention, Attention,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetGreedy, Greedy,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::PRED>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetInt8Matmul, Int8Matmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -351,7 +336,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetInt8Matmul, Int8Matmul,
 // Plain C entry points for ctypes (library.py): kernel path introspection and selection.
 extern "C" {
 
-__attribute__((visibility("default"))) int bitnet_ternary_abi_version() { return 4; }
+__attribute__((visibility("default"))) int bitnet_ternary_abi_version() { return 5; }
 
 __attribute__((visibility("default"))) const char* bitnet_ternary_built_jaxlib() {
   return BITNET_JAXLIB_VERSION;

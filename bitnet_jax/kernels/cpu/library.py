@@ -35,7 +35,8 @@ TARGET = "bitnet_ternary_matmul"
 LINEAR_TARGET = "bitnet_ternary_linear"
 INT8_TARGET = "bitnet_int8_matmul"
 ATTENTION_TARGET = "bitnet_attention"
-ABI_VERSION = 4
+GREEDY_TARGET = "bitnet_greedy"
+ABI_VERSION = 5
 ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni", "amx")  # isa.h `Isa`, best last
 DISABLE_ENV = "BITNET_JAX_DISABLE_FFI"
 
@@ -98,7 +99,8 @@ def _load_library() -> ctypes.CDLL:
         for target, symbol in ((TARGET, lib.BitnetTernaryMatmul),
                                (LINEAR_TARGET, lib.BitnetTernaryLinear),
                                (INT8_TARGET, lib.BitnetInt8Matmul),
-                               (ATTENTION_TARGET, lib.BitnetAttention)):
+                               (ATTENTION_TARGET, lib.BitnetAttention),
+                               (GREEDY_TARGET, lib.BitnetGreedy)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
         _state["registered"] = True
     return lib
