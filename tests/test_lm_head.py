@@ -76,3 +76,39 @@ def test_untied_int8_head_keeps_float_embedding():
     tokens = jnp.array([[1, 2, 3]])
     np.testing.assert_allclose(bj.forward(q, tokens, cfg), bj.forward(params, tokens, cfg),
                                atol=0.05 * float(jnp.abs(bj.forward(params, tokens, cfg)).max()))
+
+
+@pytest.mark.parametrize("m,i,v", [(1, 1536, 32000), (8, 1536, 32002), (3, 100, 61),
+                                   (13, 64, 37)])
+def test_int8_head_in_one_cpu_call_gives_unembed_logits(xla_optimized, m, i, v):
+    # The CPU kernel's int8 head from float activations (quantisation, the int8 product and
+    # acc * step * scale in one call, ffi_int8.h) against the XLA ops transformer.unembed runs
+    # otherwise, on the GEMV (M = 1), the 8-token blocks and their remainders, on every path.
+    # Both round the same products in the same order: the same floats (to 1 ulp, should XLA
+    # ever reorder its two products).
+    from bitnet_jax.kernels.cpu import ffi as cpu_ffi
+    from bitnet_jax.quant import quantize_activations
+
+    if jax.default_backend() != "cpu" or not cpu_ffi.available():
+        pytest.skip(f"CPU FFI extension not available: {cpu_ffi.unavailable_reason()}")
+    rng = np.random.default_rng(m + i + v)
+    x = jnp.asarray(rng.standard_normal((m, i)) * rng.uniform(0.1, 20, (m, 1)), jnp.float32)
+    w = jnp.asarray(rng.integers(-127, 128, (v, i)), jnp.int8)
+    scale = jnp.asarray(rng.uniform(1e-3, 2e-2, v), jnp.float32)
+
+    def composed(x, w, scale):
+        x_q, step = quantize_activations(x)
+        return cpu_ffi.int8_matmul_xla(x_q, w).astype(jnp.float32) * step * scale[None, :]
+
+    want = np.asarray(jax.jit(composed)(x, w, scale))
+    previous = cpu_ffi.isa()
+    try:
+        for isa in sorted({previous, "scalar"}):
+            cpu_ffi.set_isa(isa)
+            got = np.asarray(jax.jit(cpu_ffi.int8_linear_ffi)(x, w, scale))
+            assert got.shape == (m, v) and got.dtype == np.float32
+            np.testing.assert_array_max_ulp(got, want, maxulp=1)
+    finally:
+        cpu_ffi.set_isa(previous)
+    with pytest.raises(cpu_ffi.KernelError, match=r"x \[M, I\], w \[V, I\] and scale \[V\]"):
+        cpu_ffi.int8_linear_ffi(x, w, scale[:-1])

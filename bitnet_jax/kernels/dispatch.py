@@ -149,6 +149,19 @@ def int8_matmul(x_q: jax.Array, w: jax.Array, kernel: str = "auto") -> jax.Array
     return int8_matmul_xla(x_q, w)
 
 
+def int8_linear_usable(kernel: str, x: jax.Array, w: jax.Array) -> bool:
+    """Whether the int8 LM head runs as ONE CPU call from float activations to float logits
+    (`int8_linear`): "ffi" (or "auto" on a CPU) with the extension loaded, on one device."""
+    return (choose_kernel(kernel) == "ffi" and cpu_ffi.available()
+            and sharded.mesh_of(x, w) is None)
+
+
+def int8_linear(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
+    """x [M, I] float -> [M, V] float32 logits through the int8 head w [V, I] with row scales
+    [V]: quantisation, int8 product and dequantisation in one CPU call (cpu/ffi.py)."""
+    return cpu_ffi.int8_linear_ffi(x, w, scale)
+
+
 def attention_kernel(kernel: str, q: jax.Array, cache_k: jax.Array) -> str:
     """Which cached attention runs: "ffi" (the CPU kernel, cpu/attention_cpu.h), "pallas" (the
     GPU kernel, gpu/attention.py: `cached_attention_pallas`) or "xla" (model/attention.py)."""

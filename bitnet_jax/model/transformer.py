@@ -144,7 +144,11 @@ def unembed(params: dict, h: jax.Array, cfg: ModelConfig, policy: Policy | str |
     w = params["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
     if isinstance(w, dict):  # int8 row-scaled copy (params.quantize_lm_head)
         lead = h.shape[:-1]
-        h_q, step = quantize_activations(h.reshape(-1, h.shape[-1]))
+        h2 = h.reshape(-1, h.shape[-1])
+        if kernels.int8_linear_usable(policy.kernel, h2, w["q8"]):  # the same, in one CPU call
+            logits = kernels.int8_linear(h2, w["q8"], w["scale"])
+            return logits.reshape(*lead, -1).astype(policy.output)
+        h_q, step = quantize_activations(h2)
         acc = kernels.int8_matmul(h_q, w["q8"], kernel=policy.kernel)  # [M, V] int32
         logits = acc.astype(jnp.float32) * step * w["scale"][None, :]
         return logits.reshape(*lead, -1).astype(policy.output)

@@ -49,6 +49,7 @@ import numpy as np
 from bitnet_jax.errors import KernelError
 from bitnet_jax.kernels.cpu.library import (
     ATTENTION_TARGET,
+    INT8_LINEAR_TARGET,
     INT8_TARGET,
     LINEAR_TARGET,
     ISAS,
@@ -330,6 +331,27 @@ def int8_matmul_ffi(x_q: jax.Array, w: jax.Array) -> jax.Array:
     if not available():
         return int8_matmul_xla(x_q, w)
     return _int8_batchable(x_q, w)
+
+
+def int8_linear_ffi(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
+    """The int8 LM head from float activations to float logits in one CPU call: the same values
+    as quantize_activations(x), `int8_matmul_ffi` and acc * step * scale (transformer.unembed,
+    rounded as XLA's optimised program rounds it).
+
+    Args:
+      x: [M, I] float32 activations.
+      w: [V, I] int8 weights in [-127, 127]; scale: [V] float32 per-row scales.
+
+    Returns:
+      [M, V] float32 logits.
+    """
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or scale.shape != w.shape[:1]:
+        raise KernelError(f"int8_linear needs x [M, I], w [V, I] and scale [V]; got {x.shape}, "
+                          f"{w.shape} and {scale.shape}.")
+    require_library()
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
+    call = jax.ffi.ffi_call(INT8_LINEAR_TARGET, out, vmap_method="sequential")
+    return call(x.astype(jnp.float32), w.astype(jnp.int8), scale.astype(jnp.float32))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@
 //                          with the RMSNorm before and the residual add or act(gate) * up after
 //                          (fused_cpu.h)
 //   bitnet_int8_matmul     int8 x int8 LM head (int8_cpu.h GEMV, int8_gemm.h GEMM)
+//   bitnet_int8_linear     the same from float32 activations to float32 logits (quantisation
+//                          and dequantisation in the call: ffi_int8.h)
 //   bitnet_attention       attention over one layer of the stacked KV cache (attention_cpu.h)
 //   bitnet_greedy          greedy next tokens of penalised logits, and their finiteness
 //                          (greedy_cpu.h)
@@ -29,6 +31,7 @@
 #include "ffi_problems.h"
 #include "ffi_runtime.h"
 #include "fused_cpu.h"
+#include "ffi_int8.h"
 #include "greedy_cpu.h"
 #include "int8_gemm.h"
 #include "isa.h"
@@ -206,30 +209,15 @@ ffi::Future TernaryLinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
              bitnet_ffi::kRowAlign);
 }
 
-// x [M, I] int8, w [V, I] int8 (no -128) -> out [M, V] int32: the int8 LM head.
+// The int8 LM head (ffi_int8.h) with the process-wide ISA path.
 ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
                        ffi::ResultBuffer<ffi::S32> out) {
-  const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  const auto od = out->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || od.size() != 2 || wd[1] != xd[1] ||
-      od[0] != xd[0] || od[1] != wd[0]) {
-    return ReadyFuture(ffi::Error::InvalidArgument(
-        "bitnet_int8_matmul expects x [M, I], w [V, I] and out [M, V]; got x " + Dims(xd) +
-        ", w " + Dims(wd) + ", out " + Dims(od)));
-  }
-  const int64_t m = xd[0], i = xd[1], v = wd[0];
-  if (m == 0 || v == 0) return ReadyFuture();
-  auto job = std::make_shared<Job>();
-  job->xabs.resize(m * i);
-  bt::AbsBytes(x.typed_data(), m * i, job->xabs.data());
-  job->xsum.resize(m);
-  bt::RowSums(x.typed_data(), m, i, job->xsum.data());
-  const bt::Int8Problem problem{x.typed_data(), job->xabs.data(), w.typed_data(),
-                                out->typed_data(), job->xsum.data(), m, i, v};
-  const int isa = g_isa.load(std::memory_order_relaxed);
-  job->rows = [problem, isa](int64_t r0, int64_t r1) { bt::RunRows(isa, problem, r0, r1); };
-  return Run(pool, job, v, ChunkRows(i, v), m * v * i, bitnet_ffi::kRowAlign);
+  return bitnet_ffi::Int8Matmul(pool, x, w, out, g_isa.load(std::memory_order_relaxed));
+}
+
+ffi::Future Int8Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                       ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> out) {
+  return bitnet_ffi::Int8Linear(pool, x, w, scale, out, g_isa.load(std::memory_order_relaxed));
 }
 
 // bitnet_attention (ffi_attention.h) with the process-wide ISA path.
@@ -285,6 +273,8 @@ extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetAttention
     XLA_FFI_CallFrame* call_frame);
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetGreedy(
     XLA_FFI_CallFrame* call_frame);
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetInt8Linear(
+    XLA_FFI_CallFrame* call_frame);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetTernaryMatmul, TernaryMatmul,
                               ffi::Ffi::Bind()
@@ -326,6 +316,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetGreedy, Greedy,
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::PRED>>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetInt8Linear, Int8Linear,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetInt8Matmul, Int8Matmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -336,7 +334,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetInt8Matmul, Int8Matmul,
 // Plain C entry points for ctypes (library.py): kernel path introspection and selection.
 extern "C" {
 
-__attribute__((visibility("default"))) int bitnet_ternary_abi_version() { return 5; }
+__attribute__((visibility("default"))) int bitnet_ternary_abi_version() { return 6; }
 
 __attribute__((visibility("default"))) const char* bitnet_ternary_built_jaxlib() {
   return BITNET_JAXLIB_VERSION;

@@ -36,7 +36,8 @@ LINEAR_TARGET = "bitnet_ternary_linear"
 INT8_TARGET = "bitnet_int8_matmul"
 ATTENTION_TARGET = "bitnet_attention"
 GREEDY_TARGET = "bitnet_greedy"
-ABI_VERSION = 5
+INT8_LINEAR_TARGET = "bitnet_int8_linear"
+ABI_VERSION = 6
 ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni", "amx")  # isa.h `Isa`, best last
 DISABLE_ENV = "BITNET_JAX_DISABLE_FFI"
 
@@ -100,7 +101,8 @@ def _load_library() -> ctypes.CDLL:
                                (LINEAR_TARGET, lib.BitnetTernaryLinear),
                                (INT8_TARGET, lib.BitnetInt8Matmul),
                                (ATTENTION_TARGET, lib.BitnetAttention),
-                               (GREEDY_TARGET, lib.BitnetGreedy)):
+                               (GREEDY_TARGET, lib.BitnetGreedy),
+                               (INT8_LINEAR_TARGET, lib.BitnetInt8Linear)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
         _state["registered"] = True
     return lib

@@ -158,6 +158,23 @@ inline void ScaleRows(float* y, int64_t m, int64_t r, int64_t r0, int64_t r1,
   }
 }
 
+// The int8 LM head's vocabulary rows [r0, r1) of an [M, V] int32 product in y turned, in place,
+// into float32 logits y = float(acc) * (absmax[m] * (1 / 127)) * scale[v]: transformer.unembed's
+// dequantisation rounded as XLA's fusion of it computes it (the step's division by 127 folded
+// into a product, then two products).
+inline void ScaleHeadRows(float* y, int64_t m, int64_t v, int64_t r0, int64_t r1,
+                          const float* absmax, const float* scale) {
+  for (int64_t t = 0; t < m; ++t) {
+    const float s = absmax[t] * (1.0f / 127.0f);
+    float* out = y + t * v;
+    for (int64_t c = r0; c < r1; ++c) {
+      int32_t a;
+      std::memcpy(&a, out + c, sizeof a);
+      out[c] = (static_cast<float>(a) * s) * scale[c];
+    }
+  }
+}
+
 }  // namespace bitnet_ternary
 
 #endif  // BITNET_JAX_KERNELS_CPU_QUANTIZE_CPU_H_
