@@ -161,18 +161,20 @@ def sample_checked(logits: jax.Array, seen: jax.Array, knobs: dict, steps: jax.A
     whose logits are not), the two from one pass over the logits where the CPU kernel runs."""
     logits = logits.astype(jnp.float32)
     penalty = knobs["repetition_penalty"]
+    penalised = None  # the XLA path's penalised logits, shared by its argmax and the draw
     if kernels.greedy_usable(kernel, logits):
         greedy, finite = kernels.greedy_tokens(logits, seen, penalty)
     else:
-        greedy = jnp.argmax(apply_repetition_penalty(logits, seen, penalty),
-                            axis=-1).astype(jnp.int32)
+        penalised = apply_repetition_penalty(logits, seen, penalty)
+        greedy = jnp.argmax(penalised, axis=-1).astype(jnp.int32)
         finite = jnp.all(jnp.isfinite(logits), axis=-1)
     temperature = knobs["temperature"]
     random_rows = temperature > 0
 
     def draw(_):
-        penalised = apply_repetition_penalty(logits, seen, penalty)
-        scaled = penalised / jnp.where(random_rows, temperature, 1.0)[:, None]
+        # With the kernel only the rows that draw need them: computed in this branch alone.
+        pen = apply_repetition_penalty(logits, seen, penalty) if penalised is None else penalised
+        scaled = pen / jnp.where(random_rows, temperature, 1.0)[:, None]
         noise = gumbel_noise(knobs["seed"], steps, logits.shape[-1])
         filtering = random_rows & ((knobs["top_k"] > 0) | (knobs["top_p"] < 1.0)
                                    | (knobs["min_p"] > 0.0))

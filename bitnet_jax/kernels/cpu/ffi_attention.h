@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "attention_cpu.h"
+#include "ffi_problems.h"
 #include "ffi_runtime.h"
 #include "isa.h"
 #include "xla/ffi/api/ffi.h"
@@ -73,7 +74,7 @@ inline ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
                             static_cast<const char*>(k.untyped_data()) + at * per_layer,
                             static_cast<const char*>(v.untyped_data()) + at * per_layer,
                             rows.typed_data(), pos.typed_data(), out->typed_data(), b, t, n, kh,
-                            s, h, cache, isa != bitnet_ternary::kScalar && ba::HasAvx2Fma(),
+                            s, h, cache, FloatSimd(isa),
                             isa >= bitnet_ternary::kAvx512Vnni && ba::HasAvx512()};
   auto job = std::make_shared<Job>();
   job->rows = [problem](int64_t u0, int64_t u1) {

@@ -48,7 +48,6 @@
 
 namespace ffi = xla::ffi;
 namespace bt = bitnet_ternary;
-namespace ba = bitnet_attention;
 using bitnet_ffi::ChunkRows;
 using bitnet_ffi::Collect;
 using bitnet_ffi::CollectGated;
@@ -188,7 +187,7 @@ ffi::Future TernaryLinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   Prologue(pool, isa, x.typed_data(), m, i, gain, eps, job.get());
   const float* absmax = job->absmax.data();
   if (gated) {
-    const bool vec = isa != bt::kScalar && ba::HasAvx2Fma();
+    const bool vec = bitnet_ffi::FloatSimd(isa);
     job->rows = [problems, isa, scale, absmax, act, vec, gated_out](int64_t r0, int64_t r1) {
       const bt::Problem &g = problems[0], &u = problems[1];
       bt::RunRows(isa, g, r0, r1);
@@ -247,7 +246,7 @@ ffi::Future Greedy(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buff
   const float* p = penalty.typed_data();
   int32_t* tok = token->typed_data();
   bool* fin = finite->typed_data();
-  const bool avx2 = g_isa.load(std::memory_order_relaxed) != bt::kScalar && ba::HasAvx2Fma();
+  const bool avx2 = bitnet_ffi::FloatSimd(g_isa.load(std::memory_order_relaxed));
   auto job = std::make_shared<Job>();
   job->rows = [=](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
+#include <utility>
 
 #include "ffi_problems.h"
 #include "ffi_runtime.h"
@@ -18,21 +20,29 @@
 
 namespace bitnet_ffi {
 
-namespace bt = bitnet_ternary;
+// The operands of an int8 head call (`who`): x [M, I], w [V, I], out [M, V], and with `scale`
+// (bitnet_int8_linear) [V] row scales.
+inline ffi::Error CheckHead(const char* who, ffi::Span<const int64_t> xd,
+                            ffi::Span<const int64_t> wd, ffi::Span<const int64_t> od,
+                            const ffi::Buffer<ffi::F32>* scale) {
+  if (xd.size() != 2 || wd.size() != 2 || od.size() != 2 || wd[1] != xd[1] ||
+      od[0] != xd[0] || od[1] != wd[0] ||
+      (scale != nullptr && static_cast<int64_t>(scale->element_count()) != wd[0])) {
+    return ffi::Error::InvalidArgument(
+        std::string(who) + " expects x [M, I], w [V, I]" + (scale ? ", scale [V]" : "") +
+        " and out [M, V]; got x " + Dims(xd) + ", w " + Dims(wd) + ", out " + Dims(od));
+  }
+  return ffi::Error::Success();
+}
 
 // x [M, I] int8, w [V, I] int8 (no -128) -> out [M, V] int32: the int8 LM head.
 inline ffi::Future Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
                               ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> out, int isa) {
   const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  const auto od = out->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || od.size() != 2 || wd[1] != xd[1] ||
-      od[0] != xd[0] || od[1] != wd[0]) {
-    return ReadyFuture(ffi::Error::InvalidArgument(
-        "bitnet_int8_matmul expects x [M, I], w [V, I] and out [M, V]; got x " + Dims(xd) +
-        ", w " + Dims(wd) + ", out " + Dims(od)));
-  }
-  const int64_t m = xd[0], i = xd[1], v = wd[0];
+  ffi::Error error =
+      CheckHead("bitnet_int8_matmul", xd, w.dimensions(), out->dimensions(), nullptr);
+  if (error.failure()) return ReadyFuture(std::move(error));
+  const int64_t m = xd[0], i = xd[1], v = w.dimensions()[0];
   if (m == 0 || v == 0) return ReadyFuture();
   auto job = std::make_shared<Job>();
   job->xabs.resize(m * i);
@@ -53,15 +63,10 @@ inline ffi::Future Int8Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                               ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> scale,
                               ffi::ResultBuffer<ffi::F32> out, int isa) {
   const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  const auto od = out->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || od.size() != 2 || wd[1] != xd[1] ||
-      od[0] != xd[0] || od[1] != wd[0] || static_cast<int64_t>(scale.element_count()) != wd[0]) {
-    return ReadyFuture(ffi::Error::InvalidArgument(
-        "bitnet_int8_linear expects x [M, I], w [V, I], scale [V] and out [M, V]; got x " +
-        Dims(xd) + ", w " + Dims(wd) + ", out " + Dims(od)));
-  }
-  const int64_t m = xd[0], i = xd[1], v = wd[0];
+  ffi::Error error =
+      CheckHead("bitnet_int8_linear", xd, w.dimensions(), out->dimensions(), &scale);
+  if (error.failure()) return ReadyFuture(std::move(error));
+  const int64_t m = xd[0], i = xd[1], v = w.dimensions()[0];
   if (m == 0 || v == 0) return ReadyFuture();
   auto job = std::make_shared<Job>();
   job->xq.resize(m * i);

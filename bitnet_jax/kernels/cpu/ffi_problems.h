@@ -22,6 +22,10 @@ namespace bitnet_ffi {
 
 namespace bt = bitnet_ternary;
 
+// Whether path `isa` runs the float kernels' AVX2 + FMA (+ F16C) code (fused_cpu.h, the
+// attention units, greedy_cpu.h): any SIMD path on a CPU that has them.
+inline bool FloatSimd(int isa) { return isa != bt::kScalar && bitnet_attention::HasAvx2Fma(); }
+
 // Weight j of a call, dimensions wd, with output dimensions od: checks that it is packed
 // [O/4, I] or stacked [L, O/4, I] with matrix `at` in it, and its output [M, 4R]; R to *r.
 inline ffi::Error CheckWeight(const std::string& who, size_t j, ffi::Span<const int64_t> wd,
