@@ -200,6 +200,21 @@ struct Avx2GemmBlock {
   }
 };
 
+#if BITNET_TERNARY_ASM
+// Four packed rows by MB tokens (RunTokens step 4): the asm block for 4 tokens, else per row
+// (RunAvx2Gemm only hands it whole blocks of 4 tokens).
+template <int MB>
+struct Avx2Gemm4x4 {
+  BITNET_AVX2 static void Run(const Problem& p, int64_t m0, int64_t row, int64_t ahead) {
+    if constexpr (MB == 4) {
+      Avx2Gemm4x4Asm(p, m0, row, ahead);
+    } else {
+      for (int64_t d = 0; d < 4; ++d) Avx2Gemm<MB>::Run(p, m0, row + d, ahead);
+    }
+  }
+};
+#endif
+
 BITNET_SIMD_WARNINGS_ON
 
 // Columns up to which the plane-scaled sums stay exact (see the top of the file).
@@ -238,7 +253,19 @@ inline void RunScalar(const Problem& p, int64_t r0, int64_t r1) { RunScalarRows(
 // Avx2Gemm<1..3> measured 0.6-0.96x of them).
 constexpr int64_t kGemmMinMAvx2 = 4;
 BITNET_AVX2 inline void RunAvx2Gemm(const Problem& p, int64_t r0, int64_t r1) {
-  const int64_t tile = TileRows(p.i, 1), m4 = p.m & ~int64_t{3};
+  const int64_t m4 = p.m & ~int64_t{3};
+#if BITNET_TERNARY_ASM
+  // Native builds: whole 4-row blocks (Avx2Gemm4x4: one reduction per 4 rows), as on AVX-512;
+  // the last (r1 - r0) % 4 rows below, one at a time.
+  const int64_t r4 = r0 + ((r1 - r0) & ~int64_t{3}), tile4 = TileRows(p.i, 4);
+  for (int64_t t0 = r0; t0 < r4; t0 += tile4) {
+    const int64_t t1 = std::min(r4, t0 + tile4);
+    RunTokens<4, Avx2Gemm4x4>(p, 0, m4, t0, t1, 4, tile4, p.r & ~int64_t{3});
+    if (m4 < p.m) RunTokens<2, Avx2Row>(p, m4, p.m, t0, t1, 1, m4 == 0 ? tile4 : 0, p.r);
+  }
+  r0 = r4;
+#endif
+  const int64_t tile = TileRows(p.i, 1);
   for (int64_t t0 = r0; t0 < r1; t0 += tile) {
     const int64_t t1 = std::min(r1, t0 + tile);
     RunTokens<4, Avx2GemmBlock>(p, 0, m4, t0, t1, 1, tile, p.r);
