@@ -1,6 +1,7 @@
 // The AVX2 GEMM's 4-token block as inline assembly (native builds, BITNET_TERNARY_ASM): one
 // packed row for 4 tokens in one asm statement, its int32 sums then reduced with vector hadds
-// (a step of isa.h's RunTokens, as the intrinsics' block is). The SIMDe builds of the emulated
+// (a step of isa.h's RunTokens, as the intrinsics' block is), four rows at a time where the
+// rows allow (Avx2Gemm4x4Asm, the end of this file). The SIMDe builds of the emulated
 // tests keep the intrinsics of Avx2Gemm (ternary_gemm.h), the same arithmetic in another plane
 // layout.
 //
@@ -181,10 +182,10 @@ BITNET_AVX2 inline void Avx2Gemm4Asm(const Problem& p, int64_t m0, int64_t row, 
 }
 
 // Packed rows row..row+3 for tokens m0..m0+3, a step of RunTokens with step 4 (RunAvx2Gemm):
-// the four rows' sums as in Avx2Gemm4Asm, then ONE reduction for the 16 rows x tokens: per token
-// three hadds leave plane 0 of rows row..row+3 in lane 0 and plane 1 in lane 1 (planes 2 / 3 from
-// the other accumulator), so each plane's four outputs are one 128-bit store instead of the per
-// row hadds, the round trip through memory and 16 scalar stores of Avx2Gemm4Finish (that finish
+// the four rows' sums as in Avx2Gemm4Asm, then one reduction for the 4 rows x 4 tokens: per
+// token three hadds leave plane 0 of rows row..row+3 in lane 0 and plane 1 in lane 1 (planes 2 / 3
+// from the other accumulator), so each plane's four outputs are one 128-bit store instead of the
+// per-row hadds, round trip through memory and 16 scalar stores of Avx2Gemm4Finish (that finish
 // was ~10% of the GEMM's samples in a batch-8 profile; benchmarks/README.md).
 BITNET_AVX2 inline void Avx2Gemm4x4Asm(const Problem& p, int64_t m0, int64_t row,
                                        int64_t ahead) {
