@@ -252,25 +252,26 @@ inline void RunScalar(const Problem& p, int64_t r0, int64_t r1) { RunScalarRows(
 // prefetch (isa.h; past r1 as on AVX-512), the last m % 4 tokens through Avx2Row (2 + 1:
 // Avx2Gemm<1..3> measured 0.6-0.96x of them).
 constexpr int64_t kGemmMinMAvx2 = 4;
-BITNET_AVX2 inline void RunAvx2Gemm(const Problem& p, int64_t r0, int64_t r1) {
-  const int64_t m4 = p.m & ~int64_t{3};
-#if BITNET_TERNARY_ASM
-  // Native builds: whole 4-row blocks (Avx2Gemm4x4: one reduction per 4 rows), as on AVX-512;
-  // the last (r1 - r0) % 4 rows below, one at a time.
-  const int64_t r4 = r0 + ((r1 - r0) & ~int64_t{3}), tile4 = TileRows(p.i, 4);
-  for (int64_t t0 = r0; t0 < r4; t0 += tile4) {
-    const int64_t t1 = std::min(r4, t0 + tile4);
-    RunTokens<4, Avx2Gemm4x4>(p, 0, m4, t0, t1, 4, tile4, p.r & ~int64_t{3});
-    if (m4 < p.m) RunTokens<2, Avx2Row>(p, m4, p.m, t0, t1, 1, m4 == 0 ? tile4 : 0, p.r);
-  }
-  r0 = r4;
-#endif
-  const int64_t tile = TileRows(p.i, 1);
+// Rows [r0, r1) (a multiple of kStep of them) tile by tile: 4-token blocks of Block (kStep rows
+// per call), the last m % 4 tokens through Avx2Row.
+template <template <int> class Block, int64_t kStep>
+BITNET_AVX2 inline void RunAvx2GemmTiles(const Problem& p, int64_t r0, int64_t r1) {
+  const int64_t m4 = p.m & ~int64_t{3}, tile = TileRows(p.i, kStep);
   for (int64_t t0 = r0; t0 < r1; t0 += tile) {
     const int64_t t1 = std::min(r1, t0 + tile);
-    RunTokens<4, Avx2GemmBlock>(p, 0, m4, t0, t1, 1, tile, p.r);
+    RunTokens<4, Block>(p, 0, m4, t0, t1, kStep, tile, p.r - p.r % kStep);
     if (m4 < p.m) RunTokens<2, Avx2Row>(p, m4, p.m, t0, t1, 1, m4 == 0 ? tile : 0, p.r);
   }
+}
+BITNET_AVX2 inline void RunAvx2Gemm(const Problem& p, int64_t r0, int64_t r1) {
+#if BITNET_TERNARY_ASM
+  // Native builds: whole 4-row blocks (Avx2Gemm4x4: one reduction per 4 rows), as on AVX-512;
+  // the last (r1 - r0) % 4 rows one at a time.
+  const int64_t r4 = r0 + ((r1 - r0) & ~int64_t{3});
+  RunAvx2GemmTiles<Avx2Gemm4x4, 4>(p, r0, r4);
+  r0 = r4;
+#endif
+  RunAvx2GemmTiles<Avx2GemmBlock, 1>(p, r0, r1);
 }
 BITNET_AVX2 inline void RunAvx2(const Problem& p, int64_t r0, int64_t r1) {
   if (p.m >= kGemmMinMAvx2) {

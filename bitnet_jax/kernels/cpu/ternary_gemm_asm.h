@@ -169,15 +169,20 @@ BITNET_AVX2 inline void Avx2Gemm4Finish(const Problem& p, int64_t m0, int64_t ro
 // Packed row `row` for tokens m0..m0+3, a step of RunTokens (ternary_gemm.h, Avx2GemmBlock):
 // with ahead > 0 it also prefetches the row `ahead` further on (the next tile) to L2, else
 // within the row to L1, as the intrinsics do (isa.h PrefetchAt).
-BITNET_AVX2 inline void Avx2Gemm4Asm(const Problem& p, int64_t m0, int64_t row, int64_t ahead) {
+// Its 8 int32 sums (Avx2Gemm4Row over the whole 16-column part, zeros when there is none).
+BITNET_AVX2 inline void Avx2Gemm4Sums(const Problem& p, int64_t m0, int64_t row, int64_t ahead,
+                                      __m256i acc[8]) {
   const int64_t i = p.i, k16 = i & ~int64_t{15};
-  alignas(32) __m256i acc[8];
   if (k16 > 0) {
     Avx2Gemm4Row(p.w + row * i, p.x + m0 * i, i, k16, ahead ? ahead * i : kPrefetch, ahead != 0,
                  acc);
   } else {
     std::fill(acc, acc + 8, _mm256_setzero_si256());
   }
+}
+BITNET_AVX2 inline void Avx2Gemm4Asm(const Problem& p, int64_t m0, int64_t row, int64_t ahead) {
+  alignas(32) __m256i acc[8];
+  Avx2Gemm4Sums(p, m0, row, ahead, acc);
   Avx2Gemm4Finish(p, m0, row, acc);
 }
 
@@ -187,19 +192,10 @@ BITNET_AVX2 inline void Avx2Gemm4Asm(const Problem& p, int64_t m0, int64_t row, 
 // from the other accumulator), so each plane's four outputs are one 128-bit store instead of the
 // per-row hadds, round trip through memory and 16 scalar stores of Avx2Gemm4Finish (that finish
 // was ~10% of the GEMM's samples in a batch-8 profile; benchmarks/README.md).
-BITNET_AVX2 inline void Avx2Gemm4x4Asm(const Problem& p, int64_t m0, int64_t row,
-                                       int64_t ahead) {
-  const int64_t i = p.i, k16 = i & ~int64_t{15};
+BITNET_AVX2 inline void Avx2Gemm4x4Asm(const Problem& p, int64_t m0, int64_t row, int64_t ahead) {
   alignas(32) __m256i acc[4][8];
-  for (int d = 0; d < 4; ++d) {
-    if (k16 > 0) {
-      Avx2Gemm4Row(p.w + (row + d) * i, p.x + m0 * i, i, k16, ahead ? ahead * i : kPrefetch,
-                   ahead != 0, acc[d]);
-    } else {
-      std::fill(acc[d], acc[d] + 8, _mm256_setzero_si256());
-    }
-  }
-  if (k16 < i) {  // column tails: the per-row finish adds them from the codes
+  for (int d = 0; d < 4; ++d) Avx2Gemm4Sums(p, m0, row + d, ahead, acc[d]);
+  if (p.i % 16 != 0) {  // column tails: the per-row finish adds them from the codes
     for (int d = 0; d < 4; ++d) Avx2Gemm4Finish(p, m0, row + d, acc[d]);
     return;
   }
@@ -208,10 +204,9 @@ BITNET_AVX2 inline void Avx2Gemm4x4Asm(const Problem& p, int64_t m0, int64_t row
     const __m256i xs = _mm256_set1_epi32(p.xsum[m0 + t]);
     for (int h = 0; h < 2; ++h) {  // planes (0, 1), then (2, 3)
       const int a = 2 * t + h;
-      const __m256i s = _mm256_sub_epi32(
-          _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0][a], acc[1][a]),
-                            _mm256_hadd_epi32(acc[2][a], acc[3][a])),
-          xs);
+      const __m256i s = _mm256_sub_epi32(_mm256_hadd_epi32(_mm256_hadd_epi32(acc[0][a], acc[1][a]),
+                                                           _mm256_hadd_epi32(acc[2][a], acc[3][a])),
+                                         xs);
       int32_t* o = p.out + (m0 + t) * 4 * r + 2 * h * r + row;
       _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm256_castsi256_si128(s));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(o + r), _mm256_extracti128_si256(s, 1));
