@@ -21,6 +21,8 @@ cache) divided by the read bandwidth measured here with the same thread count.
 The llama.cpp tools come from benchmarks/build_llamacpp.sh (llama.cpp vendored in the
 llama-cpp-python sdist, -DGGML_NATIVE=ON). Prints one JSON line per measurement, then a
 summary line per case. Timings on a shared machine are noisy: compare the interleaved ratios.
+`--kv-cache int8` runs our int8 KV cache against llama.cpp's q8_0 cache (`-ctk q8_0 -ctv q8_0
+-fa on`: llama.cpp quantises the V cache only with flash attention).
 """
 
 from __future__ import annotations
@@ -70,9 +72,9 @@ def read_bandwidth(threads: int, mb: int = 1024, reps: int = 5) -> float:
 
 
 def bytes_per_token(path: Path, lm_head_bytes_per_weight: float, ctx: int,
-                    kv_bytes_per_value: int = 2) -> dict:
+                    kv_cache: str = "float16") -> dict:
     """Bytes one decode step reads: packed linears, LM head, KV cache at context `ctx`
-    (float16 in llama.cpp and in bitnet-jax's CLI on CPU)."""
+    (float16 in llama.cpp and in bitnet-jax's CLI on CPU; int8 rows: H + 4 bytes per H)."""
     from bitnet_jax.formats.gguf.reader import read_gguf
 
     g = read_gguf(path)
@@ -88,13 +90,21 @@ def bytes_per_token(path: Path, lm_head_bytes_per_weight: float, ctx: int,
     layers = g.metadata[f"{arch}.block_count"]
     heads = g.metadata[f"{arch}.attention.head_count"]
     kv = g.metadata.get(f"{arch}.attention.head_count_kv", heads)
-    kv_bytes = 2 * layers * ctx * kv * (d // heads) * kv_bytes_per_value  # K and V
+    row = {"float32": 4 * (d // heads), "int8": d // heads + 4}.get(kv_cache, 2 * (d // heads))
+    kv_bytes = 2 * layers * ctx * kv * row  # K and V
     return {"linear": lin, "lm_head": int(emb * lm_head_bytes_per_weight), "kv": kv_bytes}
 
 
-def run_llama_bench(exe: str, path: Path, threads: int, p: int, g: int, reps: int) -> dict:
+def llama_cache_flags(kv_cache: str) -> list[str]:
+    """llama.cpp's flags for our --kv-cache: int8 rows ~ q8_0 (blocks of 32 with a float16
+    scale), whose V cache needs flash attention; otherwise its float16 default."""
+    return ["-ctk", "q8_0", "-ctv", "q8_0", "-fa", "on"] if kv_cache == "int8" else []
+
+
+def run_llama_bench(exe: str, path: Path, threads: int, p: int, g: int, reps: int,
+                    kv_cache: str = "auto") -> dict:
     cmd = ["taskset", "-c", cores(threads), exe, "-m", str(path), "-t", str(threads), "-p", str(p),
-           "-n", str(g), "-r", str(reps), "-o", "json"]
+           "-n", str(g), "-r", str(reps), "-o", "json", *llama_cache_flags(kv_cache)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rows = json.loads(out)
     res = {}
@@ -106,7 +116,7 @@ def run_llama_bench(exe: str, path: Path, threads: int, p: int, g: int, reps: in
 
 
 def run_batched_bench(exe: str, path: Path, threads: int, p: int, g: int,
-                      batches: list[int]) -> dict:
+                      batches: list[int], kv_cache: str = "auto") -> dict:
     """llama-batched-bench: B sequences with their own P-token prompts, then G tokens each.
 
     Returns {B: {"prefill_tokens_per_s": S_PP, "decode_tokens_per_s": S_TG}}, both over all B
@@ -115,7 +125,8 @@ def run_batched_bench(exe: str, path: Path, threads: int, p: int, g: int,
     ctx = max(batches) * (p + g) + 64
     cmd = ["taskset", "-c", cores(threads), exe, "-m", str(path), "-t", str(threads),
            "-c", str(ctx), "-b", "2048", "-ub", "512", "-npp", str(p), "-ntg", str(g),
-           "-npl", ",".join(str(b) for b in batches), "--output-format", "jsonl"]
+           "-npl", ",".join(str(b) for b in batches), "--output-format", "jsonl",
+           *llama_cache_flags(kv_cache)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     res = {}
     for line in out.splitlines():
@@ -126,10 +137,10 @@ def run_batched_bench(exe: str, path: Path, threads: int, p: int, g: int,
     return res
 
 
-def run_ours(path: Path, threads: int, p: int, g: int, batch: int) -> dict:
+def run_ours(path: Path, threads: int, p: int, g: int, batch: int, kv_cache: str = "auto") -> dict:
     cmd = ["taskset", "-c", cores(threads), sys.executable, "-m", "bitnet_jax", "bench",
            "--model", str(path), "--prompt-tokens", str(p), "--gen-tokens", str(g),
-           "--batch", str(batch), "--backend", "cpu", "--json"]
+           "--batch", str(batch), "--backend", "cpu", "--json", "--kv-cache", kv_cache]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -150,6 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per case")
     ap.add_argument("--llama-bench", default=None, help="path to llama-bench (default: build it)")
     ap.add_argument("--skip-peer", action="store_true", help="measure bitnet_jax only")
+    ap.add_argument("--kv-cache", default="auto", choices=("auto", "float16", "int8"),
+                    help="our --kv-cache (int8: llama.cpp runs -ctk q8_0 -ctv q8_0 -fa on)")
     args = ap.parse_args(argv)
 
     exe = batched = None
@@ -189,12 +202,13 @@ def main(argv=None) -> int:
                 for _ in range(args.rounds):
                     if exe:
                         peer.append(run_llama_bench(exe, path, threads, prompt,
-                                                    args.gen_tokens, args.reps))
+                                                    args.gen_tokens, args.reps, args.kv_cache))
                         print(json.dumps({"engine": "llama.cpp", "tool": "llama-bench",
                                           "shape": shape, "threads": threads,
                                           "prompt_tokens": prompt, **peer[-1]}), flush=True)
                         peer_b.append(run_batched_bench(batched, path, threads, prompt,
-                                                        args.gen_tokens, args.batch))
+                                                        args.gen_tokens, args.batch,
+                                                        args.kv_cache))
                         for b, r in sorted(peer_b[-1].items()):
                             print(json.dumps({"engine": "llama.cpp",
                                               "tool": "llama-batched-bench", "shape": shape,
@@ -202,7 +216,7 @@ def main(argv=None) -> int:
                                               "batch": b, **r}), flush=True)
                     for batch in args.batch:
                         ours[batch].append(run_ours(path, threads, prompt, args.gen_tokens,
-                                                    batch))
+                                                    batch, args.kv_cache))
                         print(json.dumps({"engine": "bitnet_jax", "shape": shape,
                                           "threads": threads, **ours[batch][-1]}), flush=True)
                 ours1 = _best(ours.get(1, []), "decode_tokens_per_s")
@@ -214,6 +228,7 @@ def main(argv=None) -> int:
                     summary = {"summary": True, "shape": shape, "threads": threads,
                                "batch": batch, "prompt_tokens": prompt,
                                "gen_tokens": args.gen_tokens, "file_mb": round(size_mb, 1),
+                               "kv_cache": rows[-1].get("kv_cache"),
                                **{f"ours_{k}": round(v, 2) for k, v in best.items()},
                                "ours_peak_rss_mb": round(rss, 1),
                                "ours_rss_over_file": round(rss / size_mb, 3)}
@@ -224,7 +239,7 @@ def main(argv=None) -> int:
                         ctx = prompt + args.gen_tokens // 2  # mean context while decoding
                         ours_bytes = bytes_per_token(
                             path, 1.0 if rows[-1].get("lm_head") == "int8" else 2.0, ctx,
-                            4 if rows[-1].get("kv_cache") == "float32" else 2)
+                            rows[-1].get("kv_cache", "float16"))
                         roof = bw[threads] * 1e9 / sum(ours_bytes.values())
                         summary.update({"ours_bytes_per_token": ours_bytes,
                                         "ours_roofline_tokens_per_s": round(roof, 1),

@@ -2,7 +2,7 @@
 
 Fixture names are stable API for every test file: `tiny_cfg`, `tiny_params`, `tiny_packed_params`,
 `tiny_float_cfg`, `tiny_float_params`, `rng`, `shared_data`; module constants `SHARED_DATA`,
-`LEAF_TOL`, `MODEL_TOL`, `TINY_CONFIG`, `IN_CI`.
+`LEAF_TOL`, `MODEL_TOL`, `TINY_CONFIG`, `IN_CI`; helpers `random_packed`, `random_cache`.
 
 In CI (environment variable CI=true) a skip whose reason is a broken build rather than a missing
 machine feature (`CI_FATAL_SKIPS`: the CPU FFI extension did not build or load) fails the test.
@@ -78,6 +78,16 @@ def random_packed(rng: np.random.Generator, shape) -> np.ndarray:
     for j in range(4):
         packed |= rng.integers(0, 3, shape, dtype=np.uint8) << np.uint8(2 * j)
     return packed
+
+
+def random_cache(rng: np.random.Generator, shape, dtype: str) -> jax.Array:
+    """A KV cache array [..., H] of normal values in `dtype`, or for "int8" those values as int8
+    rows [..., H + 4] (model/cache.quantize_rows)."""
+    values = rng.normal(size=shape)
+    if dtype == "int8":
+        from bitnet_jax.model.cache import quantize_rows
+        return quantize_rows(jnp.asarray(values, jnp.float32))
+    return jnp.asarray(values, dtype)
 
 
 def require_shared(*parts: str) -> Path:

@@ -7,14 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bitnet_jax import kernels
 from bitnet_jax.kernels.cpu import ffi as cpu_ffi
 from bitnet_jax.model.attention import attend, attention, cached_attention
-from bitnet_jax.model.cache import attention_mask, init_cache
+from bitnet_jax.model.cache import attention_mask, init_cache, quantize_rows, widen, write
 from bitnet_jax.model.config import ModelConfig
 from bitnet_jax.model.layers import rope_frequencies
 from bitnet_jax.model.params import layer
 from bitnet_jax.model.policy import Policy
-from conftest import LEAF_TOL
+from conftest import LEAF_TOL, random_cache
 from test_layers import np_rms_norm, np_rope_half
 
 F32 = Policy()
@@ -50,6 +51,72 @@ def test_init_cache_layout(tiny_cfg):
     assert set(cache) == {"k", "v"}
     assert cache["k"].shape == (2, 3, 2, 11, 8) and cache["v"].dtype == jnp.bfloat16  # [L,B,K,S,H]
     assert not np.asarray(cache["k"], np.float32).any()
+
+
+def test_int8_cache_rows_round_trip(tiny_cfg, rng):
+    # An int8 cache row is H codes of the row's absmax and its float32 scale (model/cache.py):
+    # read back within half a step of the scale, all-zero rows exact, a non-finite row
+    # non-finite.
+    cache = init_cache(tiny_cfg, batch=3, length=11, dtype=jnp.int8)
+    assert cache["k"].shape == (2, 3, 2, 11, 8 + 4) and cache["k"].dtype == jnp.int8
+    assert not np.asarray(widen(cache["v"], jnp.float32)).any()
+    x = rng.normal(size=(5, 7, 96)) * np.logspace(-3, 3, 7)[None, :, None]
+    x[0, 0] = 0.0
+    rows = quantize_rows(jnp.asarray(x, jnp.float32))
+    assert rows.shape == (5, 7, 100) and rows.dtype == jnp.int8
+    back = np.asarray(widen(rows, jnp.float32))
+    step = np.abs(x).max(-1, keepdims=True) / 127
+    assert np.all(np.abs(back - x) <= step * 0.5 + 1e-6 * np.abs(x))
+    assert np.abs(np.asarray(rows[..., :96])).max() == 127 and not back[0, 0].any()
+    x[1, 2, 5] = np.nan
+    x[2, 3, 0] = np.inf
+    back = np.asarray(widen(quantize_rows(jnp.asarray(x, jnp.float32)), jnp.float32))
+    assert not np.isfinite(back[1, 2]).any() and not np.isfinite(back[2, 3]).any()
+    assert np.isfinite(np.delete(back.reshape(35, 96), [9, 17], axis=0)).all()
+
+
+@pytest.mark.parametrize("h", [1, 8, 13, 96, 100, 128])
+def test_int8_rows_cpu_kernel_matches_xla(h, rng):
+    # kernels.quantize_kv (kv_quantize_cpu.h) writes quantize_rows' bytes: the same codes (ties
+    # at k + 0.5 rounded to even: amax 127 makes 127 / amax exactly 1) and scales, zero rows,
+    # rows with a NaN or an inf, on the SIMD path and the portable one.
+    if jax.default_backend() != "cpu" or not cpu_ffi.available():
+        pytest.skip(f"CPU FFI extension not available: {cpu_ffi.unavailable_reason()}")
+    x = rng.normal(size=(2, 3, 7, h)) * np.logspace(-4, 4, 7)[None, None, :, None]
+    x[0, 0, 0] = 0.0
+    x[0, 1, 0] = np.arange(h) % 9 - 4.5  # ties after the scaling below
+    x[0, 1, 0, 0] = 127.0
+    x[1, 0, 1, h // 2] = np.nan
+    x[1, 1, 2, 0] = -np.inf
+    k, v = jnp.asarray(x, jnp.float32), jnp.asarray(-x[::-1] * 3, jnp.float32)
+    want = [np.asarray(quantize_rows(a)) for a in (k, v)]
+    previous = cpu_ffi.isa()
+    try:
+        for isa in sorted({previous, "scalar"}):
+            cpu_ffi.set_isa(isa)
+            got = jax.jit(kernels.quantize_kv)(k, v)
+            for g, w in zip(got, want):
+                assert g.dtype == jnp.int8 and g.shape == (2, 3, 7, h + 4)
+                np.testing.assert_array_equal(np.asarray(g), w, err_msg=isa)
+    finally:
+        cpu_ffi.set_isa(previous)
+
+
+def test_int8_decode_write_drops_positions_past_the_cache(tiny_cfg, rng):
+    # The int8 cache's decode write (one dynamic_update_slice per row, model/cache._put_rows):
+    # each row's new key at its own position, the other positions and layers untouched, and a
+    # position past S dropped (a clamped slice would overwrite the last position).
+    cfg = tiny_cfg
+    shape = (cfg.num_hidden_layers, 3, cfg.num_key_value_heads, 6, cfg.head_dim)
+    cache = {"k": random_cache(rng, shape, "int8"), "v": random_cache(rng, shape, "int8")}
+    new = jnp.asarray(rng.normal(size=(3, cfg.num_key_value_heads, 1, cfg.head_dim)), jnp.float32)
+    pos = jnp.asarray([2, 6, 5], jnp.int32)
+    got = jax.jit(write)(cache, new, -new, jnp.int32(1), pos)
+    for name, rows in (("k", quantize_rows(new)), ("v", quantize_rows(-new))):
+        want = np.array(cache[name])
+        want[1, 0, :, 2] = rows[0, :, 0]
+        want[1, 2, :, 5] = rows[2, :, 0]
+        np.testing.assert_array_equal(np.asarray(got[name]), want)
 
 
 def np_attention(p, x, positions, cfg, kv_map="repeat"):
@@ -138,10 +205,10 @@ ATTN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("cache_dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("cache_dtype", ["float32", "float16", "bfloat16", "int8"])
 @pytest.mark.parametrize("n,k,h,b,t,s,pos,slot", ATTN_CASES)
 def test_cached_attention_cpu_kernel_matches_xla(n, k, h, b, t, s, pos, slot, cache_dtype):
-    # Both paths read the same (possibly 16-bit) cache values widened to float32.
+    # Both paths read the same (possibly 16-bit, or int8-row) cache values widened to float32.
     if jax.default_backend() != "cpu" or not cpu_ffi.available():
         pytest.skip(f"CPU FFI extension not available: {cpu_ffi.unavailable_reason()}")
     cfg = ModelConfig(hidden_size=n * h, intermediate_size=8, num_hidden_layers=3,
@@ -151,8 +218,8 @@ def test_cached_attention_cpu_kernel_matches_xla(n, k, h, b, t, s, pos, slot, ca
     knew = jnp.asarray(rng.normal(size=(b, k, t, h)), jnp.float32)
     vnew = jnp.asarray(rng.normal(size=(b, k, t, h)), jnp.float32)
     rows = b if slot is None else 3
-    cache = {"k": jnp.asarray(rng.normal(size=(3, rows, k, s, h)), cache_dtype),
-             "v": jnp.asarray(rng.normal(size=(3, rows, k, s, h)), cache_dtype)}
+    cache = {"k": random_cache(rng, (3, rows, k, s, h), cache_dtype),
+             "v": random_cache(rng, (3, rows, k, s, h), cache_dtype)}
     pos = jnp.asarray(pos, jnp.int32)
     mask = attention_mask(pos, t, s)
     slot = None if slot is None else jnp.int32(slot)

@@ -89,6 +89,17 @@ def test_bench_json_line(model_dir, capsys):
     assert stats["prefill_tokens_per_s"] == sorted(stats["prefill_runs"])[1]
 
 
+def test_bench_int8_kv_cache(model_dir, capsys):
+    # --kv-cache int8: the run allocates int8 rows and reports them; a bad value is a usage error.
+    args = ["bench", "--model", str(model_dir), "--prompt-tokens", "8", "--gen-tokens", "4",
+            "--batch", "2", "--backend", "cpu", "--json", "--repetitions", "1", "--kv-cache"]
+    assert cli.main(args + ["int8"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["kv_cache"] == "int8" and stats["decode_tokens_per_s"] > 0
+    assert cli.main(args + ["int4"]) == 2
+    assert "--kv-cache" in capsys.readouterr().err
+
+
 def test_bench_repetitions(model_dir, capsys):
     args = ["bench", "--model", str(model_dir), "--prompt-tokens", "8", "--gen-tokens", "4",
             "--backend", "cpu", "--json", "--repetitions", "1"]

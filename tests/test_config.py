@@ -194,8 +194,9 @@ def test_policy_kv_cache_dtype():
     assert Policy().kv_cache == jnp.float32 and get_policy("gpu").kv_cache == jnp.bfloat16
     p = Policy(kv_cache_dtype=jnp.float16)
     assert p.kv_cache_dtype == "float16" and p.kv_cache == jnp.float16 and p.compute == jnp.float32
-    with pytest.raises(ConfigError, match="kv_cache_dtype=int8"):
-        Policy(kv_cache_dtype="int8")
+    assert Policy(kv_cache_dtype="int8").kv_cache == jnp.int8  # int8 rows (model/cache.py)
+    with pytest.raises(ConfigError, match="kv_cache_dtype=int16.*float16, bfloat16 or int8"):
+        Policy(kv_cache_dtype="int16")
 
 
 def test_policy_presets_and_normalisation():

@@ -20,7 +20,7 @@ from bitnet_jax.model.attention import cached_attention
 from bitnet_jax.model.cache import attention_mask
 from bitnet_jax.model.config import ModelConfig
 from bitnet_jax.model.policy import Policy
-from conftest import LEAF_TOL
+from conftest import LEAF_TOL, random_cache
 
 # (heads N, kv heads K, head_dim H, query rows Bq, new tokens T, cache length S, positions)
 UNIT_CASES = [
@@ -40,7 +40,7 @@ UNIT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("cache_dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("cache_dtype", ["float32", "float16", "bfloat16", "int8"])
 @pytest.mark.parametrize("n,k,h,b,t,s,pos", UNIT_CASES)
 def test_attention_unit_every_isa_matches_xla(n, k, h, b, t, s, pos, cache_dtype):
     if jax.default_backend() != "cpu" or not cpu_ffi.available():
@@ -51,8 +51,8 @@ def test_attention_unit_every_isa_matches_xla(n, k, h, b, t, s, pos, cache_dtype
     q = jnp.asarray(rng.normal(size=(b, t, n, h)) * 2, jnp.float32)
     knew = jnp.asarray(rng.normal(size=(b, k, t, h)), jnp.float32)
     vnew = jnp.asarray(rng.normal(size=(b, k, t, h)), jnp.float32)
-    cache = {"k": jnp.asarray(rng.normal(size=(2, b, k, s, h)), cache_dtype),
-             "v": jnp.asarray(rng.normal(size=(2, b, k, s, h)), cache_dtype)}
+    cache = {"k": random_cache(rng, (2, b, k, s, h), cache_dtype),
+             "v": random_cache(rng, (2, b, k, s, h), cache_dtype)}
     pos = jnp.asarray(pos, jnp.int32)
     mask = attention_mask(pos, t, s)
 

@@ -369,6 +369,10 @@ def test_cached_attention_kernel_choice():
                                     jnp.zeros((2, 1, 2, 32, 16))) == "xla"
     q = jnp.zeros((1, 1, 4, 16), jnp.float32)
     assert kernels.attention_kernel("pallas", q, jnp.zeros((2, 1, 2, 32, 16))) == "pallas"
+    # An int8-row cache (model/cache.py) runs XLA's attention: the GPU kernels read float rows.
+    int8 = jnp.zeros((2, 1, 2, 32, 16 + 4), jnp.int8)
+    assert kernels.attention_kernel("pallas", q, int8) == "xla"
+    assert not kernels.fused_decode("pallas", jnp.float32, 1, [], int8, 4)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def test_param_specs_match_real_packed_params(tiny_cfg, tiny_params):
         == sum(a.nbytes for a in jax.tree.leaves(int8))
 
 
-@pytest.mark.parametrize("kv_dtype", [None, "bfloat16"])
+@pytest.mark.parametrize("kv_dtype", [None, "bfloat16", "int8"])
 def test_kv_cache_bytes_match_the_allocated_cache(tiny_cfg, kv_dtype):
     policy = Policy(kv_cache_dtype=kv_dtype)
     cache = jax.eval_shape(lambda: init_cache(tiny_cfg, 3, 48, policy.kv_cache))

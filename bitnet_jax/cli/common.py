@@ -67,9 +67,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="where to run (default auto: a GPU when JAX sees one)")
     parser.add_argument("--lm-head", choices=("auto", "float", "int8"), default="auto",
                         help="LM head precision: int8 per-row copy (fast; auto on CPU) or float")
-    parser.add_argument("--kv-cache", choices=("auto", "float32", "float16", "bfloat16"),
+    parser.add_argument("--kv-cache", choices=("auto", "float32", "float16", "bfloat16", "int8"),
                         default="auto", help="KV cache dtype (auto: float16 on CPU, as "
-                        "llama.cpp; the compute dtype on GPU)")
+                        "llama.cpp; the compute dtype on GPU; int8: half the bytes, per-row "
+                        "scales)")
     group = parser.add_argument_group("multiple devices (README, Multiple devices)")
     group.add_argument("--tensor-parallel", type=positive_int, default=1, metavar="N",
                        help="split the model over N devices (default 1)")

@@ -24,11 +24,13 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from bitnet_jax.kernels import sharded
 from bitnet_jax.kernels.cpu import ffi as cpu_ffi
 from bitnet_jax.kernels.cpu import fused as cpu_fused
 from bitnet_jax.kernels.cpu import greedy as cpu_greedy
+from bitnet_jax.kernels.cpu import kv_quantize as cpu_kv_quantize
 from bitnet_jax.kernels.gpu import fallback as gpu_fallback
 from bitnet_jax.kernels.gpu.platform import default_platform
 from bitnet_jax.kernels.xla import int8_matmul_xla, ternary_matmul_xla
@@ -166,6 +168,8 @@ def attention_kernel(kernel: str, q: jax.Array, cache_k: jax.Array) -> str:
     """Which cached attention runs: "ffi" (the CPU kernel, cpu/attention_cpu.h), "pallas" (the
     GPU kernel, gpu/attention.py: `cached_attention_pallas`) or "xla" (model/attention.py)."""
     chosen = choose_kernel(kernel)
+    if chosen == "pallas" and cache_k.dtype == jnp.int8:
+        return "xla"  # the GPU kernels read float caches only (model/cache.py int8 rows)
     if chosen == "pallas":
         # Deferred: see _pallas_importable.
         from bitnet_jax.kernels.gpu import attention as gpu_attention
@@ -194,6 +198,19 @@ def greedy_tokens(logits: jax.Array, seen: jax.Array, penalty: jax.Array):
     return cpu_greedy.greedy_ffi(logits, seen, penalty)
 
 
+def quantize_kv_usable(kernel: str, k: jax.Array) -> bool:
+    """Whether an int8 KV cache's new rows come from the CPU kernel (`quantize_kv`): "ffi" (or
+    "auto" on a CPU) with the extension loaded, k on one device."""
+    return (choose_kernel(kernel) == "ffi" and cpu_ffi.available()
+            and sharded.mesh_of(k) is None)
+
+
+def quantize_kv(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """k, v [..., H] -> int8 rows [..., H + 4] in one CPU call (cpu/kv_quantize.py), the bytes
+    of model/cache.quantize_rows."""
+    return cpu_kv_quantize.quantize_kv_ffi(k, v)
+
+
 def fused_decode(kernel: str, dtype, batch: int, weights: list, cache_k: jax.Array,
                  heads: int) -> bool:
     """True when a decode step's layers run as the fused Pallas launches (model/fused.py):
@@ -205,7 +222,8 @@ def fused_decode(kernel: str, dtype, batch: int, weights: list, cache_k: jax.Arr
       weights: stacked packed [L, O/4, I] q, k, v, o, gate, up, down.
       cache_k: [L, B', K, S, H]; heads: N.
     """
-    if choose_kernel(kernel) != "pallas" or sharded.mesh_of(cache_k, *weights) is not None:
+    if (choose_kernel(kernel) != "pallas" or cache_k.dtype == jnp.int8
+            or sharded.mesh_of(cache_k, *weights) is not None):
         return False
     # Deferred: see _pallas_importable.
     from bitnet_jax.kernels.gpu import decode_attention, fused

@@ -52,7 +52,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, laye
 
     Args:
       q: [Bq, T, N, H] queries; k, v: [Bq, K, T, H] new keys/values at positions pos..pos+T-1.
-      cache: {"k", "v"} [L, B, K, S, H].
+      cache: {"k", "v"} [L, B, K, S, H] (int8: [L, B, K, S, H + 4], model/cache.py).
       layer: int32 scalar; pos: [Bq] int32; slot: None or an int32 scalar (model/cache.py).
       mask: [Bq, T, S].
 
@@ -63,6 +63,8 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, laye
     kernel (kernels/gpu/attention.py) read the layer's visible positions of the stacked cache in
     place; otherwise XLA slices the layer out (a copy) and runs `attend` over all S positions.
     """
+    if cache["k"].dtype == jnp.int8 and kernels.quantize_kv_usable(policy.kernel, k):
+        k, v = kernels.quantize_kv(k, v)  # the int8 rows kv_cache.write would make, in one call
     cache = kv_cache.write(cache, k, v, layer, pos, slot)
     kernel = kernels.attention_kernel(policy.kernel, q, cache["k"])
     if kernel != "xla":  # the CPU kernel takes float32 queries, the GPU one the compute dtype
@@ -72,7 +74,8 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict, laye
         out = run(q.astype(dtype), cache["k"], cache["v"], layer, rows, pos)
         return out.astype(policy.compute), cache
     keys, values = kv_cache.layer_view(cache, layer, q.shape[0], slot)
-    out = attend(q, keys.astype(policy.compute), values.astype(policy.compute), mask, cfg, policy)
+    out = attend(q, kv_cache.widen(keys, policy.compute), kv_cache.widen(values, policy.compute),
+                 mask, cfg, policy)
     return out, cache
 
 

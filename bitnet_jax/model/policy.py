@@ -12,6 +12,10 @@ GPU, XLA otherwise), "xla", "ffi" or "pallas". It is resolved at trace time.
 "float16" or "bfloat16" halve a float32 cache's memory and the bytes each decode step reads
 (the CPU attention kernel widens the values to float32; the CLI uses float16 on CPU, as
 llama.cpp does). float16 is fine here: cached keys/values are projections, not relu² outputs.
+"int8" stores each cached row as int8 codes with its own float32 scale (model/cache.py): half
+a float16 cache's bytes and memory, at a small change in numerics (like llama.cpp's
+`-ctk q8_0 -ctv q8_0`); opt-in, never chosen for you. The CPU kernel and the XLA path read it;
+the Pallas GPU kernels do not (an int8 cache runs XLA's attention there).
 
 `lm_head` is "float" (exact, the default), "int8" or "auto": with int8 the loaders and the engine
 keep an int8 per-row copy of the LM head (and of the embedding, when tied), which halves or
@@ -41,7 +45,7 @@ class Policy:
       output_dtype: dtype of the logits.
       kernel: ternary matmul implementation ("auto", "xla", "ffi", "pallas").
       lm_head: "float", "int8" or "auto" (params.lm_head_format decides).
-      kv_cache_dtype: None (compute dtype), "float32", "float16" or "bfloat16".
+      kv_cache_dtype: None (compute dtype), "float32", "float16", "bfloat16" or "int8".
     """
 
     param_dtype: str = "float32"
@@ -64,9 +68,9 @@ class Policy:
             raise ConfigError(f"Policy.kernel={self.kernel!r} is unknown; use one of {_KERNELS}.")
         if self.kv_cache_dtype is not None:
             name = jnp.dtype(self.kv_cache_dtype).name
-            if name not in ("float32", "float16", "bfloat16"):
+            if name not in ("float32", "float16", "bfloat16", "int8"):
                 raise ConfigError(f"Policy.kv_cache_dtype={name} is not supported; use float32, "
-                                  "float16 or bfloat16.")
+                                  "float16, bfloat16 or int8.")
             object.__setattr__(self, "kv_cache_dtype", name)
         if self.lm_head not in _LM_HEADS:
             raise ConfigError(f"Policy.lm_head={self.lm_head!r} is unknown; use one of {_LM_HEADS}.")

@@ -18,9 +18,9 @@ Free memory, first that applies:
      XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 changes the share), and bytes_limit is that pool;
   4. unknown (a CPU without a limit): no check.
 
-Sizes (model/cache.py, model/params.py): KV cache 2·L·B·K·S·H·itemsize(policy.kv_cache);
-packed weights L·O·I/4 bytes per BitLinear plus f32 scales; float leaves in the param dtype;
-an int8 LM head V·D bytes + 4·V.
+Sizes (model/cache.py, model/params.py): KV cache 2·L·B·K·S·H·itemsize(policy.kv_cache)
+(H + 4 for int8); packed weights L·O·I/4 bytes per BitLinear plus f32 scales; float leaves in
+the param dtype; an int8 LM head V·D bytes + 4·V.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax.errors import DeviceError
+from bitnet_jax.model.cache import row_width
 from bitnet_jax.model.config import ModelConfig
 from bitnet_jax.model.params import BITLINEAR_PATHS, param_shapes
 from bitnet_jax.model.policy import Policy
@@ -105,9 +106,11 @@ def placed_bytes(params, policy: Policy) -> int:
 
 
 def kv_cache_bytes(cfg: ModelConfig, policy: Policy, slots: int, context: int) -> int:
-    """Bytes of the KV cache {"k", "v"} [L, B, K, S, H] with B = slots, S = context."""
-    per = cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
-    return 2 * per * slots * context * jnp.dtype(policy.kv_cache).itemsize
+    """Bytes of the KV cache {"k", "v"} [L, B, K, S, H] (int8: H + 4) with B = slots, S =
+    context."""
+    dtype = jnp.dtype(policy.kv_cache)
+    per = cfg.num_hidden_layers * cfg.num_key_value_heads * row_width(cfg.head_dim, dtype)
+    return 2 * per * slots * context * dtype.itemsize
 
 
 def free_memory(device, memory_limit: int | None = None) -> tuple[int | None, str]:

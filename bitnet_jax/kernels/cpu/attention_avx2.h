@@ -74,14 +74,15 @@ template <int C, int J0, int NJ>
 BITNET_ATTN_TARGET inline void ValuePass(const Problem& p, int64_t base, int64_t len,
                                          const float* w, float* out, bool pf, int64_t next_base,
                                          int64_t next_len) {
-  const int64_t h = p.h;
+  const int64_t h = p.h, rs = p.rs;
   __m256 o[NJ];
   for (int j = 0; j < NJ; ++j) o[j] = _mm256_setzero_ps();
   for (int64_t s = 0; s < len; ++s) {
-    if (pf && s < next_len) PrefetchRows<C>(p.k, next_base, s, s + 1, h);
-    const __m256 ws = _mm256_broadcast_ss(w + s);
-    for (int j = 0; j < NJ; ++j)
-      o[j] = _mm256_fmadd_ps(ws, Load8<C>(p.v, base + s * h + 8 * (J0 + j)), o[j]);
+    if (pf && s < next_len) PrefetchRows<C>(p.k, next_base, s, s + 1, rs);
+    const int64_t at = base + s * rs;
+    __m256 ws = _mm256_broadcast_ss(w + s);
+    if constexpr (C == kI8) ws = _mm256_mul_ps(ws, _mm256_set1_ps(RowScale<C>(p.v, at, h)));
+    for (int j = 0; j < NJ; ++j) o[j] = _mm256_fmadd_ps(ws, Load8<C>(p.v, at + 8 * (J0 + j)), o[j]);
   }
   for (int j = 0; j < NJ; ++j) _mm256_storeu_ps(out + 8 * (J0 + j), o[j]);
 }
@@ -90,7 +91,7 @@ BITNET_ATTN_TARGET inline void ValuePass(const Problem& p, int64_t base, int64_t
 template <int C, int NV>
 BITNET_ATTN_TARGET inline void RunUnit256(const Problem& p, int64_t unit, int64_t next,
                                           std::vector<float>& scores) {
-  const int64_t g = p.n / p.kh, h = p.h;
+  const int64_t g = p.n / p.kh, h = p.h, rs = p.rs;
   const int64_t t = unit % p.t, ki = (unit / p.t) % p.kh, bi = unit / (p.t * p.kh);
   int64_t base, len, next_base = 0, next_len = 0;
   UnitSpan(p, unit, &base, &len);
@@ -105,17 +106,17 @@ BITNET_ATTN_TARGET inline void RunUnit256(const Problem& p, int64_t unit, int64_
     float mx = -INFINITY;
     for (int64_t s = 0; s < len; ++s) {
       if (stream && gi == 0) {  // later query heads of the kv head find both in cache
-        PrefetchRows<C>(p.v, base, s, s + 1, h);
-        if (s + 8 < len) PrefetchRows<C>(p.k, base, s + 8, s + 9, h);
+        PrefetchRows<C>(p.v, base, s, s + 1, rs);
+        if (s + 8 < len) PrefetchRows<C>(p.k, base, s + 8, s + 9, rs);
       }
-      __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(q), Load8<C>(p.k, base + s * h));
-      __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(q + 8), Load8<C>(p.k, base + s * h + 8));
+      const int64_t at = base + s * rs;
+      __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(q), Load8<C>(p.k, at));
+      __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(q + 8), Load8<C>(p.k, at + 8));
       for (int j = 2; j < NV; j += 2) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * j), Load8<C>(p.k, base + s * h + 8 * j), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * j + 8),
-                             Load8<C>(p.k, base + s * h + 8 * j + 8), a1);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * j), Load8<C>(p.k, at + 8 * j), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * j + 8), Load8<C>(p.k, at + 8 * j + 8), a1);
       }
-      const float v = Sum8(_mm256_add_ps(a0, a1)) * scale;
+      const float v = Sum8(_mm256_add_ps(a0, a1)) * (scale * RowScale<C>(p.k, at, h));
       sc[s] = v;
       mx = v > mx ? v : mx;
     }

@@ -2,8 +2,9 @@
 //
 //   q:      f32 [Bq, T, N, H]         this call's queries, RoPE applied
 //   k, v:   [L, B, K, S, H]           the whole cache (model/cache.py layout) in float32, float16
-//                                     or bfloat16, this call's keys and values already written;
-//                                     each value is widened to float32
+//                                     or bfloat16, or [L, B, K, S, H + 4] int8 rows (codes and
+//                                     the row's scale: attention_cache.h), this call's keys and
+//                                     values already written; each value is widened to float32
 //   rows:   int32 [Bq]                the cache row (slot) of each query row
 //   pos:    int32 [Bq]                the position of each query row's first query
 //   out:    f32 [Bq, T, N, H]
@@ -26,67 +27,9 @@
 #include <cstring>
 #include <vector>
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define BITNET_ATTN_X86 1
-#else
-#define BITNET_ATTN_X86 0
-#endif
+#include "attention_cache.h"  // Problem, the element types, the loads
 
 namespace bitnet_attention {
-
-// Cache element types: float32, IEEE float16 and bfloat16 (raw 16-bit patterns).
-enum CacheType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
-
-struct Problem {
-  const float* q;       // [Bq, T, N, H]
-  const void* k;        // [B, K, S, H] of the selected layer, element type `cache`
-  const void* v;        // [B, K, S, H]
-  const int32_t* rows;  // [Bq] cache row of each query row
-  const int32_t* pos;   // [Bq] position of each query row's first query
-  float* out;           // [Bq, T, N, H]
-  int64_t b, t, n, kh, s, h;  // b = Bq
-  int cache;            // CacheType
-  bool avx2;            // use the AVX2+FMA(+F16C) dot / axpy, or unit (attention_avx2.h)
-  bool avx512;          // use the AVX-512 unit (RunUnit512) where H is 64, 96 or 128
-};
-
-// One cached value as float32.
-inline float HalfToFloat(uint16_t h) {  // IEEE binary16, subnormals and inf/nan included
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
-  if (exp == 0x1f) {
-    bits = sign | 0x7f800000u | (man << 13);
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112u) << 23) | (man << 13);
-  } else if (man == 0) {
-    bits = sign;
-  } else {  // subnormal: normalise
-    exp = 113;
-    while ((man & 0x400u) == 0) {
-      man <<= 1;
-      --exp;
-    }
-    bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-inline float Bf16ToFloat(uint16_t b) {
-  const uint32_t bits = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-template <int C>
-inline float LoadOne(const void* base, int64_t at) {
-  if constexpr (C == kF32) return static_cast<const float*>(base)[at];
-  if constexpr (C == kF16) return HalfToFloat(static_cast<const uint16_t*>(base)[at]);
-  return Bf16ToFloat(static_cast<const uint16_t*>(base)[at]);
-}
 
 // q . cache[at : at + h]
 template <int C>
@@ -103,17 +46,6 @@ inline void AxpyScalar(float p, const void* x, int64_t at, float* y, int64_t h) 
 }
 
 #if BITNET_ATTN_X86
-#define BITNET_ATTN_TARGET __attribute__((target("avx2,fma,f16c")))
-
-template <int C>
-BITNET_ATTN_TARGET inline __m256 Load8(const void* base, int64_t at) {
-  if constexpr (C == kF32) return _mm256_loadu_ps(static_cast<const float*>(base) + at);
-  const __m128i raw =
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + at));
-  if constexpr (C == kF16) return _mm256_cvtph_ps(raw);
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-
 template <int C>
 BITNET_ATTN_TARGET inline float DotAvx2(const float* a, const void* b, int64_t at, int64_t h) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -173,7 +105,7 @@ inline void RunUnitT(const Problem& p, int64_t unit, std::vector<float>& scores)
   const int64_t ki = (unit / p.t) % p.kh;
   const int64_t bi = unit / (p.t * p.kh);
   // element offset of this (cache row, head); rows[] and pos[] were range-checked by the handler
-  const int64_t base = (static_cast<int64_t>(p.rows[bi]) * p.kh + ki) * p.s * p.h;
+  const int64_t base = (static_cast<int64_t>(p.rows[bi]) * p.kh + ki) * p.s * p.rs;
   const float scale = 1.0f / std::sqrt(static_cast<float>(p.h));
   int64_t hi = static_cast<int64_t>(p.pos[bi]) + t;  // visible positions [0, hi]
   if (hi > p.s - 1) hi = p.s - 1;
@@ -184,7 +116,8 @@ inline void RunUnitT(const Problem& p, int64_t unit, std::vector<float>& scores)
     float* sc = scores.data() + gi * len;
     float mx = -INFINITY;
     for (int64_t s = 0; s < len; ++s) {
-      sc[s] = Dot<C>(p.avx2, qv, p.k, base + (lo + s) * p.h, p.h) * scale;
+      const int64_t at = base + (lo + s) * p.rs;
+      sc[s] = Dot<C>(p.avx2, qv, p.k, at, p.h) * (scale * RowScale<C>(p.k, at, p.h));
       mx = sc[s] > mx ? sc[s] : mx;
     }
     float sum = 0.f;
@@ -202,28 +135,19 @@ inline void RunUnitT(const Problem& p, int64_t unit, std::vector<float>& scores)
   for (int64_t s = 0; s < len; ++s) {
     for (int64_t gi = 0; gi < g; ++gi) {
       float* o = p.out + ((bi * p.t + t) * p.n + ki * g + gi) * p.h;
-      Axpy<C>(p.avx2, scores[gi * len + s], p.v, base + (lo + s) * p.h, o, p.h);
+      const int64_t at = base + (lo + s) * p.rs;
+      Axpy<C>(p.avx2, scores[gi * len + s] * RowScale<C>(p.v, at, p.h), p.v, at, o, p.h);
     }
   }
 }
 
 #if BITNET_ATTN_X86
-#define BITNET_ATTN_TARGET512 __attribute__((target("avx512f,avx512bw,fma,f16c")))
 // GCC 12's AVX-512 headers trip bogus -W(maybe-)uninitialized warnings (_mm512_undefined_*).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
-
-template <int C>
-BITNET_ATTN_TARGET512 inline __m512 Load16(const void* base, int64_t at) {
-  if constexpr (C == kF32) return _mm512_loadu_ps(static_cast<const float*>(base) + at);
-  const __m256i raw =
-      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + at));
-  if constexpr (C == kF16) return _mm512_cvtph_ps(raw);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
 
 // exp(x) for 16 floats (x <= 0 here: scores minus their max): 2^n · p(r) with n = round(x/ln2),
 // r = x - n·ln2 in two parts, p the degree-6 Taylor polynomial of e^r on |r| <= ln2/2 (relative
@@ -244,19 +168,10 @@ BITNET_ATTN_TARGET512 inline __m512 Exp16(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
-// Software prefetch of cached rows [s0, s1) of (element offset) `base` into L1, once per line.
-template <int C>
-inline void PrefetchRows(const void* cache, int64_t base, int64_t s0, int64_t s1, int64_t h) {
-  constexpr int64_t kBytes = C == kF32 ? 4 : 2;
-  const char* at = static_cast<const char*>(cache) + (base + s0 * h) * kBytes;
-  const char* end = static_cast<const char*>(cache) + (base + s1 * h) * kBytes;
-  for (; at < end; at += 64) _mm_prefetch(at, _MM_HINT_T0);
-}
-
 // First element and visible length of unit `unit`'s (cache row, kv head) block.
 inline void UnitSpan(const Problem& p, int64_t unit, int64_t* base, int64_t* len) {
   const int64_t t = unit % p.t, ki = (unit / p.t) % p.kh, bi = unit / (p.t * p.kh);
-  *base = (static_cast<int64_t>(p.rows[bi]) * p.kh + ki) * p.s * p.h;
+  *base = (static_cast<int64_t>(p.rows[bi]) * p.kh + ki) * p.s * p.rs;
   *len = std::min<int64_t>(static_cast<int64_t>(p.pos[bi]) + t, p.s - 1) + 1;
 }
 
@@ -275,7 +190,7 @@ inline void UnitSpan(const Problem& p, int64_t unit, int64_t* base, int64_t* len
 template <int C, int NV>
 BITNET_ATTN_TARGET512 inline void RunUnit512(const Problem& p, int64_t unit, int64_t next,
                                              std::vector<float>& scores) {
-  const int64_t g = p.n / p.kh, h = p.h;
+  const int64_t g = p.n / p.kh, h = p.h, rs = p.rs;
   const int64_t t = unit % p.t;
   const int64_t ki = (unit / p.t) % p.kh;
   const int64_t bi = unit / (p.t * p.kh);
@@ -292,12 +207,13 @@ BITNET_ATTN_TARGET512 inline void RunUnit512(const Problem& p, int64_t unit, int
     float mx = -INFINITY;
     for (int64_t s = 0; s < len; ++s) {
       if (stream && gi == 0) {  // later query heads of the kv head find both in cache
-        PrefetchRows<C>(p.v, base, s, s + 1, h);
-        if (s + 8 < len) PrefetchRows<C>(p.k, base, s + 8, s + 9, h);
+        PrefetchRows<C>(p.v, base, s, s + 1, rs);
+        if (s + 8 < len) PrefetchRows<C>(p.k, base, s + 8, s + 9, rs);
       }
-      __m512 acc = _mm512_mul_ps(q[0], Load16<C>(p.k, base + s * h));
-      for (int j = 1; j < NV; ++j) acc = _mm512_fmadd_ps(q[j], Load16<C>(p.k, base + s * h + 16 * j), acc);
-      const float sc = _mm512_reduce_add_ps(acc) * scale;
+      const int64_t at = base + s * rs;
+      __m512 acc = _mm512_mul_ps(q[0], Load16<C>(p.k, at));
+      for (int j = 1; j < NV; ++j) acc = _mm512_fmadd_ps(q[j], Load16<C>(p.k, at + 16 * j), acc);
+      const float sc = _mm512_reduce_add_ps(acc) * (scale * RowScale<C>(p.k, at, h));
       scores[s] = sc;
       mx = sc > mx ? sc : mx;
     }
@@ -312,9 +228,10 @@ BITNET_ATTN_TARGET512 inline void RunUnit512(const Problem& p, int64_t unit, int
     const float inv = 1.0f / _mm512_reduce_add_ps(total);
     for (int j = 0; j < NV; ++j) o[j] = _mm512_setzero_ps();
     for (int64_t s = 0; s < len; ++s) {
-      if (gi == g - 1 && s < next_len) PrefetchRows<C>(p.k, next_base, s, s + 1, h);
-      const __m512 w = _mm512_set1_ps(scores[s] * inv);
-      for (int j = 0; j < NV; ++j) o[j] = _mm512_fmadd_ps(w, Load16<C>(p.v, base + s * h + 16 * j), o[j]);
+      if (gi == g - 1 && s < next_len) PrefetchRows<C>(p.k, next_base, s, s + 1, rs);
+      const int64_t at = base + s * rs;
+      const __m512 w = _mm512_set1_ps(scores[s] * inv * RowScale<C>(p.v, at, h));
+      for (int j = 0; j < NV; ++j) o[j] = _mm512_fmadd_ps(w, Load16<C>(p.v, at + 16 * j), o[j]);
     }
     for (int j = 0; j < NV; ++j) _mm512_storeu_ps(p.out + row * h + 16 * j, o[j]);
   }
@@ -347,11 +264,13 @@ inline void RunUnit(const Problem& p, int64_t unit, int64_t next, std::vector<fl
   if (p.avx512) {
     const bool done = p.cache == kF16    ? RunUnitAvx512<kF16>(p, unit, next, scores)
                       : p.cache == kBF16 ? RunUnitAvx512<kBF16>(p, unit, next, scores)
+                      : p.cache == kI8   ? RunUnitAvx512<kI8>(p, unit, next, scores)
                                          : RunUnitAvx512<kF32>(p, unit, next, scores);
     if (done) return;
   } else if (p.avx2) {
     const bool done = p.cache == kF16    ? RunUnitAvx2<kF16>(p, unit, next, scores)
                       : p.cache == kBF16 ? RunUnitAvx2<kBF16>(p, unit, next, scores)
+                      : p.cache == kI8   ? RunUnitAvx2<kI8>(p, unit, next, scores)
                                          : RunUnitAvx2<kF32>(p, unit, next, scores);
     if (done) return;
   }
@@ -361,6 +280,7 @@ inline void RunUnit(const Problem& p, int64_t unit, int64_t next, std::vector<fl
   switch (p.cache) {
     case kF16: return RunUnitT<kF16>(p, unit, scores);
     case kBF16: return RunUnitT<kBF16>(p, unit, scores);
+    case kI8: return RunUnitT<kI8>(p, unit, scores);
     default: return RunUnitT<kF32>(p, unit, scores);
   }
 }

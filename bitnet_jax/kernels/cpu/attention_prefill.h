@@ -72,17 +72,29 @@ BITNET_ATTN_TARGET inline void Transpose8(__m256 r[8]) {
   r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
+// Columns c..c+7 of the cached row at element `at` as values (an int8 row's codes times its
+// scale).
+template <int C>
+BITNET_ATTN_TARGET inline __m256 LoadRow8(const void* cache, int64_t at, int64_t c, int64_t h) {
+  if constexpr (C == kI8) {
+    return _mm256_mul_ps(Load8<C>(cache, at + c), _mm256_set1_ps(RowScale<C>(cache, at, h)));
+  }
+  (void)h;
+  return Load8<C>(cache, at + c);
+}
+
 // Keys s0..s0+nk-1 (nk <= 16) of the block at element `base`, widened: kt[c * 16 + j] = key
 // s0 + j, column c; zeros for j >= nk (positions past the last visible one are never read).
 template <int C>
 BITNET_ATTN_TARGET inline void TransposeKeys(const Problem& p, int64_t base, int64_t s0, int64_t nk,
                                              float* kt) {
-  const int64_t h = p.h;
+  const int64_t h = p.h, rs = p.rs;
   for (int64_t half = 0; half < kKeyBlock; half += 8) {
     for (int64_t c = 0; c < h; c += 8) {
       __m256 r[8];
       for (int64_t j = 0; j < 8; ++j) {
-        r[j] = half + j < nk ? Load8<C>(p.k, base + (s0 + half + j) * h + c) : _mm256_setzero_ps();
+        r[j] = half + j < nk ? LoadRow8<C>(p.k, base + (s0 + half + j) * rs, c, h)
+                             : _mm256_setzero_ps();
       }
       Transpose8(r);
       for (int64_t j = 0; j < 8; ++j) _mm256_storeu_ps(kt + (c + j) * kKeyBlock + half, r[j]);
@@ -144,10 +156,10 @@ BITNET_ATTN_TARGET inline void ValueRows(const float* vt, int64_t h, int64_t s0,
 template <int C>
 BITNET_ATTN_TARGET inline void WidenValues(const Problem& p, int64_t base, int64_t s0, int64_t s1,
                                            float* vt) {
-  const int64_t h = p.h;
+  const int64_t h = p.h, rs = p.rs;
   for (int64_t s = s0; s < s1; ++s) {
     for (int64_t c = 0; c < h; c += 8) {
-      _mm256_storeu_ps(vt + (s - s0) * h + c, Load8<C>(p.v, base + s * h + c));
+      _mm256_storeu_ps(vt + (s - s0) * h + c, LoadRow8<C>(p.v, base + s * rs, c, h));
     }
   }
 }
@@ -173,7 +185,7 @@ BITNET_ATTN_TARGET inline void RunPrefillUnitT(const Problem& p, int64_t unit,
   const int64_t t0 = (unit % blocks) * qb, ki = (unit / blocks) % p.kh;
   const int64_t bi = unit / (blocks * p.kh);
   const int64_t nq = std::min(qb, p.t - t0), nr = nq * g;
-  const int64_t base = (static_cast<int64_t>(p.rows[bi]) * p.kh + ki) * p.s * h;
+  const int64_t base = (static_cast<int64_t>(p.rows[bi]) * p.kh + ki) * p.s * p.rs;
   const int64_t pos = p.pos[bi];
   // Row r = query t0 + r / g, head ki * g + r % g; rows in order of their visible length.
   auto visible = [&](int64_t r) { return std::min(pos + t0 + r / g, p.s - 1) + 1; };
@@ -227,6 +239,7 @@ inline void RunPrefillUnit(const Problem& p, int64_t unit, std::vector<float>& s
   switch (p.cache) {
     case kF16: return RunPrefillUnitT<kF16>(p, unit, scratch);
     case kBF16: return RunPrefillUnitT<kBF16>(p, unit, scratch);
+    case kI8: return RunPrefillUnitT<kI8>(p, unit, scratch);
     default: return RunPrefillUnitT<kF32>(p, unit, scratch);
   }
 }

@@ -20,8 +20,8 @@ before it and the residual add or act(gate) · up after it to the same call.
 and equal to XLA's int8 dot.
 
 `attention_ffi(q, k, v, layer, rows, pos)` attends over the visible positions of one layer of
-the stacked KV cache (float32, float16 or bfloat16) in place (attention_cpu.h); it equals
-attention.attend on the same cache up to float rounding.
+the stacked KV cache (float32, float16, bfloat16 or int8 rows) in place (attention_cpu.h); it
+equals attention.attend on the same cache up to float rounding.
 
 library.py loads the shared object and chooses its kernel path; its public functions
 (`available`, `unavailable_reason`, `isa`, `supported_isas`, `set_isa`) are re-exported here.
@@ -359,10 +359,10 @@ def int8_linear_ffi(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 def attention_usable(q: jax.Array, cache_k: jax.Array) -> bool:
-    """True if attention_ffi handles these operands here (float32 queries; a float32, float16 or
-    bfloat16 cache; CPU; extension loaded)."""
+    """True if attention_ffi handles these operands here (float32 queries; a float32, float16,
+    bfloat16 or int8-row cache; CPU; extension loaded)."""
     return (q.dtype == jnp.float32
-            and cache_k.dtype in (jnp.float32, jnp.float16, jnp.bfloat16)
+            and cache_k.dtype in (jnp.float32, jnp.float16, jnp.bfloat16, jnp.int8)
             and jax.default_backend() == "cpu" and available())
 
 
@@ -372,8 +372,9 @@ def attention_ffi(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, layer, r
 
     Args:
       q: [Bq, T, N, H] float32 queries (RoPE applied).
-      cache_k, cache_v: [L, B, K, S, H] float32, float16 or bfloat16, this call's keys/values
-        already written.
+      cache_k, cache_v: [L, B, K, S, H] float32, float16 or bfloat16, or [L, B, K, S, H + 4]
+        int8 rows (codes, then the row's float32 scale: model/cache.py); this call's
+        keys/values already written.
       layer: int32 scalar.
       rows: [Bq] int32, the cache row of each query row.
       pos: [Bq] int32; query t of row i sits at position pos[i] + t and sees positions

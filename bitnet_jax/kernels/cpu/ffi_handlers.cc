@@ -12,6 +12,7 @@
 //   bitnet_attention       attention over one layer of the stacked KV cache (attention_cpu.h)
 //   bitnet_greedy          greedy next tokens of penalised logits, and their finiteness
 //                          (greedy_cpu.h)
+//   bitnet_quantize_kv     keys and values as the int8 KV cache's rows (kv_quantize_cpu.h)
 //
 // Built by setup.py against the FFI headers shipped in jaxlib (jax.ffi.include_dir()) into
 // bitnet_jax/kernels/cpu/_ternary_cpu*.so, loaded with ctypes and registered as CPU targets by
@@ -35,6 +36,7 @@
 #include "greedy_cpu.h"
 #include "int8_gemm.h"
 #include "isa.h"
+#include "kv_quantize_cpu.h"
 #include "quantize_cpu.h"
 #include "ternary_amx.h"
 #include "ternary_gemm.h"
@@ -258,6 +260,12 @@ ffi::Future Greedy(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buff
   return Run(pool, job, b, 1, b * v);
 }
 
+ffi::Future QuantizeKv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                       ffi::ResultBuffer<ffi::S8> k8, ffi::ResultBuffer<ffi::S8> v8) {
+  return bitnet_ffi::QuantizeKv(pool, k, v, k8, v8,
+                                bitnet_ffi::FloatSimd(g_isa.load(std::memory_order_relaxed)));
+}
+
 }  // namespace
 
 // Exported although the library is built with -fvisibility=hidden (keeps the many inline FFI
@@ -273,6 +281,8 @@ extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetAttention
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetGreedy(
     XLA_FFI_CallFrame* call_frame);
 extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetInt8Linear(
+    XLA_FFI_CallFrame* call_frame);
+extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetQuantizeKv(
     XLA_FFI_CallFrame* call_frame);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetTernaryMatmul, TernaryMatmul,
@@ -323,6 +333,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetInt8Linear, Int8Linear,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetQuantizeKv, QuantizeKv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetInt8Matmul, Int8Matmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -333,7 +351,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetInt8Matmul, Int8Matmul,
 // Plain C entry points for ctypes (library.py): kernel path introspection and selection.
 extern "C" {
 
-__attribute__((visibility("default"))) int bitnet_ternary_abi_version() { return 6; }
+__attribute__((visibility("default"))) int bitnet_ternary_abi_version() { return 7; }
 
 __attribute__((visibility("default"))) const char* bitnet_ternary_built_jaxlib() {
   return BITNET_JAXLIB_VERSION;

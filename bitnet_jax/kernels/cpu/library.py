@@ -37,7 +37,8 @@ INT8_TARGET = "bitnet_int8_matmul"
 ATTENTION_TARGET = "bitnet_attention"
 GREEDY_TARGET = "bitnet_greedy"
 INT8_LINEAR_TARGET = "bitnet_int8_linear"
-ABI_VERSION = 6
+QUANTIZE_KV_TARGET = "bitnet_quantize_kv"
+ABI_VERSION = 7
 ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni", "amx")  # isa.h `Isa`, best last
 DISABLE_ENV = "BITNET_JAX_DISABLE_FFI"
 
@@ -102,7 +103,8 @@ def _load_library() -> ctypes.CDLL:
                                (INT8_TARGET, lib.BitnetInt8Matmul),
                                (ATTENTION_TARGET, lib.BitnetAttention),
                                (GREEDY_TARGET, lib.BitnetGreedy),
-                               (INT8_LINEAR_TARGET, lib.BitnetInt8Linear)):
+                               (INT8_LINEAR_TARGET, lib.BitnetInt8Linear),
+                               (QUANTIZE_KV_TARGET, lib.BitnetQuantizeKv)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
         _state["registered"] = True
     return lib
