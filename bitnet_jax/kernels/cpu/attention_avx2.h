@@ -8,7 +8,11 @@
 // read, and the next unit's keys while the values are read. Differences forced by 16 ymm
 // registers: q is reloaded from L1 per key row (no room for 12-16 q registers next to the
 // accumulators), and for H = 128 the value pass runs over two halves of the row (16 output
-// registers would spill), the second half re-reading the values from L1/L2.
+// registers would spill), the second half re-reading the values from L1/L2. Keys go 4 at a
+// time (KeyDots4: one hadd tree for 4 dot products, one 4-score store and a vector max); on
+// the Zen 3 (2026-12-04, the large shape's decode, 24 layers x 8 rows x 16 heads x 145
+// positions, one thread, alternating builds) int8 rows 7.4-10.5 -> 6.6-8.2 ms, float16
+// 10.0-13.1 -> 10.3-11.9; with two threads float16 stays at the read bandwidth (~27 GB/s).
 //
 // Measured on the Zen 5 (2026-12-02; a throwaway harness calling RunUnitT with its AVX2
 // dot/axpy and this unit alternately in one process, best of 7, wall time, load 0.5-2): decode,
@@ -87,6 +91,38 @@ BITNET_ATTN_TARGET inline void ValuePass(const Problem& p, int64_t base, int64_t
   for (int j = 0; j < NJ; ++j) _mm256_storeu_ps(out + 8 * (J0 + j), o[j]);
 }
 
+// q . key for the 4 cached keys at elements at, at + rs, at + 2 rs, at + 3 rs, times `scale`
+// (and an int8 row's scale): one hadd tree for the four instead of a horizontal sum per key
+// (whose latency chain, with the score's store and the running max, was ~1/3 of an int8 unit's
+// samples).
+template <int C, int NV>
+BITNET_ATTN_TARGET inline __m128 KeyDots4(const Problem& p, const float* q, int64_t at,
+                                          float scale) {
+  const int64_t rs = p.rs;
+  __m256 a[4];
+  for (int u = 0; u < 4; ++u) {
+    const int64_t ku = at + u * rs;
+    __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(q), Load8<C>(p.k, ku));
+    __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(q + 8), Load8<C>(p.k, ku + 8));
+    for (int j = 2; j < NV; j += 2) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * j), Load8<C>(p.k, ku + 8 * j), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * j + 8), Load8<C>(p.k, ku + 8 * j + 8), a1);
+    }
+    a[u] = _mm256_add_ps(a0, a1);
+  }
+  // lanes 0..3: sums of a[u]'s lanes 0-3, lanes 4..7: of its lanes 4-7
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m128 d = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  if constexpr (C == kI8) {
+    return _mm_mul_ps(d, _mm_mul_ps(_mm_set1_ps(scale),
+                                    _mm_setr_ps(RowScale<C>(p.k, at, p.h),
+                                                RowScale<C>(p.k, at + rs, p.h),
+                                                RowScale<C>(p.k, at + 2 * rs, p.h),
+                                                RowScale<C>(p.k, at + 3 * rs, p.h))));
+  }
+  return _mm_mul_ps(d, _mm_set1_ps(scale));
+}
+
 // RunUnit512 for H = 8 * NV on AVX2 (see the top of the file).
 template <int C, int NV>
 BITNET_ATTN_TARGET inline void RunUnit256(const Problem& p, int64_t unit, int64_t next,
@@ -104,11 +140,23 @@ BITNET_ATTN_TARGET inline void RunUnit256(const Problem& p, int64_t unit, int64_
     const int64_t row = (bi * p.t + t) * p.n + ki * g + gi;
     const float* q = p.q + row * h;
     float mx = -INFINITY;
-    for (int64_t s = 0; s < len; ++s) {
-      if (stream && gi == 0) {  // later query heads of the kv head find both in cache
-        PrefetchRows<C>(p.v, base, s, s + 1, rs);
-        if (s + 8 < len) PrefetchRows<C>(p.k, base, s + 8, s + 9, rs);
+    int64_t s = 0;
+    if (len >= 4) {  // 4 keys at a time, their 4 dot products reduced together (KeyDots4)
+      __m128 mx4 = _mm_set1_ps(-INFINITY);
+      for (; s + 4 <= len; s += 4) {
+        if (stream && gi == 0) {  // later query heads of the kv head find both in cache
+          PrefetchRows<C>(p.v, base, s, s + 4, rs);
+          PrefetchRows<C>(p.k, base, std::min(s + 8, len), std::min(s + 12, len), rs);
+        }
+        const __m128 d = KeyDots4<C, NV>(p, q, base + s * rs, scale);
+        _mm_storeu_ps(sc + s, d);
+        mx4 = _mm_max_ps(d, mx4);
       }
+      mx4 = _mm_max_ps(mx4, _mm_movehl_ps(mx4, mx4));
+      mx = _mm_cvtss_f32(_mm_max_ss(mx4, _mm_movehdup_ps(mx4)));
+    }
+    for (; s < len; ++s) {
+      if (stream && gi == 0) PrefetchRows<C>(p.v, base, s, s + 1, rs);
       const int64_t at = base + s * rs;
       __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(q), Load8<C>(p.k, at));
       __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(q + 8), Load8<C>(p.k, at + 8));
