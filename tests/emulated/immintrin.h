@@ -82,3 +82,94 @@ static inline simde__m128i bitnet_shim_cvtepi32_epi8(simde__m512i a) {  // trunc
   return out;
 }
 #define _mm512_cvtepi32_epi8(a) bitnet_shim_cvtepi32_epi8(a)
+// For the attention units (attention_cache.h, attention_cpu.h; attention_harness.cc).
+#ifndef __mmask16
+typedef simde__mmask16 __mmask16;
+#endif
+static inline simde__m512 bitnet_shim_ps(const float* v) {
+  simde__m512 out;
+  std::memcpy(&out, v, 64);
+  return out;
+}
+static inline simde__m512i bitnet_shim_epi32(const int32_t* v) {
+  simde__m512i out;
+  std::memcpy(&out, v, 64);
+  return out;
+}
+#ifndef _mm512_cvtepi8_epi32
+static inline simde__m512i bitnet_shim_cvtepi8_epi32(simde__m128i a) {
+  int8_t v[16];
+  int32_t r[16];
+  std::memcpy(v, &a, 16);
+  for (int j = 0; j < 16; ++j) r[j] = v[j];
+  return bitnet_shim_epi32(r);
+}
+#define _mm512_cvtepi8_epi32(a) bitnet_shim_cvtepi8_epi32(a)
+#endif
+#ifndef _mm512_cvtepu16_epi32
+static inline simde__m512i bitnet_shim_cvtepu16_epi32(simde__m256i a) {
+  uint16_t v[16];
+  int32_t r[16];
+  std::memcpy(v, &a, 32);
+  for (int j = 0; j < 16; ++j) r[j] = v[j];
+  return bitnet_shim_epi32(r);
+}
+#define _mm512_cvtepu16_epi32(a) bitnet_shim_cvtepu16_epi32(a)
+#endif
+#ifndef _mm512_cvtepi32_ps
+static inline simde__m512 bitnet_shim_cvtepi32_ps(simde__m512i a) {
+  int32_t v[16];
+  float r[16];
+  std::memcpy(v, &a, 64);
+  for (int j = 0; j < 16; ++j) r[j] = static_cast<float>(v[j]);
+  return bitnet_shim_ps(r);
+}
+#define _mm512_cvtepi32_ps(a) bitnet_shim_cvtepi32_ps(a)
+#endif
+#ifndef _mm512_cvtph_ps
+static inline simde__m512 bitnet_shim_cvtph_ps(simde__m256i a) {  // two 8-lane F16C halves
+  simde__m256 lo = simde_mm256_cvtph_ps(simde_mm256_castsi256_si128(a));
+  simde__m256 hi = simde_mm256_cvtph_ps(simde_mm256_extracti128_si256(a, 1));
+  float r[16];
+  std::memcpy(r, &lo, 32);
+  std::memcpy(r + 8, &hi, 32);
+  return bitnet_shim_ps(r);
+}
+#define _mm512_cvtph_ps(a) bitnet_shim_cvtph_ps(a)
+#endif
+#ifndef _mm512_reduce_add_ps
+static inline float bitnet_shim_reduce_add_ps(simde__m512 a) {
+  float v[16], s = 0.0f;
+  std::memcpy(v, &a, 64);
+  for (int j = 0; j < 16; ++j) s += v[j];
+  return s;
+}
+#define _mm512_reduce_add_ps(a) bitnet_shim_reduce_add_ps(a)
+#endif
+#ifndef _mm512_maskz_loadu_ps
+static inline simde__m512 bitnet_shim_maskz_loadu_ps(__mmask16 k, const float* p) {
+  float r[16];
+  for (int j = 0; j < 16; ++j) r[j] = (k >> j) & 1 ? p[j] : 0.0f;
+  return bitnet_shim_ps(r);
+}
+#define _mm512_maskz_loadu_ps(k, p) bitnet_shim_maskz_loadu_ps(k, p)
+#endif
+#ifndef _mm512_mask_storeu_ps
+static inline void bitnet_shim_mask_storeu_ps(float* p, __mmask16 k, simde__m512 a) {
+  float v[16];
+  std::memcpy(v, &a, 64);
+  for (int j = 0; j < 16; ++j)
+    if ((k >> j) & 1) p[j] = v[j];
+}
+#define _mm512_mask_storeu_ps(p, k, a) bitnet_shim_mask_storeu_ps(p, k, a)
+#endif
+#ifndef _mm512_maskz_mov_ps
+static inline simde__m512 bitnet_shim_maskz_mov_ps(__mmask16 k, simde__m512 a) {
+  float v[16];
+  std::memcpy(v, &a, 64);
+  for (int j = 0; j < 16; ++j)
+    if (!((k >> j) & 1)) v[j] = 0.0f;
+  return bitnet_shim_ps(v);
+}
+#define _mm512_maskz_mov_ps(k, a) bitnet_shim_maskz_mov_ps(k, a)
+#endif

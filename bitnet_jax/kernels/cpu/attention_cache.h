@@ -97,8 +97,13 @@ inline float RowScale(const void* base, int64_t at, int64_t h) {
 }
 
 #if BITNET_ATTN_X86
+// Predefined empty by tests/emulated (SIMDe's portable intrinsics, every path on any CPU).
+#ifndef BITNET_ATTN_TARGET
 #define BITNET_ATTN_TARGET __attribute__((target("avx2,fma,f16c")))
+#endif
+#ifndef BITNET_ATTN_TARGET512
 #define BITNET_ATTN_TARGET512 __attribute__((target("avx512f,avx512bw,fma,f16c")))
+#endif
 
 template <int C>
 BITNET_ATTN_TARGET inline __m256 Load8(const void* base, int64_t at) {

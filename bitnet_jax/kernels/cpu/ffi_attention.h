@@ -21,9 +21,10 @@ namespace bitnet_ffi {
 namespace ba = bitnet_attention;
 
 // q [Bq, T, N, H] float32, k/v caches [L, B, K, S, H] (float32, float16 or bfloat16) or
-// [L, B, K, S, H + 4] int8 rows (attention_cache.h), layer int32 scalar, rows [Bq] and pos [Bq] int32 -> out [Bq, T, N, H]: query t of row i attends
-// over positions 0..pos[i]+t of cache row rows[i] in layer `layer` (attention_cpu.h). One work
-// unit per (row, kv head, query), or per block of queries in prefill (attention_prefill.h).
+// [L, B, K, S, H + 4] int8 rows (attention_cache.h), layer int32 scalar, rows [Bq] and pos [Bq]
+// int32 -> out [Bq, T, N, H]: query t of row i attends over positions 0..pos[i]+t of cache row
+// rows[i] in layer `layer` (attention_cpu.h). One work unit per (row, kv head, query), or per
+// block of queries in prefill (attention_prefill.h).
 inline ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
                              ffi::AnyBuffer v, ffi::Buffer<ffi::S32> layer,
                              ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> pos,

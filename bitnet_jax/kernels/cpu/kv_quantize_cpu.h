@@ -114,8 +114,8 @@ inline ffi::Future QuantizeKv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k,
   for (size_t i = 0; ok && i < d.size(); ++i) ok = o[i] == d[i] + (i + 1 == d.size() ? 4 : 0);
   if (!ok) {
     return ReadyFuture(ffi::Error::InvalidArgument(
-        "bitnet_quantize_kv expects k, v [..., H] and int8 results [..., H + 4]; got k " +
-        Dims(d) + ", k8 " + Dims(o)));
+        "bitnet_quantize_kv expects k, v [..., H] and int8 results [..., H + 4]; got k " + Dims(d) +
+        ", k8 " + Dims(o)));
   }
   const int64_t h = d[d.size() - 1], rows = static_cast<int64_t>(k.element_count()) / h;
   const float* kx = k.typed_data();
