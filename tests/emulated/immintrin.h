@@ -96,25 +96,20 @@ static inline simde__m512i bitnet_shim_epi32(const int32_t* v) {
   std::memcpy(&out, v, 64);
   return out;
 }
-#ifndef _mm512_cvtepi8_epi32
-static inline simde__m512i bitnet_shim_cvtepi8_epi32(simde__m128i a) {
-  int8_t v[16];
+// 16 lanes of type T (the low 16 * sizeof(T) bytes of a), each widened to int32.
+template <typename T, typename V>
+static inline simde__m512i bitnet_shim_widen_epi32(V a) {
+  T v[16];
   int32_t r[16];
-  std::memcpy(v, &a, 16);
+  std::memcpy(v, &a, sizeof(v));
   for (int j = 0; j < 16; ++j) r[j] = v[j];
   return bitnet_shim_epi32(r);
 }
-#define _mm512_cvtepi8_epi32(a) bitnet_shim_cvtepi8_epi32(a)
+#ifndef _mm512_cvtepi8_epi32
+#define _mm512_cvtepi8_epi32(a) bitnet_shim_widen_epi32<int8_t>(a)
 #endif
 #ifndef _mm512_cvtepu16_epi32
-static inline simde__m512i bitnet_shim_cvtepu16_epi32(simde__m256i a) {
-  uint16_t v[16];
-  int32_t r[16];
-  std::memcpy(v, &a, 32);
-  for (int j = 0; j < 16; ++j) r[j] = v[j];
-  return bitnet_shim_epi32(r);
-}
-#define _mm512_cvtepu16_epi32(a) bitnet_shim_cvtepu16_epi32(a)
+#define _mm512_cvtepu16_epi32(a) bitnet_shim_widen_epi32<uint16_t>(a)
 #endif
 #ifndef _mm512_cvtepi32_ps
 static inline simde__m512 bitnet_shim_cvtepi32_ps(simde__m512i a) {

@@ -91,6 +91,18 @@ BITNET_ATTN_TARGET inline void ValuePass(const Problem& p, int64_t base, int64_t
   for (int j = 0; j < NJ; ++j) _mm256_storeu_ps(out + 8 * (J0 + j), o[j]);
 }
 
+// q . key of the cached key at element `at`, still in 8 lanes (two FMA chains, added).
+template <int C, int NV>
+BITNET_ATTN_TARGET inline __m256 KeyDot8(const Problem& p, const float* q, int64_t at) {
+  __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(q), Load8<C>(p.k, at));
+  __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(q + 8), Load8<C>(p.k, at + 8));
+  for (int j = 2; j < NV; j += 2) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * j), Load8<C>(p.k, at + 8 * j), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * j + 8), Load8<C>(p.k, at + 8 * j + 8), a1);
+  }
+  return _mm256_add_ps(a0, a1);
+}
+
 // q . key for the 4 cached keys at elements at, at + rs, at + 2 rs, at + 3 rs, times `scale`
 // (and an int8 row's scale): one hadd tree for the four instead of a horizontal sum per key
 // (whose latency chain, with the score's store and the running max, was ~1/3 of an int8 unit's
@@ -100,16 +112,7 @@ BITNET_ATTN_TARGET inline __m128 KeyDots4(const Problem& p, const float* q, int6
                                           float scale) {
   const int64_t rs = p.rs;
   __m256 a[4];
-  for (int u = 0; u < 4; ++u) {
-    const int64_t ku = at + u * rs;
-    __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(q), Load8<C>(p.k, ku));
-    __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(q + 8), Load8<C>(p.k, ku + 8));
-    for (int j = 2; j < NV; j += 2) {
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * j), Load8<C>(p.k, ku + 8 * j), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * j + 8), Load8<C>(p.k, ku + 8 * j + 8), a1);
-    }
-    a[u] = _mm256_add_ps(a0, a1);
-  }
+  for (int u = 0; u < 4; ++u) a[u] = KeyDot8<C, NV>(p, q, at + u * rs);
   // lanes 0..3: sums of a[u]'s lanes 0-3, lanes 4..7: of its lanes 4-7
   const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
   const __m128 d = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
@@ -158,13 +161,7 @@ BITNET_ATTN_TARGET inline void RunUnit256(const Problem& p, int64_t unit, int64_
     for (; s < len; ++s) {
       if (stream && gi == 0) PrefetchRows<C>(p.v, base, s, s + 1, rs);
       const int64_t at = base + s * rs;
-      __m256 a0 = _mm256_mul_ps(_mm256_loadu_ps(q), Load8<C>(p.k, at));
-      __m256 a1 = _mm256_mul_ps(_mm256_loadu_ps(q + 8), Load8<C>(p.k, at + 8));
-      for (int j = 2; j < NV; j += 2) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * j), Load8<C>(p.k, at + 8 * j), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * j + 8), Load8<C>(p.k, at + 8 * j + 8), a1);
-      }
-      const float v = Sum8(_mm256_add_ps(a0, a1)) * (scale * RowScale<C>(p.k, at, h));
+      const float v = Sum8(KeyDot8<C, NV>(p, q, at)) * (scale * RowScale<C>(p.k, at, h));
       sc[s] = v;
       mx = v > mx ? v : mx;
     }

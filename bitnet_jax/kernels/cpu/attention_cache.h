@@ -27,8 +27,13 @@ namespace bitnet_attention {
 enum CacheType : int { kF32 = 0, kF16 = 1, kBF16 = 2, kI8 = 3 };
 
 // Bytes of one cache element.
-template <int C>
-constexpr int64_t kElementBytes = C == kF32 ? 4 : C == kI8 ? 1 : 2;
+constexpr int64_t ElementBytes(int cache) { return cache == kF32 ? 4 : cache == kI8 ? 1 : 2; }
+
+// Bytes of an int8 row's scale, after its h codes.
+constexpr int64_t kScaleBytes = 4;
+
+// Elements per cached row of h values: h, or h codes and the scale in an int8 cache.
+constexpr int64_t RowStride(int cache, int64_t h) { return cache == kI8 ? h + kScaleBytes : h; }
 
 struct Problem {
   const float* q;       // [Bq, T, N, H]
@@ -91,7 +96,7 @@ inline float RowScale(const void* base, int64_t at, int64_t h) {
     return 1.0f;
   } else {
     float scale;
-    std::memcpy(&scale, static_cast<const int8_t*>(base) + at + h, 4);
+    std::memcpy(&scale, static_cast<const int8_t*>(base) + at + h, kScaleBytes);
     return scale;
   }
 }
@@ -146,8 +151,8 @@ BITNET_ATTN_TARGET512 inline __m512 Load16(const void* base, int64_t at) {
 // L1, once per line.
 template <int C>
 inline void PrefetchRows(const void* cache, int64_t base, int64_t s0, int64_t s1, int64_t rs) {
-  const char* at = static_cast<const char*>(cache) + (base + s0 * rs) * kElementBytes<C>;
-  const char* end = static_cast<const char*>(cache) + (base + s1 * rs) * kElementBytes<C>;
+  const char* at = static_cast<const char*>(cache) + (base + s0 * rs) * ElementBytes(C);
+  const char* end = static_cast<const char*>(cache) + (base + s1 * rs) * ElementBytes(C);
   for (; at < end; at += 64) _mm_prefetch(at, _MM_HINT_T0);
 }
 #endif  // BITNET_ATTN_X86

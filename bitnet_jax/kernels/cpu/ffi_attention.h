@@ -49,7 +49,7 @@ inline ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
       return ReadyFuture(ffi::Error::InvalidArgument(
           "bitnet_attention caches must be float32, float16, bfloat16 or int8 rows"));
   }
-  const int64_t rs = qd[3] + (cache == ba::kI8 ? 4 : 0);  // elements per cached row
+  const int64_t rs = ba::RowStride(cache, qd[3]);  // elements per cached row
   if (kd[4] != rs) {
     return ReadyFuture(ffi::Error::InvalidArgument(
         "bitnet_attention cache rows must hold H = " + std::to_string(qd[3]) +
@@ -77,7 +77,7 @@ inline ffi::Future Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi:
     visible += std::min(p0 + t, s);
   }
   if (b == 0 || t == 0 || n == 0 || h == 0) return ReadyFuture();
-  const int64_t bytes = cache == ba::kF32 ? 4 : cache == ba::kI8 ? 1 : 2;  // per element
+  const int64_t bytes = ba::ElementBytes(cache);
   const int64_t per_layer = bc * kh * s * rs * bytes;
   const ba::Problem problem{q.typed_data(),
                             static_cast<const char*>(k.untyped_data()) + at * per_layer,

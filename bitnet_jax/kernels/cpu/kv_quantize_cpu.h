@@ -87,7 +87,7 @@ inline void QuantizeRow(bool avx2, const float* x, int64_t h, int8_t* out) {
   const float amax = AbsMaxScalar(x, h);
 #endif
   const float scale = amax * (1.0f / 127.0f);  // as model/cache.py (XLA's form of amax / 127)
-  std::memcpy(out + h, &scale, 4);
+  std::memcpy(out + h, &scale, bitnet_attention::kScaleBytes);
   if (!(amax > 0.0f) || !std::isfinite(amax)) {  // inv 0 (or NaN): every code rounds to 0
     std::memset(out, 0, static_cast<size_t>(h));
     return;
@@ -103,6 +103,8 @@ inline void QuantizeRow(bool avx2, const float* x, int64_t h, int8_t* out) {
 
 namespace bitnet_ffi {
 
+namespace ba = bitnet_attention;
+
 // k, v [..., H] float32 -> k8, v8 [..., H + 4] int8 rows (top of the file).
 inline ffi::Future QuantizeKv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k,
                               ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::S8> k8,
@@ -111,13 +113,15 @@ inline ffi::Future QuantizeKv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k,
   const auto o = k8->dimensions();
   bool ok = d.size() >= 1 && Same(v.dimensions(), d) && Same(v8->dimensions(), o) &&
             o.size() == d.size() && d[d.size() - 1] > 0;
-  for (size_t i = 0; ok && i < d.size(); ++i) ok = o[i] == d[i] + (i + 1 == d.size() ? 4 : 0);
+  for (size_t i = 0; ok && i + 1 < d.size(); ++i) ok = o[i] == d[i];
+  ok = ok && o[d.size() - 1] == ba::RowStride(ba::kI8, d[d.size() - 1]);
   if (!ok) {
     return ReadyFuture(ffi::Error::InvalidArgument(
         "bitnet_quantize_kv expects k, v [..., H] and int8 results [..., H + 4]; got k " + Dims(d) +
         ", k8 " + Dims(o)));
   }
   const int64_t h = d[d.size() - 1], rows = static_cast<int64_t>(k.element_count()) / h;
+  const int64_t rs = ba::RowStride(ba::kI8, h);
   const float* kx = k.typed_data();
   const float* vx = v.typed_data();
   int8_t* ko = k8->typed_data();
@@ -127,7 +131,7 @@ inline ffi::Future QuantizeKv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k,
     for (int64_t r = r0; r < r1; ++r) {
       const bool is_k = r < rows;
       const int64_t at = is_k ? r : r - rows;
-      bitnet_kv::QuantizeRow(avx2, (is_k ? kx : vx) + at * h, h, (is_k ? ko : vo) + at * (h + 4));
+      bitnet_kv::QuantizeRow(avx2, (is_k ? kx : vx) + at * h, h, (is_k ? ko : vo) + at * rs);
     }
   };
   return Run(pool, job, 2 * rows, 1, 2 * rows * h * 4);
