@@ -20,7 +20,10 @@
 // 2H/8 FMAs per (query, key); the gain is the widening, loads and horizontal sums shared by a
 // unit's rows. Measured on the Zen 3 (AVX2 only, two threads, in-process alternation with the
 // per-query units, f16 cache; benchmarks/README.md): the large shape's heads 1.55-1.8x, 2B4T's
-// (G = 4, H = 128) 1.35-1.6x. AVX-512 machines keep RunUnit512 (not measured against this).
+// (G = 4, H = 128) 1.35-1.6x. AVX-512 machines take these AVX2 tiles too: on a Xeon with
+// AVX-512 (two threads, f16, B = 1, T = 128) they beat RunUnit512 1.3x (large) and 1.35x
+// (2B4T), and AVX-512 versions of ScoreRows / ValueRows (16 lanes, 8 FMA chains) gained nothing
+// more (11.4 vs 11.3-12.3 ms): the tiles are not FMA-bound.
 
 #ifndef BITNET_JAX_KERNELS_ATTENTION_PREFILL_H_
 #define BITNET_JAX_KERNELS_ATTENTION_PREFILL_H_
@@ -39,10 +42,10 @@ inline int64_t PrefillQueries(const Problem& p) {
   return std::max<int64_t>(1, kTileRows / (p.n / p.kh));
 }
 
-// Whether the tiled units run this call: AVX2, several queries, H a multiple of 16, and at
-// least 4 query-head rows per unit to share each key block.
+// Whether the tiled units run this call: AVX2 (AVX-512 machines included), several queries, H a
+// multiple of 16, and at least 4 query-head rows per unit to share each key block.
 inline bool PrefillTiled(const Problem& p) {
-  return p.avx2 && !p.avx512 && p.t > 1 && p.h % 16 == 0 && p.n / p.kh <= kMaxGroup &&
+  return p.avx2 && p.t > 1 && p.h % 16 == 0 && p.n / p.kh <= kMaxGroup &&
          std::min(p.t, PrefillQueries(p)) * (p.n / p.kh) >= 4;
 }
 
