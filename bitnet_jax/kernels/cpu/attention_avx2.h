@@ -82,7 +82,7 @@ BITNET_ATTN_TARGET inline void ValuePass(const Problem& p, int64_t base, int64_t
   __m256 o[NJ];
   for (int j = 0; j < NJ; ++j) o[j] = _mm256_setzero_ps();
   for (int64_t s = 0; s < len; ++s) {
-    if (pf && s < next_len) PrefetchRows<C>(p.k, next_base, s, s + 1, rs);
+    if (pf && s < next_len) PrefetchRows<C, true>(p.k, next_base, s, s + 1, rs);
     const int64_t at = base + s * rs;
     __m256 ws = _mm256_broadcast_ss(w + s);
     if constexpr (C == kI8) ws = _mm256_mul_ps(ws, _mm256_set1_ps(RowScale<C>(p.v, at, h)));
@@ -148,7 +148,7 @@ BITNET_ATTN_TARGET inline void RunUnit256(const Problem& p, int64_t unit, int64_
       __m128 mx4 = _mm_set1_ps(-INFINITY);
       for (; s + 4 <= len; s += 4) {
         if (stream && gi == 0) {  // later query heads of the kv head find both in cache
-          PrefetchRows<C>(p.v, base, s, s + 4, rs);
+          PrefetchRows<C, true>(p.v, base, s, s + 4, rs);
           PrefetchRows<C>(p.k, base, std::min(s + 8, len), std::min(s + 12, len), rs);
         }
         const __m128 d = KeyDots4<C, NV>(p, q, base + s * rs, scale);
@@ -159,7 +159,7 @@ BITNET_ATTN_TARGET inline void RunUnit256(const Problem& p, int64_t unit, int64_
       mx = _mm_cvtss_f32(_mm_max_ss(mx4, _mm_movehdup_ps(mx4)));
     }
     for (; s < len; ++s) {
-      if (stream && gi == 0) PrefetchRows<C>(p.v, base, s, s + 1, rs);
+      if (stream && gi == 0) PrefetchRows<C, true>(p.v, base, s, s + 1, rs);
       const int64_t at = base + s * rs;
       const float v = Sum8(KeyDot8<C, NV>(p, q, at)) * (scale * RowScale<C>(p.k, at, h));
       sc[s] = v;

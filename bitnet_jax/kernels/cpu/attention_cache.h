@@ -147,13 +147,20 @@ BITNET_ATTN_TARGET512 inline __m512 Load16(const void* base, int64_t at) {
 #pragma GCC diagnostic pop
 #endif
 
-// Software prefetch of cached rows [s0, s1) of (element offset) `base`, rs elements each, into
-// L1, once per line.
-template <int C>
+// Software prefetch of cached rows [s0, s1) of (element offset) `base`, rs elements each, once
+// per line: into L1, or with Far into L2 only. The decode units fetch the keys they read next
+// into L1 and the rows of their next pass (the unit's values while its keys are read, the next
+// unit's keys while its values are) into L2: a unit's keys and values (2 x 28 KB for 145
+// positions of the large shape, f16) do not both fit a 32-48 KB L1, and an L2 prefetch holds no
+// L1 fill buffer. On a Xeon (two threads, 24 layers x 8 rows x 16 heads x 145 positions, f16)
+// that took decode attention from 7.9-8.4 to 5.3-7.0 ms on AVX-512 and 8.4-8.8 to 7.2-7.4 ms on
+// the AVX2 unit, batch-8 decode 1.03-1.07x; int8 rows within noise; not measured on AMD, where
+// PREFETCHT1 may act as T0 (benchmarks/README.md).
+template <int C, bool Far = false>
 inline void PrefetchRows(const void* cache, int64_t base, int64_t s0, int64_t s1, int64_t rs) {
   const char* at = static_cast<const char*>(cache) + (base + s0 * rs) * ElementBytes(C);
   const char* end = static_cast<const char*>(cache) + (base + s1 * rs) * ElementBytes(C);
-  for (; at < end; at += 64) _mm_prefetch(at, _MM_HINT_T0);
+  for (; at < end; at += 64) _mm_prefetch(at, Far ? _MM_HINT_T1 : _MM_HINT_T0);
 }
 #endif  // BITNET_ATTN_X86
 

@@ -182,9 +182,10 @@ inline void UnitSpan(const Problem& p, int64_t unit, int64_t* base, int64_t* len
 // The unit reads its keys, then its values, each a contiguous run (~28 KB for 145 positions of
 // the large shape), from DRAM at batch 8. With software prefetches of the value row s (and the
 // key row s + 8) while the key row s is read, and of unit `next`'s keys while the values are
-// read, so that two streams are in flight, 24 layers x 8 rows x 16 heads x 145 positions (f16,
-// Zen 5, interleaved with the old unit in one process, benchmarks/README.md) went from 14.4 to
-// 23.7 GB/s on one thread (11.9 -> 7.2 ms) and 21.1 to 28.1 GB/s on two (8.1 -> 6.1, load 0.8).
+// read (the values and next keys into L2: PrefetchRows), so that two streams are in flight,
+// 24 layers x 8 rows x 16 heads x 145 positions (f16, Zen 5, interleaved with the old unit in
+// one process, benchmarks/README.md) went from 14.4 to 23.7 GB/s on one thread (11.9 -> 7.2
+// ms) and 21.1 to 28.1 GB/s on two (8.1 -> 6.1, load 0.8).
 // Decode only (T = 1): with T > 1 consecutive units share their keys and values, which are
 // then in cache, and the prefetches made prefill's attention 0.90x (B = 1, T = 128).
 template <int C, int NV>
@@ -207,7 +208,7 @@ BITNET_ATTN_TARGET512 inline void RunUnit512(const Problem& p, int64_t unit, int
     float mx = -INFINITY;
     for (int64_t s = 0; s < len; ++s) {
       if (stream && gi == 0) {  // later query heads of the kv head find both in cache
-        PrefetchRows<C>(p.v, base, s, s + 1, rs);
+        PrefetchRows<C, true>(p.v, base, s, s + 1, rs);
         if (s + 8 < len) PrefetchRows<C>(p.k, base, s + 8, s + 9, rs);
       }
       const int64_t at = base + s * rs;
@@ -228,7 +229,7 @@ BITNET_ATTN_TARGET512 inline void RunUnit512(const Problem& p, int64_t unit, int
     const float inv = 1.0f / _mm512_reduce_add_ps(total);
     for (int j = 0; j < NV; ++j) o[j] = _mm512_setzero_ps();
     for (int64_t s = 0; s < len; ++s) {
-      if (gi == g - 1 && s < next_len) PrefetchRows<C>(p.k, next_base, s, s + 1, rs);
+      if (gi == g - 1 && s < next_len) PrefetchRows<C, true>(p.k, next_base, s, s + 1, rs);
       const int64_t at = base + s * rs;
       const __m512 w = _mm512_set1_ps(scores[s] * inv * RowScale<C>(p.v, at, h));
       for (int j = 0; j < NV; ++j) o[j] = _mm512_fmadd_ps(w, Load16<C>(p.v, at + 16 * j), o[j]);
