@@ -16,6 +16,7 @@ to be far from such ties; the comments at each test say which.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -88,6 +89,25 @@ def random_cache(rng: np.random.Generator, shape, dtype: str) -> jax.Array:
         from bitnet_jax.model.cache import quantize_rows
         return quantize_rows(jnp.asarray(values, jnp.float32))
     return jnp.asarray(values, dtype)
+
+
+def kernel_paths(all_paths: bool = True) -> list[str]:
+    """CPU kernel paths (isa.h) for a test to run under: every one this machine supports, or
+    (all_paths=False) the current one and the portable scalar one."""
+    from bitnet_jax.kernels.cpu import ffi as cpu_ffi
+    return list(cpu_ffi.supported_isas()) if all_paths else sorted({cpu_ffi.isa(), "scalar"})
+
+
+@contextlib.contextmanager
+def kernel_path(isa: str):
+    """The CPU kernels run path `isa` inside the block; the previous path is restored after."""
+    from bitnet_jax.kernels.cpu import ffi as cpu_ffi
+    previous = cpu_ffi.isa()
+    cpu_ffi.set_isa(isa)
+    try:
+        yield
+    finally:
+        cpu_ffi.set_isa(previous)
 
 
 def require_shared(*parts: str) -> Path:

@@ -15,7 +15,7 @@ from bitnet_jax.model.config import ModelConfig
 from bitnet_jax.model.layers import rope_frequencies
 from bitnet_jax.model.params import layer
 from bitnet_jax.model.policy import Policy
-from conftest import LEAF_TOL, random_cache
+from conftest import LEAF_TOL, kernel_path, kernel_paths, random_cache
 from test_layers import np_rms_norm, np_rope_half
 
 F32 = Policy()
@@ -90,16 +90,12 @@ def test_int8_rows_cpu_kernel_matches_xla(h, rng):
     x[1, 1, 2, 0] = -np.inf
     k, v = jnp.asarray(x, jnp.float32), jnp.asarray(-x[::-1] * 3, jnp.float32)
     want = [np.asarray(quantize_rows(a)) for a in (k, v)]
-    previous = cpu_ffi.isa()
-    try:
-        for isa in sorted({previous, "scalar"}):
-            cpu_ffi.set_isa(isa)
+    for isa in kernel_paths(all_paths=False):
+        with kernel_path(isa):
             got = jax.jit(kernels.quantize_kv)(k, v)
             for g, w in zip(got, want):
                 assert g.dtype == jnp.int8 and g.shape == (2, 3, 7, h + 4)
                 np.testing.assert_array_equal(np.asarray(g), w, err_msg=isa)
-    finally:
-        cpu_ffi.set_isa(previous)
 
 
 def test_int8_decode_write_drops_positions_past_the_cache(tiny_cfg, rng):
@@ -229,10 +225,8 @@ def test_cached_attention_cpu_kernel_matches_xla(n, k, h, b, t, s, pos, slot, ca
                                 Policy(kernel=kernel))
 
     run = jax.jit(run, static_argnums=2)
-    previous = cpu_ffi.isa()
-    try:
-        for isa in sorted({previous, "scalar"}):  # the SIMD path and the portable one
-            cpu_ffi.set_isa(isa)
+    for isa in kernel_paths(all_paths=False):  # the SIMD path and the portable one
+        with kernel_path(isa):
             for layer in (0, 2):
                 out_x, cache_x = run(cache, jnp.int32(layer), "xla")
                 out_f, cache_f = run(cache, jnp.int32(layer), "ffi")
@@ -241,5 +235,3 @@ def test_cached_attention_cpu_kernel_matches_xla(n, k, h, b, t, s, pos, slot, ca
                 for name in ("k", "v"):
                     np.testing.assert_array_equal(np.asarray(cache_f[name]),
                                                   np.asarray(cache_x[name]))
-    finally:
-        cpu_ffi.set_isa(previous)

@@ -19,7 +19,7 @@ from bitnet_jax.kernels.cpu import ffi as cpu_ffi
 from bitnet_jax.model import bitlinear
 from bitnet_jax.model.policy import Policy
 from bitnet_jax.quant import quantize_activations
-from conftest import random_packed
+from conftest import kernel_path, kernel_paths, random_packed
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "cpu" or not cpu_ffi.available(),
@@ -74,13 +74,9 @@ def test_fused_linear_matches_quantize_then_matmul_on_every_isa(m, i, os_):
     x = _activations(rng, m, i)
     packed = [_packed(rng, o // 4, i) for o in os_]
     scales = [jnp.float32(rng.uniform(0.05, 3.0)) for _ in os_]
-    previous = cpu_ffi.isa()
-    try:
-        for isa in cpu_ffi.supported_isas():
-            cpu_ffi.set_isa(isa)
+    for isa in kernel_paths():
+        with kernel_path(isa):
             _check_against_composed(x, packed, scales)
-    finally:
-        cpu_ffi.set_isa(previous)
 
 
 @pytest.mark.parametrize("where", ["all", "one vector lane", "tail"])
@@ -97,17 +93,13 @@ def test_a_nan_activation_makes_its_row_nan_on_every_isa(where):
     scales = [jnp.float32(0.5)]
     want = np.asarray(_composed(jnp.asarray(x), None, scales, packed)[1][0])
     assert np.isnan(want[2]).all() and np.isfinite(np.delete(want, 2, axis=0)).all()
-    previous = cpu_ffi.isa()
-    try:
-        for isa in cpu_ffi.supported_isas():
-            cpu_ffi.set_isa(isa)
+    for isa in kernel_paths():
+        with kernel_path(isa):
             got = np.asarray(jax.jit(cpu_ffi.ternary_linear_many_ffi)(
                 jnp.asarray(x), packed, scales, None)[0])
             assert np.isnan(got[2]).all(), isa
             np.testing.assert_allclose(np.delete(got, 2, axis=0), np.delete(want, 2, axis=0),
                                        rtol=3e-7, atol=0, err_msg=isa)
-    finally:
-        cpu_ffi.set_isa(previous)
 
 
 def test_fused_linear_reads_a_stacked_layer_and_folds_vmap_batches():
@@ -170,7 +162,13 @@ def test_model_generates_the_same_tokens_with_and_without_the_fused_linear(monke
     plain_tokens, plain_hidden = run()
     assert asked  # traced again, without the fused call (not a cached program)
     assert fused_tokens == plain_tokens
-    np.testing.assert_allclose(fused_hidden, plain_hidden, rtol=1e-4, atol=1e-4)
+    # The fused norm's sum of squares rounds differently from XLA's (whose vectorisation follows
+    # the host: on an AVX-512 Xeon 18% of this hidden state moved by more than 1e-4), and where
+    # that flips an int8 activation's rounding the outputs move by one quantisation step: most
+    # elements agree to float rounding, none by more than a few such steps.
+    diff = np.abs(fused_hidden - plain_hidden)
+    assert np.median(diff) < 1e-5, np.median(diff)
+    np.testing.assert_allclose(fused_hidden, plain_hidden, rtol=0, atol=1e-2)
 
 
 def test_fused_linear_refuses_mismatched_weights():

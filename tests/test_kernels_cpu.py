@@ -25,7 +25,7 @@ from bitnet_jax.kernels.cpu import ffi as cpu_ffi
 from bitnet_jax.kernels.cpu import library
 from bitnet_jax.kernels.xla import int8_matmul_xla, ternary_matmul_xla
 from bitnet_jax.model.policy import Policy
-from conftest import IN_CI, random_packed
+from conftest import IN_CI, kernel_path, kernel_paths, random_packed
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "cpu", reason="the FFI kernel runs on JAX's CPU backend only"
@@ -67,14 +67,10 @@ def _numpy_reference(x, packed) -> np.ndarray:
 
 def _each_isa(fn):
     """fn() under every supported kernel path; returns {isa: result as numpy}."""
-    previous = cpu_ffi.isa()
     out = {}
-    try:
-        for name in cpu_ffi.supported_isas():
-            cpu_ffi.set_isa(name)
+    for name in kernel_paths():
+        with kernel_path(name):
             out[name] = np.asarray(fn())
-    finally:
-        cpu_ffi.set_isa(previous)
     return out
 
 

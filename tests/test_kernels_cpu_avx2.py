@@ -20,7 +20,7 @@ from bitnet_jax.model.attention import cached_attention
 from bitnet_jax.model.cache import attention_mask
 from bitnet_jax.model.config import ModelConfig
 from bitnet_jax.model.policy import Policy
-from conftest import LEAF_TOL, random_cache
+from conftest import LEAF_TOL, kernel_path, kernel_paths, random_cache
 
 # (heads N, kv heads K, head_dim H, query rows Bq, new tokens T, cache length S, positions)
 UNIT_CASES = [
@@ -62,11 +62,7 @@ def test_attention_unit_every_isa_matches_xla(n, k, h, b, t, s, pos, cache_dtype
 
     run = jax.jit(run, static_argnums=1)
     expected = np.asarray(run(cache, "xla"))
-    previous = cpu_ffi.isa()
-    try:
-        for isa in cpu_ffi.supported_isas():
-            cpu_ffi.set_isa(isa)
+    for isa in kernel_paths():
+        with kernel_path(isa):
             np.testing.assert_allclose(np.asarray(run(cache, "ffi")), expected, rtol=1e-5,
                                        atol=LEAF_TOL, err_msg=isa)
-    finally:
-        cpu_ffi.set_isa(previous)

@@ -8,9 +8,10 @@ import pytest
 import bitnet_jax as bj
 from bitnet_jax.formats.hf import save_hf
 from bitnet_jax.model.params import quantize_lm_head
+from bitnet_jax.quant import row_int8_np
+from conftest import kernel_path, kernel_paths
 
 # Hidden size 256 (multiple of 256, so TQ2_0 rows fit), tied embeddings, relu² and sub-norms.
-from bitnet_jax.quant import row_int8_np
 CFG = bj.ModelConfig(vocab_size=97, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                      hidden_act="relu2", tie_word_embeddings=True, architecture="BitNetForCausalLM",
@@ -101,14 +102,10 @@ def test_int8_head_in_one_cpu_call_gives_unembed_logits(xla_optimized, m, i, v):
         return cpu_ffi.int8_matmul_xla(x_q, w).astype(jnp.float32) * step * scale[None, :]
 
     want = np.asarray(jax.jit(composed)(x, w, scale))
-    previous = cpu_ffi.isa()
-    try:
-        for isa in sorted({previous, "scalar"}):
-            cpu_ffi.set_isa(isa)
+    for isa in kernel_paths(all_paths=False):
+        with kernel_path(isa):
             got = np.asarray(jax.jit(cpu_ffi.int8_linear_ffi)(x, w, scale))
             assert got.shape == (m, v) and got.dtype == np.float32
             np.testing.assert_array_max_ulp(got, want, maxulp=1)
-    finally:
-        cpu_ffi.set_isa(previous)
     with pytest.raises(cpu_ffi.KernelError, match=r"x \[M, I\], w \[V, I\] and scale \[V\]"):
         cpu_ffi.int8_linear_ffi(x, w, scale[:-1])

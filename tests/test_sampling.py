@@ -10,6 +10,7 @@ import pytest
 from bitnet_jax.errors import GenerationError
 from bitnet_jax.runtime.sampling import (SamplingParams, apply_repetition_penalty, keep_mask,
                                          knob_arrays, sample, sample_checked)
+from conftest import kernel_path, kernel_paths
 
 V = 37
 B = 512  # rows per sampler call: one compiled program serves most tests
@@ -192,18 +193,14 @@ def test_cpu_greedy_kernel_gives_the_xla_tokens(logits, seen, penalty):
                                                              jnp.asarray(seen),
                                                              jnp.asarray(penalty))), axis=-1)
     want_finite = np.isfinite(logits).all(axis=-1)
-    previous = cpu_ffi.isa()
-    try:
-        for isa in sorted({previous, "scalar"}):
-            cpu_ffi.set_isa(isa)
+    for isa in kernel_paths(all_paths=False):
+        with kernel_path(isa):
             for kernel in ("ffi", "xla"):
                 tok, finite = jax.jit(sample_checked, static_argnames="kernel")(
                     jnp.asarray(logits), jnp.asarray(seen), knobs, jnp.zeros((b,), jnp.int32),
                     kernel=kernel)
                 np.testing.assert_array_equal(np.asarray(tok), want_tok, err_msg=f"{isa} {kernel}")
                 np.testing.assert_array_equal(np.asarray(finite), want_finite, err_msg=isa)
-    finally:
-        cpu_ffi.set_isa(previous)
 
 
 def test_cpu_greedy_kernel_refuses_bad_shapes():
