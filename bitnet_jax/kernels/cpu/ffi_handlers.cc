@@ -268,22 +268,9 @@ ffi::Future QuantizeKv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buffe
 
 }  // namespace
 
-// Exported although the library is built with -fvisibility=hidden (keeps the many inline FFI
-// template symbols private to this object).
-extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetTernaryMatmul(
-    XLA_FFI_CallFrame* call_frame);
-extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetTernaryLinear(
-    XLA_FFI_CallFrame* call_frame);
-extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetInt8Matmul(
-    XLA_FFI_CallFrame* call_frame);
-extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetAttention(
-    XLA_FFI_CallFrame* call_frame);
-extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetGreedy(
-    XLA_FFI_CallFrame* call_frame);
-extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetInt8Linear(
-    XLA_FFI_CallFrame* call_frame);
-extern "C" __attribute__((visibility("default"))) XLA_FFI_Error* BitnetQuantizeKv(
-    XLA_FFI_CallFrame* call_frame);
+// The handlers are exported although the library is built with -fvisibility=hidden (which keeps
+// the many inline FFI template symbols private to this object).
+#pragma GCC visibility push(default)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetTernaryMatmul, TernaryMatmul,
                               ffi::Ffi::Bind()
@@ -347,6 +334,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetInt8Matmul, Int8Matmul,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+#pragma GCC visibility pop
 
 // Plain C entry points for ctypes (library.py): kernel path introspection and selection.
 extern "C" {
