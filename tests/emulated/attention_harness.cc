@@ -1,8 +1,9 @@
 // The attention units' x86 paths (attention_avx2.h's decode unit and attention_prefill.h's tiles
-// on AVX2, RunUnit512 on AVX-512) against the portable units, for float32, float16, bfloat16
-// and int8-row caches (attention_cache.h), built with SIMDe (tests/emulated/immintrin.h) by
-// tests/test_kernels_emulated.py. The sums run in another order, so the check is a tolerance,
-// not bit equality; a path that drops an int8 row's scale or misreads a row is off by O(1).
+// on AVX2, RunUnit512 and the same tiles on AVX-512) against the portable units, for float32,
+// float16, bfloat16 and int8-row caches (attention_cache.h), built with SIMDe
+// (tests/emulated/immintrin.h) by tests/test_kernels_emulated.py. The sums run in another order,
+// so the check is a tolerance, not bit equality; a path that drops an int8 row's scale or
+// misreads a row is off by O(1).
 #include "attention_cpu.h"
 #include <cmath>
 #include <cstdio>
@@ -38,8 +39,7 @@ int main() {
   for (auto& sh : shapes) {
     for (int cache : {ba::kF32, ba::kF16, ba::kBF16, ba::kI8}) {
       const int64_t n = sh[0], kh = sh[1], h = sh[2], t = sh[3], b = 2, s = 40;
-      const int64_t rs = h + (cache == ba::kI8 ? 4 : 0);
-      const int64_t bytes = cache == ba::kF32 ? 4 : cache == ba::kI8 ? 1 : 2;
+      const int64_t rs = ba::RowStride(cache, h), bytes = ba::ElementBytes(cache);
       const int64_t count = 3 * kh * s * rs;  // 3 cache rows (slots)
       std::vector<char> k(count * bytes), v(count * bytes);
       for (auto* c : {&k, &v}) {
@@ -48,7 +48,7 @@ int main() {
             auto* row = reinterpret_cast<int8_t*>(c->data()) + r * rs;
             for (int64_t i = 0; i < h; ++i) row[i] = static_cast<int8_t>(g() % 255 - 127);
             const float scale = 0.002f + 0.0005f * static_cast<float>(r % 11);
-            std::memcpy(row + h, &scale, 4);
+            std::memcpy(row + h, &scale, ba::kScaleBytes);
           } else {
             for (int64_t i = 0; i < h; ++i) Put(cache, u(g), c->data(), r * rs + i);
           }
@@ -62,7 +62,9 @@ int main() {
                     b, t, n, kh, s, h, rs, cache, false, false};
       std::vector<float> scratch;
       ba::RunUnits(p, 0, ba::NumUnits(p), scratch);
-      for (int path = 0; path < 2; ++path) {  // AVX2 units / tiles, then AVX-512
+      // AVX2 units / tiles, then the AVX-512 path (RunUnit512, or the same tiles where a
+      // prefill call tiles: attention_prefill.h PrefillTiled).
+      for (int path = 0; path < 2; ++path) {
         std::vector<float> got(q.size());
         ba::Problem x = p;
         x.out = got.data();
