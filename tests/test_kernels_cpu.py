@@ -86,6 +86,7 @@ SHAPES = [
     (2, 64, 20), (4, 200, 36), (5, 130, 68), (9, 64, 20), (16, 1000, 36), (33, 200, 68),
     (128, 96, 40), (512, 64, 20),
     (4, 8, 12), (9, 17, 20),  # I < 16 and I % 16 beside 4-token blocks (the AVX2 asm's tails)
+    (64, 8, 20), (65, 130, 36),  # the same from M = 64 (AVX2: tiles unpacked once, + 1 token)
 ]
 
 
@@ -102,13 +103,15 @@ def test_ffi_matches_xla_exactly(m, i, o):
 
 
 @needs_ffi
+@pytest.mark.parametrize("m", [16, 64])
 @pytest.mark.parametrize("i", [4100, 65536, 70000])
-def test_ffi_accumulator_extremes(i):
+def test_ffi_accumulator_extremes(i, m):
     # I = 4100 crosses the int16 widening block (512 columns) 8 times and leaves a tail; t = +1
     # against x = -128 is the most negative int16 partial sum. The AVX-512 GEMM keeps plane 3
     # (rows 12..15) x64: exact up to I = 65536, past it the row kernel runs (ternary_gemm.h);
-    # so does the AMX GEMM, which 16 tokens reach (ternary_amx.h).
-    x = np.zeros((16, i), np.int8)
+    # so does the AMX GEMM, which 16 tokens reach (ternary_amx.h). 64 tokens run the AVX2
+    # GEMM on unpacked tiles.
+    x = np.zeros((m, i), np.int8)
     x[0::2], x[1::2] = -128, 127
     t = np.ones((16, i), np.int8)
     t[4:12] = -1

@@ -34,6 +34,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "isa.h"
 #include "ternary_gemm_asm.h"
@@ -213,6 +214,18 @@ struct Avx2Gemm4x4 {
     }
   }
 };
+// Four rows of an unpacked tile by 4 tokens (RunAvx2GemmUnpacked hands it only whole blocks of
+// 4; other block sizes run Avx2Gemm4x4 on the packed rows).
+template <int MB>
+struct Avx2Gemm4x4U {
+  BITNET_AVX2 static void Run(const UnpackedProblem& p, int64_t m0, int64_t row, int64_t) {
+    if constexpr (MB == 4) {
+      Avx2Gemm4x4UAsm(p, m0, row);
+    } else {
+      Avx2Gemm4x4<MB>::Run(p, m0, row, 0);
+    }
+  }
+};
 #endif
 
 BITNET_SIMD_WARNINGS_ON
@@ -263,12 +276,43 @@ BITNET_AVX2 inline void RunAvx2GemmTiles(const Problem& p, int64_t r0, int64_t r
     if (m4 < p.m) RunTokens<2, Avx2Row>(p, m4, p.m, t0, t1, 1, m4 == 0 ? tile : 0, p.r);
   }
 }
+#if BITNET_TERNARY_ASM
+// Smallest M whose 4-row blocks run on tiles unpacked once (ternary_gemm_asm.h). Measured on the
+// Xeon's AVX2 path (bench_bitlinear.py --isa avx2 --cold, two threads, alternating builds,
+// 2026-12-04): M = 16 0.85-0.95x, 32 0.9-1.05x, 64 1.0-1.13x, 128 1.04-1.18x, 512 1.03-1.16x
+// (the large and 2B4T shapes); tiles of 4 or 8 KB of packed bytes (unpacked within L1) instead
+// of isa.h's 16 KB were no better.
+constexpr int64_t kGemmUnpackMinMAvx2 = 64;
+// Rows [r0, r1) (a multiple of 4 of them) tile by tile: the tile's planes unpacked once (with
+// the next tile's bytes prefetched to L2 meanwhile), then 4-token blocks over them, the last
+// m % 4 tokens through Avx2Row.
+BITNET_AVX2 inline void RunAvx2GemmUnpacked(const Problem& p, int64_t r0, int64_t r1) {
+  const int64_t k16 = p.i & ~int64_t{15}, m4 = p.m & ~int64_t{3}, lim = p.r & ~int64_t{3};
+  const int64_t tile = TileRows(p.i, 4);
+  std::vector<uint8_t> unpacked(std::max<int64_t>(tile * 4 * k16, 1));  // freed on return
+  UnpackedProblem q;
+  static_cast<Problem&>(q) = p;
+  q.wu = unpacked.data();
+  for (int64_t t0 = r0; t0 < r1; t0 += tile) {
+    const int64_t t1 = std::min(r1, t0 + tile);
+    Avx2UnpackTile(p.w + t0 * p.i, p.i, t1 - t0, k16, t1 < lim ? tile * p.i : 0, unpacked.data());
+    q.row0 = t0;
+    RunTokens<4, Avx2Gemm4x4U>(q, 0, m4, t0, t1, 4, 0, lim);
+    if (m4 < p.m) RunTokens<2, Avx2Row>(p, m4, p.m, t0, t1, 1, 0, p.r);
+  }
+}
+#endif
 BITNET_AVX2 inline void RunAvx2Gemm(const Problem& p, int64_t r0, int64_t r1) {
 #if BITNET_TERNARY_ASM
-  // Native builds: whole 4-row blocks (Avx2Gemm4x4: one reduction per 4 rows), as on AVX-512;
-  // the last (r1 - r0) % 4 rows one at a time.
+  // Native builds: whole 4-row blocks (Avx2Gemm4x4: one reduction per 4 rows), as on AVX-512,
+  // on unpacked tiles from kGemmUnpackMinMAvx2 tokens; the last (r1 - r0) % 4 rows one at a
+  // time.
   const int64_t r4 = r0 + ((r1 - r0) & ~int64_t{3});
-  RunAvx2GemmTiles<Avx2Gemm4x4, 4>(p, r0, r4);
+  if (p.m >= kGemmUnpackMinMAvx2) {
+    RunAvx2GemmUnpacked(p, r0, r4);
+  } else {
+    RunAvx2GemmTiles<Avx2Gemm4x4, 4>(p, r0, r4);
+  }
   r0 = r4;
 #endif
   RunAvx2GemmTiles<Avx2GemmBlock, 1>(p, r0, r1);

@@ -115,8 +115,6 @@ BITNET_AVX2 inline void Avx2Gemm4Row(const uint8_t* w, const int8_t* x, int64_t 
   }
 }
 #undef BITNET_G4_ROW
-#undef BITNET_G4_ZERO
-#undef BITNET_G4_FLUSH
 #undef BITNET_G4_STEP16
 
 // Row `row`'s outputs for tokens m0..m0+3 from its 8 int32 sums (Avx2Gemm4Row), the columns
@@ -192,9 +190,9 @@ BITNET_AVX2 inline void Avx2Gemm4Asm(const Problem& p, int64_t m0, int64_t row, 
 // from the other accumulator), so each plane's four outputs are one 128-bit store instead of the
 // per-row hadds, round trip through memory and 16 scalar stores of Avx2Gemm4Finish (that finish
 // was ~10% of the GEMM's samples in a batch-8 profile; benchmarks/README.md).
-BITNET_AVX2 inline void Avx2Gemm4x4Asm(const Problem& p, int64_t m0, int64_t row, int64_t ahead) {
-  alignas(32) __m256i acc[4][8];
-  for (int d = 0; d < 4; ++d) Avx2Gemm4Sums(p, m0, row + d, ahead, acc[d]);
+// Avx2Gemm4x4Store: that reduction and the stores, from the four rows' sums acc[0..3].
+BITNET_AVX2 inline void Avx2Gemm4x4Store(const Problem& p, int64_t m0, int64_t row,
+                                         const __m256i (&acc)[4][8]) {
   if (p.i % 16 != 0) {  // column tails: the per-row finish adds them from the codes
     for (int d = 0; d < 4; ++d) Avx2Gemm4Finish(p, m0, row + d, acc[d]);
     return;
@@ -212,6 +210,121 @@ BITNET_AVX2 inline void Avx2Gemm4x4Asm(const Problem& p, int64_t m0, int64_t row
       _mm_storeu_si128(reinterpret_cast<__m128i*>(o + r), _mm256_extracti128_si256(s, 1));
     }
   }
+}
+// Avx2Gemm4x4Asm: the four rows' sums by Avx2Gemm4Sums, then Avx2Gemm4x4Store.
+BITNET_AVX2 inline void Avx2Gemm4x4Asm(const Problem& p, int64_t m0, int64_t row, int64_t ahead) {
+  alignas(32) __m256i acc[4][8];
+  for (int d = 0; d < 4; ++d) Avx2Gemm4Sums(p, m0, row + d, ahead, acc[d]);
+  Avx2Gemm4x4Store(p, m0, row, acc);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Many tokens (prefill): the planes unpacked once per tile. Avx2Gemm4Row extracts the planes of
+// every 16 columns anew for every block of 4 tokens (4 of its 20 vector instructions per 256
+// multiply-adds); with M tokens over a tile, Avx2UnpackTile writes each packed row's planes
+// once as Avx2Gemm4Row computes them (per 16 columns 64 bytes: planes 0 / 1, then 2 / 3) and
+// Avx2Gemm4RowU loads them instead: 16 vector instructions per 256 multiply-adds, the maddubs
+// and adds alone. In a bare loop over L1-hot bytes (one thread, the Xeon of 2026-12-04 at
+// 3.9 GHz) that is 148-157 against 132-142 GMAC/s, where the unpacked tile's stores and loads
+// leave 1.04-1.18x from M = 64 tokens on (ternary_gemm.h kGemmUnpackMinMAvx2). (An 8-token
+// block that shares each 16 columns' shift and mask between 8 tokens, planes 0 / 1 and 2 / 3
+// in two passes, 18 instructions: no faster than this file's 4-token block, 0.94x in the
+// GEMM; so on this core the adds, not the count of instructions, set the pace.)
+
+// Packed rows [0, rows) of w (i bytes apart) over columns [0, k16) unpacked to out (4 k16
+// bytes per row), prefetching the bytes pf_ahead further on (the next tile) to L2.
+BITNET_AVX2 inline void Avx2UnpackTile(const uint8_t* w, int64_t i, int64_t rows, int64_t k16,
+                                       int64_t pf_ahead, uint8_t* out) {
+  const __m256i mask = _mm256_set1_epi8(0x03);
+  const __m256i sh01 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
+  const __m256i sh23 = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);
+  for (int64_t row = 0; row < rows; ++row, out += 4 * k16) {
+    const uint8_t* wr = w + row * i;
+    for (int64_t k = 0; k < k16; k += 16) {
+      if (pf_ahead && (k & 63) == 0) _mm_prefetch(wr + k + pf_ahead, _MM_HINT_T1);
+      const __m256i b =
+          _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k)));
+      __m256i* o = reinterpret_cast<__m256i*>(out + 4 * k);
+      _mm256_storeu_si256(o, _mm256_and_si256(_mm256_srlv_epi32(b, sh01), mask));
+      _mm256_storeu_si256(o + 1, _mm256_and_si256(_mm256_srlv_epi32(b, sh23), mask));
+    }
+  }
+}
+
+// clang-format off
+#define BITNET_U4_STEP16(O)                                               \
+  "vmovdqu 4*" O "(%[wu],%[k],4), %%ymm0\n"                              \
+  "vmovdqu 4*" O "+32(%[wu],%[k],4), %%ymm1\n"                           \
+  "vbroadcasti128 " O "(%[x0],%[k]), %%ymm4\n"                           \
+  "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %%ymm6, %%ymm6\n"   \
+  "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %%ymm7, %%ymm7\n"   \
+  "vbroadcasti128 " O "(%[x1],%[k]), %%ymm4\n"                           \
+  "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %%ymm8, %%ymm8\n"   \
+  "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %%ymm9, %%ymm9\n"   \
+  "vbroadcasti128 " O "(%[x2],%[k]), %%ymm4\n"                           \
+  "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %%ymm10, %%ymm10\n" \
+  "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %%ymm11, %%ymm11\n" \
+  "vbroadcasti128 " O "(%[x3],%[k]), %%ymm4\n"                           \
+  "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %%ymm12, %%ymm12\n" \
+  "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %%ymm13, %%ymm13\n"
+// clang-format on
+
+// Avx2Gemm4Row on an unpacked row wu (Avx2UnpackTile): the same blocks, sums and layout.
+BITNET_AVX2 inline void Avx2Gemm4RowU(const uint8_t* wu, const int8_t* x, int64_t i, int64_t k16,
+                                      __m256i acc[8]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  int64_t k, kb, k64;
+  // clang-format off
+  __asm__ volatile(
+      "vpxor %%xmm2, %%xmm2, %%xmm2\n"
+      "vmovdqa %%ymm2, (%[acc])\n vmovdqa %%ymm2, 32(%[acc])\n vmovdqa %%ymm2, 64(%[acc])\n"
+      "vmovdqa %%ymm2, 96(%[acc])\n vmovdqa %%ymm2, 128(%[acc])\n"
+      "vmovdqa %%ymm2, 160(%[acc])\n vmovdqa %%ymm2, 192(%[acc])\n"
+      "vmovdqa %%ymm2, 224(%[acc])\n"
+      "xor %[k], %[k]\n"
+      "2:\n lea 1024(%[k]), %[kb]\n cmp %[k16], %[kb]\n cmovg %[k16], %[kb]\n"
+      "mov %[kb], %[k64]\n sub %[k], %[k64]\n and $-64, %[k64]\n add %[k], %[k64]\n"
+      BITNET_G4_ZERO("6") BITNET_G4_ZERO("7") BITNET_G4_ZERO("8") BITNET_G4_ZERO("9")
+      BITNET_G4_ZERO("10") BITNET_G4_ZERO("11") BITNET_G4_ZERO("12") BITNET_G4_ZERO("13")
+      "cmp %[k64], %[k]\n jge 4f\n"
+      "1:\n" BITNET_U4_STEP16("0") BITNET_U4_STEP16("16") BITNET_U4_STEP16("32")
+      BITNET_U4_STEP16("48") "add $64, %[k]\n cmp %[k64], %[k]\n jl 1b\n"
+      "4:\n cmp %[kb], %[k]\n jge 5f\n"
+      "3:\n" BITNET_U4_STEP16("0") "add $16, %[k]\n cmp %[kb], %[k]\n jl 3b\n"
+      "5:\n" BITNET_G4_FLUSH("6", "0") BITNET_G4_FLUSH("7", "32") BITNET_G4_FLUSH("8", "64")
+      BITNET_G4_FLUSH("9", "96") BITNET_G4_FLUSH("10", "128") BITNET_G4_FLUSH("11", "160")
+      BITNET_G4_FLUSH("12", "192") BITNET_G4_FLUSH("13", "224")
+      "cmp %[k16], %[k]\n jl 2b\n"
+      : [k] "=&r"(k), [kb] "=&r"(kb), [k64] "=&r"(k64)
+      : [wu] "r"(wu), [x0] "r"(x), [x1] "r"(x + i), [x2] "r"(x + 2 * i), [x3] "r"(x + 3 * i),
+        [k16] "r"(k16), [acc] "r"(acc), [ones] "m"(ones)
+      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
+        "xmm11", "xmm12", "xmm13", "cc", "memory");
+  // clang-format on
+}
+#undef BITNET_U4_STEP16
+#undef BITNET_G4_ZERO
+#undef BITNET_G4_FLUSH
+
+// The problem with one tile's unpacked rows: rows [row0, row0 + tile) at wu (4 k16 bytes each).
+struct UnpackedProblem : Problem {
+  const uint8_t* wu;
+  int64_t row0;
+};
+
+// Packed rows row..row+3 of the unpacked tile for tokens m0..m0+3 (the step of RunTokens that
+// Avx2Gemm4x4U of ternary_gemm.h runs for 4-token blocks).
+BITNET_AVX2 inline void Avx2Gemm4x4UAsm(const UnpackedProblem& p, int64_t m0, int64_t row) {
+  const int64_t k16 = p.i & ~int64_t{15};
+  alignas(32) __m256i acc[4][8];
+  for (int d = 0; d < 4; ++d) {
+    if (k16 > 0) {
+      Avx2Gemm4RowU(p.wu + (row + d - p.row0) * 4 * k16, p.x + m0 * p.i, p.i, k16, acc[d]);
+    } else {
+      std::fill(acc[d], acc[d] + 8, _mm256_setzero_si256());
+    }
+  }
+  Avx2Gemm4x4Store(p, m0, row, acc);
 }
 
 BITNET_SIMD_WARNINGS_ON
