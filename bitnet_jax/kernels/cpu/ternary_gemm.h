@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "isa.h"
+#include "ternary_avxvnni_asm.h"
 #include "ternary_gemm_asm.h"
 #include "ternary_paths.h"
 
@@ -226,6 +227,19 @@ struct Avx2Gemm4x4U {
     }
   }
 };
+#if BITNET_TERNARY_AVXVNNI
+// The same on the avxvnni path, 6 tokens (ternary_avxvnni_asm.h); other block sizes per row.
+template <int MB>
+struct AvxVnniGemm6x4U {
+  BITNET_AVXVNNI static void Run(const UnpackedProblem& p, int64_t m0, int64_t row, int64_t) {
+    if constexpr (MB == 6) {
+      AvxVnniGemm6x4UAsm(p, m0, row);
+    } else {
+      for (int64_t d = 0; d < 4; ++d) AvxVnniRow<MB>::Run(p, m0, row + d, 0);
+    }
+  }
+};
+#endif
 #endif
 
 BITNET_SIMD_WARNINGS_ON
@@ -283,11 +297,16 @@ BITNET_AVX2 inline void RunAvx2GemmTiles(const Problem& p, int64_t r0, int64_t r
 // (the large and 2B4T shapes); tiles of 4 or 8 KB of packed bytes (unpacked within L1) instead
 // of isa.h's 16 KB were no better.
 constexpr int64_t kGemmUnpackMinMAvx2 = 64;
+// The same for the avxvnni path's 6-token blocks (ternary_avxvnni_asm.h) against its row
+// kernel (AvxVnniRow, 2 tokens), same runs: M = 12 0.94-1.0x, 16 0.97-1.05x, 24 1.12-1.15x,
+// 32 1.02-1.16x, 48 1.1-1.35x, 64-512 1.15-1.35x.
+constexpr int64_t kGemmUnpackMinMAvxVnni = 24;
 // Rows [r0, r1) (a multiple of 4 of them) tile by tile: the tile's planes unpacked once (with
-// the next tile's bytes prefetched to L2 meanwhile), then 4-token blocks over them, the last
-// m % 4 tokens through Avx2Row.
-BITNET_AVX2 inline void RunAvx2GemmUnpacked(const Problem& p, int64_t r0, int64_t r1) {
-  const int64_t k16 = p.i & ~int64_t{15}, m4 = p.m & ~int64_t{3}, lim = p.r & ~int64_t{3};
+// the next tile's bytes prefetched to L2 meanwhile), then MB-token blocks of Block over them,
+// the last m % MB tokens through the row kernel Rest.
+template <int MB, template <int> class Block, template <int> class Rest>
+inline void RunGemmUnpacked(const Problem& p, int64_t r0, int64_t r1) {
+  const int64_t k16 = p.i & ~int64_t{15}, mb = p.m - p.m % MB, lim = p.r & ~int64_t{3};
   const int64_t tile = TileRows(p.i, 4);
   std::vector<uint8_t> unpacked(std::max<int64_t>(tile * 4 * k16, 1));  // freed on return
   UnpackedProblem q;
@@ -297,8 +316,8 @@ BITNET_AVX2 inline void RunAvx2GemmUnpacked(const Problem& p, int64_t r0, int64_
     const int64_t t1 = std::min(r1, t0 + tile);
     Avx2UnpackTile(p.w + t0 * p.i, p.i, t1 - t0, k16, t1 < lim ? tile * p.i : 0, unpacked.data());
     q.row0 = t0;
-    RunTokens<4, Avx2Gemm4x4U>(q, 0, m4, t0, t1, 4, 0, lim);
-    if (m4 < p.m) RunTokens<2, Avx2Row>(p, m4, p.m, t0, t1, 1, 0, p.r);
+    RunTokens<MB, Block>(q, 0, mb, t0, t1, 4, 0, lim);
+    if (mb < p.m) RunTokens<2, Rest>(p, mb, p.m, t0, t1, 1, 0, p.r);
   }
 }
 #endif
@@ -309,7 +328,7 @@ BITNET_AVX2 inline void RunAvx2Gemm(const Problem& p, int64_t r0, int64_t r1) {
   // time.
   const int64_t r4 = r0 + ((r1 - r0) & ~int64_t{3});
   if (p.m >= kGemmUnpackMinMAvx2) {
-    RunAvx2GemmUnpacked(p, r0, r4);
+    RunGemmUnpacked<4, Avx2Gemm4x4U, Avx2Row>(p, r0, r4);
   } else {
     RunAvx2GemmTiles<Avx2Gemm4x4, 4>(p, r0, r4);
   }
@@ -325,7 +344,16 @@ BITNET_AVX2 inline void RunAvx2(const Problem& p, int64_t r0, int64_t r1) {
   }
 }
 #if BITNET_TERNARY_AVXVNNI
+// From kGemmUnpackMinMAvxVnni tokens (native builds) whole 4-row blocks on unpacked tiles, the
+// rest (fewer tokens, the last (r1 - r0) % 4 rows) through the row kernel.
 BITNET_AVXVNNI inline void RunAvxVnni(const Problem& p, int64_t r0, int64_t r1) {
+#if BITNET_TERNARY_ASM
+  if (p.m >= kGemmUnpackMinMAvxVnni) {
+    const int64_t r4 = r0 + ((r1 - r0) & ~int64_t{3});
+    RunGemmUnpacked<6, AvxVnniGemm6x4U, AvxVnniRow>(p, r0, r4);
+    r0 = r4;
+  }
+#endif
   RunAvxVnniRows(p, r0, r1);
 }
 #endif

@@ -117,21 +117,25 @@ BITNET_AVX2 inline void Avx2Gemm4Row(const uint8_t* w, const int8_t* x, int64_t 
 #undef BITNET_G4_ROW
 #undef BITNET_G4_STEP16
 
-// Row `row`'s outputs for tokens m0..m0+3 from its 8 int32 sums (Avx2Gemm4Row), the columns
-// past the last 16 added from the codes.
+// Row `row`'s outputs for token m from its sums of planes 0 / 1 (a01) and 2 / 3 (a23), the
+// columns past the last 16 added from the codes.
+BITNET_AVX2 inline void Avx2FinishTail(const Problem& p, int64_t m, int64_t row, __m256i a01,
+                                       __m256i a23) {
+  const int64_t i = p.i, k16 = i & ~int64_t{15};
+  // h = plane sums (0, 0, 2, 2 | 1, 1, 3, 3), q = (0, 2, 1, 3)
+  const __m256i h = _mm256_hadd_epi32(a01, a23);
+  const __m128i q = _mm_hadd_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+  alignas(16) int32_t s[4];
+  _mm_store_si128(reinterpret_cast<__m128i*>(s), _mm_shuffle_epi32(q, 0xd8));
+  CodeDotTail(p.w + row * i, p.x + m * i, k16, i, s);
+  StoreRow(p, m, row, s);
+}
+
+// Row `row`'s outputs for tokens m0..m0+3 from its 8 int32 sums (Avx2Gemm4Row).
 BITNET_AVX2 inline void Avx2Gemm4Finish(const Problem& p, int64_t m0, int64_t row,
                                         const __m256i acc[8]) {
-  const int64_t i = p.i, k16 = i & ~int64_t{15};
-  if (k16 < i) {
-    for (int t = 0; t < 4; ++t) {
-      // h = plane sums (0, 0, 2, 2 | 1, 1, 3, 3), q = (0, 2, 1, 3)
-      const __m256i h = _mm256_hadd_epi32(acc[2 * t], acc[2 * t + 1]);
-      const __m128i q = _mm_hadd_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-      alignas(16) int32_t s[4];
-      _mm_store_si128(reinterpret_cast<__m128i*>(s), _mm_shuffle_epi32(q, 0xd8));
-      CodeDotTail(p.w + row * i, p.x + (m0 + t) * i, k16, i, s);
-      StoreRow(p, m0 + t, row, s);
-    }
+  if (p.i % 16 != 0) {
+    for (int t = 0; t < 4; ++t) Avx2FinishTail(p, m0 + t, row, acc[2 * t], acc[2 * t + 1]);
     return;
   }
   // Lane 0 of g01: (t0 p0, t0 p2, t1 p0, t1 p2), lane 1: (t0 p1, t0 p3, t1 p1, t1 p3); g23 the
@@ -190,15 +194,22 @@ BITNET_AVX2 inline void Avx2Gemm4Asm(const Problem& p, int64_t m0, int64_t row, 
 // from the other accumulator), so each plane's four outputs are one 128-bit store instead of the
 // per-row hadds, round trip through memory and 16 scalar stores of Avx2Gemm4Finish (that finish
 // was ~10% of the GEMM's samples in a batch-8 profile; benchmarks/README.md).
-// Avx2Gemm4x4Store: that reduction and the stores, from the four rows' sums acc[0..3].
+// Avx2Gemm4x4Store: that reduction and the stores, from the four rows' sums acc[0..3] (of
+// 2 NT sums each: NT tokens, 4 but for the 6-token blocks of ternary_avxvnni_asm.h).
+template <int N2>
 BITNET_AVX2 inline void Avx2Gemm4x4Store(const Problem& p, int64_t m0, int64_t row,
-                                         const __m256i (&acc)[4][8]) {
+                                         const __m256i (&acc)[4][N2]) {
+  constexpr int kTokens = N2 / 2;
   if (p.i % 16 != 0) {  // column tails: the per-row finish adds them from the codes
-    for (int d = 0; d < 4; ++d) Avx2Gemm4Finish(p, m0, row + d, acc[d]);
+    for (int d = 0; d < 4; ++d) {
+      for (int t = 0; t < kTokens; ++t) {
+        Avx2FinishTail(p, m0 + t, row + d, acc[d][2 * t], acc[d][2 * t + 1]);
+      }
+    }
     return;
   }
   const int64_t r = p.r;
-  for (int t = 0; t < 4; ++t) {
+  for (int t = 0; t < kTokens; ++t) {
     const __m256i xs = _mm256_set1_epi32(p.xsum[m0 + t]);
     for (int h = 0; h < 2; ++h) {  // planes (0, 1), then (2, 3)
       const int a = 2 * t + h;
