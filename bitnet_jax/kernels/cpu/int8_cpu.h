@@ -82,26 +82,44 @@ struct Avx2Int8Row {
 };
 
 #if BITNET_TERNARY_AVXVNNI
+// Each vpdpbusd adds into its accumulator, whose latency (5 cycles on the Xeon of 2026-12-04)
+// bounds a block with few: U accumulators per token, so that a block keeps at least 4 (4 per
+// token at M = 1, 2 at M = 2..3); 32 U columns per step. Against one per token in 2-token
+// blocks (bench_bitlinear.py --paths head --isa avxvnni --cold, two threads, alternating
+// builds, I = 1536 and 2560): M = 1 the same (the read bandwidth), 3 1.25-1.85x, 4 1.1-1.25x,
+// 8 (RunAvxVnniInt8Rows' blocks of 8) 1.2-1.37x, 16 1.2-1.38x; on the large model's head
+// (32000 x 1536) at M = 8 87-97 -> 114-118 GMAC/s, as the AVX2 path's assembly (103-124).
 template <int MB>
 struct AvxVnniInt8Row {
+  static constexpr int kU = MB >= 4 ? 1 : (MB == 1 ? 4 : 2);
   BITNET_AVXVNNI static void Run(const Int8Problem& p, int64_t m0, int64_t row, int64_t ahead) {
     const int8_t* w = p.w + row * p.i;
-    const int64_t kv = p.i & ~int64_t{31};
-    __m256i acc[MB];
-    for (int mm = 0; mm < MB; ++mm) acc[mm] = _mm256_setzero_si256();
-    for (int64_t k = 0; k < kv; k += 32) {
-      if ((k & 63) == 0) PrefetchAt(w, k, ahead * p.i);
+    const int64_t kv = p.i & ~int64_t{31}, ku = p.i - p.i % (32 * kU);
+    __m256i acc[MB][kU];
+    for (int mm = 0; mm < MB; ++mm)
+      for (int u = 0; u < kU; ++u) acc[mm][u] = _mm256_setzero_si256();
+    // Columns [k, k + 32) into accumulator u of every token.
+    auto step = [&](int64_t k, int u) BITNET_AVXVNNI {
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
       for (int mm = 0; mm < MB; ++mm) {
         const int64_t at = (m0 + mm) * p.i + k;
         const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xabs + at));
         const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.x + at));
-        acc[mm] = _mm256_dpbusd_avx_epi32(acc[mm], xa, _mm256_sign_epi8(wv, xs));
+        acc[mm][u] = _mm256_dpbusd_avx_epi32(acc[mm][u], xa, _mm256_sign_epi8(wv, xs));
+      }
+    };
+    int64_t k = 0;
+    for (; k < ku; k += 32 * kU) {
+      for (int u = 0; u < kU; ++u) {
+        if (((k + 32 * u) & 63) == 0) PrefetchAt(w, k + 32 * u, ahead * p.i);
+        step(k + 32 * u, u);
       }
     }
+    for (; k < kv; k += 32) step(k, 0);
     for (int mm = 0; mm < MB; ++mm) {
+      for (int u = 1; u < kU; ++u) acc[mm][0] = _mm256_add_epi32(acc[mm][0], acc[mm][u]);
       p.out[(m0 + mm) * p.r + row] =
-          Sum8(acc[mm]) + Int8DotTail(w, p.x + (m0 + mm) * p.i, kv, p.i);
+          Sum8(acc[mm][0]) + Int8DotTail(w, p.x + (m0 + mm) * p.i, kv, p.i);
     }
   }
 };
@@ -145,7 +163,7 @@ BITNET_AVX2 inline void RunAvx2Int8Rows(const Int8Problem& p, int64_t r0, int64_
 }
 #if BITNET_TERNARY_AVXVNNI
 BITNET_AVXVNNI inline void RunAvxVnniInt8Rows(const Int8Problem& p, int64_t r0, int64_t r1) {
-  RunTiled<2, AvxVnniInt8Row>(p, r0, r1);
+  RunTiled<8, AvxVnniInt8Row>(p, r0, r1);
 }
 #endif
 BITNET_AVX512 inline void RunAvx512VnniInt8Rows(const Int8Problem& p, int64_t r0, int64_t r1) {
