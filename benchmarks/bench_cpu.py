@@ -194,7 +194,7 @@ def main(argv=None) -> int:
             subprocess.run([sys.executable, str(ROOT / "benchmarks" / "make_random_gguf.py"),
                             str(path), "--shape", shape, "--type", "tq2_0", "--arch", "bitnet"],
                            check=True)
-        size_mb = path.stat().st_size / 1e6
+        size_mb = path.stat().st_size / 2**20  # MiB, the unit of `bench`'s peak_rss_mb
         for threads in args.threads:
             for prompt in args.prompt_tokens:
                 peer, peer_b = [], []

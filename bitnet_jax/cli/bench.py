@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
               f"{stats['prefill_tokens_per_s']:.1f} tokens/s\n"
               f"decode:  {stats['gen_tokens']} tokens/row, "
               f"{stats['decode_tokens_per_s']:.1f} tokens/s\n"
-              f"compile: {stats['compile_s']:.1f} s, peak RSS {stats['peak_rss_mb']:.0f} MB",
+              f"compile: {stats['compile_s']:.1f} s, peak RSS {stats['peak_rss_mb']:.0f} MiB",
               file=sys.stderr)
     return 0
 
