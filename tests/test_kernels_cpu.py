@@ -171,7 +171,8 @@ def test_ffi_several_weights_in_one_call(stacked):
 @pytest.mark.parametrize("m,i,v", [(1, 32, 5), (1, 1536, 1000), (2, 100, 37), (3, 1000, 64),
                                    (5, 64, 3), (8, 77, 129), (17, 320, 50), (2, 1536, 2003),
                                    (4, 130, 16), (8, 1536, 4100), (16, 200, 77),
-                                   (64, 96, 24), (9, 20, 33)])
+                                   (64, 96, 24), (9, 20, 33),
+                                   (1, 200, 9), (3, 330, 7)])  # avxvnni's 4 / 2 accumulators
 def test_int8_head_kernel_matches_xla_exactly(m, i, v):
     rng = np.random.default_rng(m * 100 + i + v)
     x = rng.integers(-128, 128, (m, i), dtype=np.int8)
