@@ -215,7 +215,7 @@ struct Avx2Gemm4x4 {
     }
   }
 };
-// Four rows of an unpacked tile by 4 tokens (RunAvx2GemmUnpacked hands it only whole blocks of
+// Four rows of an unpacked tile by 4 tokens (RunGemmUnpacked hands it only whole blocks of
 // 4; other block sizes run Avx2Gemm4x4 on the packed rows).
 template <int MB>
 struct Avx2Gemm4x4U {

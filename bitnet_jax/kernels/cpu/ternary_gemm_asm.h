@@ -194,8 +194,8 @@ BITNET_AVX2 inline void Avx2Gemm4Asm(const Problem& p, int64_t m0, int64_t row, 
 // from the other accumulator), so each plane's four outputs are one 128-bit store instead of the
 // per-row hadds, round trip through memory and 16 scalar stores of Avx2Gemm4Finish (that finish
 // was ~10% of the GEMM's samples in a batch-8 profile; benchmarks/README.md).
-// Avx2Gemm4x4Store: that reduction and the stores, from the four rows' sums acc[0..3] (of
-// 2 NT sums each: NT tokens, 4 but for the 6-token blocks of ternary_avxvnni_asm.h).
+// Avx2Gemm4x4Store: that reduction and the stores, from the four rows' sums acc[0..3], N2 each:
+// two per token, for 4 tokens (6 in the blocks of ternary_avxvnni_asm.h).
 template <int N2>
 BITNET_AVX2 inline void Avx2Gemm4x4Store(const Problem& p, int64_t m0, int64_t row,
                                          const __m256i (&acc)[4][N2]) {
