@@ -239,6 +239,18 @@ struct AvxVnniGemm6x4U {
     }
   }
 };
+// Four packed rows by 6 tokens on the avxvnni path; other block sizes per row (never handed
+// here: RunAvxVnniGemm gives it whole blocks of 6).
+template <int MB>
+struct AvxVnniGemm6x4 {
+  BITNET_AVXVNNI static void Run(const Problem& p, int64_t m0, int64_t row, int64_t ahead) {
+    if constexpr (MB == 6) {
+      AvxVnniGemm6x4Asm(p, m0, row, ahead);
+    } else {
+      for (int64_t d = 0; d < 4; ++d) AvxVnniRow<MB>::Run(p, m0, row + d, 0);
+    }
+  }
+};
 #endif
 #endif
 
@@ -297,10 +309,12 @@ BITNET_AVX2 inline void RunAvx2GemmTiles(const Problem& p, int64_t r0, int64_t r
 // (the large and 2B4T shapes); tiles of 4 or 8 KB of packed bytes (unpacked within L1) instead
 // of isa.h's 16 KB were no better.
 constexpr int64_t kGemmUnpackMinMAvx2 = 64;
-// The same for the avxvnni path's 6-token blocks (ternary_avxvnni_asm.h) against its row
-// kernel (AvxVnniRow, 2 tokens), same runs: M = 12 0.94-1.0x, 16 0.97-1.05x, 24 1.12-1.15x,
-// 32 1.02-1.16x, 48 1.1-1.35x, 64-512 1.15-1.35x.
-constexpr int64_t kGemmUnpackMinMAvxVnni = 24;
+// The avxvnni path's 6-token blocks (ternary_avxvnni_asm.h), same kind of runs: on packed rows
+// from 6 tokens, against the 2-token row kernel (AvxVnniRow): M = 6 1.25x, 8 1.2x, 12 1.25x,
+// 16 1.15-1.2x; on unpacked tiles from 48, against the packed blocks: M = 24-32 0.9-0.95x, 48
+// 1.0x, 64 1.0-1.05x, 128 1.05-1.1x (and 1.15-1.35x over the row kernel).
+constexpr int64_t kGemmMinMAvxVnni = 6;
+constexpr int64_t kGemmUnpackMinMAvxVnni = 48;
 // Rows [r0, r1) (a multiple of 4 of them) tile by tile: the tile's planes unpacked once (with
 // the next tile's bytes prefetched to L2 meanwhile), then MB-token blocks of Block over them,
 // the last m % MB tokens through the row kernel Rest.
@@ -344,13 +358,23 @@ BITNET_AVX2 inline void RunAvx2(const Problem& p, int64_t r0, int64_t r1) {
   }
 }
 #if BITNET_TERNARY_AVXVNNI
-// From kGemmUnpackMinMAvxVnni tokens (native builds) whole 4-row blocks on unpacked tiles, the
-// rest (fewer tokens, the last (r1 - r0) % 4 rows) through the row kernel.
+// Native builds: whole 4-row blocks of 6-token blocks from kGemmMinMAvxVnni tokens, on
+// unpacked tiles from kGemmUnpackMinMAvxVnni, tile by tile with the next-tile prefetch; the
+// rest (fewer tokens, the last m % 6 tokens and (r1 - r0) % 4 rows) through the row kernel.
 BITNET_AVXVNNI inline void RunAvxVnni(const Problem& p, int64_t r0, int64_t r1) {
 #if BITNET_TERNARY_ASM
   if (p.m >= kGemmUnpackMinMAvxVnni) {
     const int64_t r4 = r0 + ((r1 - r0) & ~int64_t{3});
     RunGemmUnpacked<6, AvxVnniGemm6x4U, AvxVnniRow>(p, r0, r4);
+    r0 = r4;
+  } else if (p.m >= kGemmMinMAvxVnni) {
+    const int64_t r4 = r0 + ((r1 - r0) & ~int64_t{3}), lim = p.r & ~int64_t{3};
+    const int64_t m6 = p.m - p.m % 6, tile = TileRows(p.i, 4);
+    for (int64_t t0 = r0; t0 < r4; t0 += tile) {
+      const int64_t t1 = std::min(r4, t0 + tile);
+      RunTokens<6, AvxVnniGemm6x4>(p, 0, m6, t0, t1, 4, tile, lim);
+      if (m6 < p.m) RunTokens<2, AvxVnniRow>(p, m6, p.m, t0, t1, 1, 0, p.r);
+    }
     r0 = r4;
   }
 #endif
