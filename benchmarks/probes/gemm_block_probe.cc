@@ -12,12 +12,15 @@
 //       instructions per 256 multiply-adds
 //   a8  8 tokens sharing one unpacking, one plane pair per pass (the two-pass block tried and
 //       dropped): 18 per 256
+//   g6  6 tokens on packed rows, 12 int16 accumulators (tried in the GEMM and dropped): 28
+//       per 384, i.e. 18.7 per 256
 //   u4  the shipped unpacked-tile block (Avx2Gemm4RowU): planes loaded ready-made, 16 per 256
 //   v4  AVX-VNNI, 4 tokens on unpacked planes: 8 vpdpbusd per 256 (8 accumulators)
 //   v6  AVX-VNNI, 6 tokens (ternary_avxvnni_asm.h): 12 vpdpbusd per 384 (12 accumulators)
 // (The packed loops take their shift counts and mask from memory here, the kernels from
 // registers.) Measured on the 2-core Xeon VM (3.9 GHz), three runs: c4 126-132, a8 129-136,
-// u4 159-163, v4 175-187, v6 228-239.
+// u4 159-163, v4 175-187, v6 228-239; g6 (two runs) 137-150 against c4's 120-133 in the same
+// runs, which in the GEMM (6 + 2 tokens at M = 8) came to 0.95-1.05x.
 
 #include <immintrin.h>
 
@@ -50,6 +53,15 @@ constexpr int64_t kCols = 1024;  // columns per call; tokens' activation rows 40
   BX("0", "4") MAC("0", "6") BX("4096", "4") MAC("0", "7") BX("8192", "4") MAC("0", "8")       \
   BX("12288", "4") MAC("0", "9") BX("16384", "4") MAC("0", "10") BX("20480", "4")              \
   MAC("0", "11") BX("24576", "4") MAC("0", "12") BX("28672", "4") MAC("0", "13")
+#define MAC15(P, A) \
+  "vpmaddubsw %%ymm4, %%ymm" P ", %%ymm15\n vpaddw %%ymm15, %%ymm" A ", %%ymm" A "\n"
+#define G6_BODY                                                                                \
+  "vbroadcasti128 (%[w],%[k]), %%ymm1\n vpsrlvd %[s0], %%ymm1, %%ymm0\n"                      \
+  "vpsrlvd %[s1], %%ymm1, %%ymm1\n vpand %[m], %%ymm0, %%ymm0\n vpand %[m], %%ymm1, %%ymm1\n" \
+  BX("0", "4") MAC15("0", "2") MAC15("1", "3") BX("4096", "4") MAC15("0", "5")                 \
+  MAC15("1", "6") BX("8192", "4") MAC15("0", "7") MAC15("1", "8") BX("12288", "4")             \
+  MAC15("0", "9") MAC15("1", "10") BX("16384", "4") MAC15("0", "11") MAC15("1", "12")          \
+  BX("20480", "4") MAC15("0", "13") MAC15("1", "14")
 #define U4_BODY                                                                                \
   "vmovdqu (%[w],%[k],4), %%ymm0\n vmovdqu 32(%[w],%[k],4), %%ymm1\n"                         \
   BX("0", "4") MAC("0", "6") MAC("1", "7") BX("4096", "4") MAC("0", "8") MAC("1", "9")         \
@@ -88,6 +100,18 @@ __attribute__((target("avx2"))) void RunA8(const Operands& o) {
                : [k] "+r"(k)
                : [w] "r"(o.w), [x] "r"(o.x), [n] "r"(kCols), [s0] "m"(s0), [m] "m"(m)
                : CLOBBER);
+}
+
+__attribute__((target("avx2"))) void RunG6(const Operands& o) {
+  const __m256i s0 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
+  const __m256i s1 = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);
+  const __m256i m = _mm256_set1_epi8(3);
+  int64_t k = 0;
+  asm volatile(LOOP(G6_BODY)
+               : [k] "+r"(k)
+               : [w] "r"(o.w), [x] "r"(o.x), [n] "r"(kCols), [s0] "m"(s0), [s1] "m"(s1),
+                 [m] "m"(m)
+               : CLOBBER, "xmm14", "xmm15");
 }
 
 __attribute__((target("avx2"))) void RunU4(const Operands& o) {
@@ -135,6 +159,7 @@ int main() {
   const double per16 = kCols / 16.0;
   std::printf("c4 %.1f GMAC/s\n", Best(RunC4, o, 256 * per16, kCalls));
   std::printf("a8 %.1f GMAC/s\n", Best(RunA8, o, 256 * per16, kCalls));
+  std::printf("g6 %.1f GMAC/s\n", Best(RunG6, o, 384 * per16, kCalls));
   std::printf("u4 %.1f GMAC/s\n", Best(RunU4, o, 256 * per16, kCalls));
   if (__builtin_cpu_supports("avxvnni")) {
     std::printf("v4 %.1f GMAC/s\n", Best(RunV4, o, 256 * per16, kCalls));
