@@ -92,30 +92,32 @@ struct Avx2Int8Row {
 template <int MB>
 struct AvxVnniInt8Row {
   static constexpr int kU = MB >= 4 ? 1 : (MB == 1 ? 4 : 2);
+  // Columns [k, k + 32) into accumulator u of every token (inlined, so acc stays in registers).
+  BITNET_AVXVNNI __attribute__((always_inline)) static inline void Step(
+      const Int8Problem& p, const int8_t* w, int64_t m0, int64_t k, int u,
+      __m256i (&acc)[MB][kU]) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
+    for (int mm = 0; mm < MB; ++mm) {
+      const int64_t at = (m0 + mm) * p.i + k;
+      const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xabs + at));
+      const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.x + at));
+      acc[mm][u] = _mm256_dpbusd_avx_epi32(acc[mm][u], xa, _mm256_sign_epi8(wv, xs));
+    }
+  }
   BITNET_AVXVNNI static void Run(const Int8Problem& p, int64_t m0, int64_t row, int64_t ahead) {
     const int8_t* w = p.w + row * p.i;
     const int64_t kv = p.i & ~int64_t{31}, ku = p.i - p.i % (32 * kU);
     __m256i acc[MB][kU];
     for (int mm = 0; mm < MB; ++mm)
       for (int u = 0; u < kU; ++u) acc[mm][u] = _mm256_setzero_si256();
-    // Columns [k, k + 32) into accumulator u of every token.
-    auto step = [&](int64_t k, int u) BITNET_AVXVNNI {
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k));
-      for (int mm = 0; mm < MB; ++mm) {
-        const int64_t at = (m0 + mm) * p.i + k;
-        const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.xabs + at));
-        const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.x + at));
-        acc[mm][u] = _mm256_dpbusd_avx_epi32(acc[mm][u], xa, _mm256_sign_epi8(wv, xs));
-      }
-    };
     int64_t k = 0;
     for (; k < ku; k += 32 * kU) {
       for (int u = 0; u < kU; ++u) {
         if (((k + 32 * u) & 63) == 0) PrefetchAt(w, k + 32 * u, ahead * p.i);
-        step(k + 32 * u, u);
+        Step(p, w, m0, k + 32 * u, u, acc);
       }
     }
-    for (; k < kv; k += 32) step(k, 0);
+    for (; k < kv; k += 32) Step(p, w, m0, k, 0, acc);
     for (int mm = 0; mm < MB; ++mm) {
       for (int u = 1; u < kU; ++u) acc[mm][0] = _mm256_add_epi32(acc[mm][0], acc[mm][u]);
       p.out[(m0 + mm) * p.r + row] =
