@@ -26,8 +26,8 @@ namespace bitnet_ternary {
 BITNET_SIMD_WARNINGS_OFF
 
 // clang-format off
-// Token T (x at xt = x0 + T i, see below): one broadcast of its 16 columns, one vpdpbusd per
-// plane pair into accumulators ymmA (planes 0 / 1) and ymmB (2 / 3).
+// The token whose activations operand X points to: one broadcast of its 16 columns at offset
+// O, one vpdpbusd per plane pair into accumulators ymmA (planes 0 / 1) and ymmB (2 / 3).
 #define BITNET_V6_TOKEN(O, X, A, B)                                      \
   "vbroadcasti128 " O "(" X ",%[k]), %%ymm4\n"                          \
   "%{vex%} vpdpbusd %%ymm4, %%ymm0, %%ymm" A "\n"                       \
