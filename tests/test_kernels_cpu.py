@@ -88,6 +88,7 @@ SHAPES = [
     (4, 8, 12), (9, 17, 20),  # I < 16 and I % 16 beside 4-token blocks (the AVX2 asm's tails)
     (64, 8, 20), (65, 130, 36),  # the same from M = 64 (AVX2: tiles unpacked once, + 1 token)
     (24, 130, 36), (29, 64, 20),  # avxvnni: 6-token blocks on packed rows (+ 0 or 5 tokens)
+    (7, 8, 20),  # and with I < 16 (no whole 16 columns: the blocks' sums are zero)
     (48, 130, 36), (53, 17, 20),  # and on unpacked tiles
 ]
 

@@ -13,7 +13,6 @@
 #ifndef BITNET_JAX_KERNELS_CPU_TERNARY_AVXVNNI_ASM_H_
 #define BITNET_JAX_KERNELS_CPU_TERNARY_AVXVNNI_ASM_H_
 
-#include <algorithm>
 #include <cstdint>
 
 #include "isa.h"
@@ -48,10 +47,38 @@ BITNET_SIMD_WARNINGS_OFF
   "vpand %[mask], %%ymm0, %%ymm0\n vpand %[mask], %%ymm1, %%ymm1\n" BITNET_V6_TOKENS(O)
 #define BITNET_V6_ZERO(R) "vpxor %%xmm" R ", %%xmm" R ", %%xmm" R "\n"
 #define BITNET_V6_STORE(R, OFF) "vmovdqa %%ymm" R ", " OFF "(%[acc])\n"
+// A row: zero the 12 accumulators, 64 columns per iteration (each starting with HEAD: a
+// prefetch, or nothing) in STEP16 steps, the last k16 % 64 columns 16 at a time, store. The
+// operands the steps read besides the tokens follow as the macro's last arguments.
+#define BITNET_V6_ROW(HEAD, STEP16, ...)                                                       \
+  __asm__ volatile(                                                                            \
+      BITNET_V6_ZERO("2") BITNET_V6_ZERO("3") BITNET_V6_ZERO("5") BITNET_V6_ZERO("6")          \
+      BITNET_V6_ZERO("7") BITNET_V6_ZERO("8") BITNET_V6_ZERO("9") BITNET_V6_ZERO("10")         \
+      BITNET_V6_ZERO("11") BITNET_V6_ZERO("12") BITNET_V6_ZERO("13") BITNET_V6_ZERO("14")      \
+      "xor %[k], %[k]\n cmp %[k64], %[k]\n jge 4f\n"                                           \
+      "1:\n" HEAD STEP16("0") STEP16("16") STEP16("32") STEP16("48")                           \
+      "add $64, %[k]\n cmp %[k64], %[k]\n jl 1b\n"                                             \
+      "4:\n cmp %[k16], %[k]\n jge 5f\n"                                                       \
+      "3:\n" STEP16("0") "add $16, %[k]\n cmp %[k16], %[k]\n jl 3b\n"                         \
+      "5:\n"                                                                                   \
+      BITNET_V6_STORE("2", "0") BITNET_V6_STORE("3", "32") BITNET_V6_STORE("5", "64")          \
+      BITNET_V6_STORE("6", "96") BITNET_V6_STORE("7", "128") BITNET_V6_STORE("8", "160")       \
+      BITNET_V6_STORE("9", "192") BITNET_V6_STORE("10", "224") BITNET_V6_STORE("11", "256")    \
+      BITNET_V6_STORE("12", "288") BITNET_V6_STORE("13", "320") BITNET_V6_STORE("14", "352")   \
+      : [k] "=&r"(k)                                                                           \
+      : [x0] "r"(x), [x1] "r"(x + i), [x2] "r"(x + 2 * i), [x3] "r"(x + 3 * i),                \
+        [x4] "r"(x + 4 * i), [x5] "r"(x + 5 * i), [k16] "r"(k16), [k64] "r"(k64),               \
+        [acc] "r"(acc), __VA_ARGS__                                                            \
+      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",         \
+        "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "cc", "memory")
+// The packed row's steps, with one prefetch of pf + k per 64 columns (pf = w + pfoff).
+#define BITNET_V6_PACKED(PREFETCH)                                                             \
+  BITNET_V6_ROW(PREFETCH " (%[pf],%[k])\n", BITNET_V6P_STEP16, [w] "r"(w), [pf] "r"(w + pfoff), \
+                [sh01] "m"(sh01), [sh23] "m"(sh23), [mask] "m"(mask))
 // clang-format on
 
 // Unpacked row wu (Avx2UnpackTile) by the 6 tokens x, x + i, ..., x + 5i over columns [0, k16),
-// k16 > 0 a multiple of 16: token t's sums of planes 0 / 1 to acc[2t], of 2 / 3 to acc[2t + 1]
+// k16 >= 0 a multiple of 16: token t's sums of planes 0 / 1 to acc[2t], of 2 / 3 to acc[2t + 1]
 // (Avx2Gemm4RowU's layout). Six tokens, not four: each vpdpbusd adds to its accumulator, whose
 // latency (5 cycles here) with 8 accumulators held a bare loop to 186 GMAC/s on one core of
 // the Xeon (2026-12-04, 3.9 GHz); 12 accumulators reach the 2 vpdpbusd per cycle, 245.
@@ -59,54 +86,9 @@ BITNET_AVXVNNI inline void AvxVnniGemm6RowU(const uint8_t* wu, const int8_t* x, 
                                             int64_t k16, __m256i acc[12]) {
   const int64_t k64 = k16 & ~int64_t{63};
   int64_t k;
-  // clang-format off
-  __asm__ volatile(
-      BITNET_V6_ZERO("2") BITNET_V6_ZERO("3") BITNET_V6_ZERO("5") BITNET_V6_ZERO("6")
-      BITNET_V6_ZERO("7") BITNET_V6_ZERO("8") BITNET_V6_ZERO("9") BITNET_V6_ZERO("10")
-      BITNET_V6_ZERO("11") BITNET_V6_ZERO("12") BITNET_V6_ZERO("13") BITNET_V6_ZERO("14")
-      "xor %[k], %[k]\n cmp %[k64], %[k]\n jge 4f\n"
-      "1:\n" BITNET_V6_STEP16("0") BITNET_V6_STEP16("16") BITNET_V6_STEP16("32")
-      BITNET_V6_STEP16("48") "add $64, %[k]\n cmp %[k64], %[k]\n jl 1b\n"
-      "4:\n cmp %[k16], %[k]\n jge 5f\n"
-      "3:\n" BITNET_V6_STEP16("0") "add $16, %[k]\n cmp %[k16], %[k]\n jl 3b\n"
-      "5:\n"
-      BITNET_V6_STORE("2", "0") BITNET_V6_STORE("3", "32") BITNET_V6_STORE("5", "64")
-      BITNET_V6_STORE("6", "96") BITNET_V6_STORE("7", "128") BITNET_V6_STORE("8", "160")
-      BITNET_V6_STORE("9", "192") BITNET_V6_STORE("10", "224") BITNET_V6_STORE("11", "256")
-      BITNET_V6_STORE("12", "288") BITNET_V6_STORE("13", "320") BITNET_V6_STORE("14", "352")
-      : [k] "=&r"(k)
-      : [wu] "r"(wu), [x0] "r"(x), [x1] "r"(x + i), [x2] "r"(x + 2 * i), [x3] "r"(x + 3 * i),
-        [x4] "r"(x + 4 * i), [x5] "r"(x + 5 * i), [k16] "r"(k16), [k64] "r"(k64),
-        [acc] "r"(acc)
-      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
-        "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "cc", "memory");
-  // clang-format on
+  BITNET_V6_ROW("", BITNET_V6_STEP16, [wu] "r"(wu));
 }
 
-// clang-format off
-#define BITNET_V6P_ROW(PREFETCH)                                                               \
-  __asm__ volatile(                                                                            \
-      BITNET_V6_ZERO("2") BITNET_V6_ZERO("3") BITNET_V6_ZERO("5") BITNET_V6_ZERO("6")          \
-      BITNET_V6_ZERO("7") BITNET_V6_ZERO("8") BITNET_V6_ZERO("9") BITNET_V6_ZERO("10")         \
-      BITNET_V6_ZERO("11") BITNET_V6_ZERO("12") BITNET_V6_ZERO("13") BITNET_V6_ZERO("14")      \
-      "xor %[k], %[k]\n cmp %[k64], %[k]\n jge 4f\n"                                           \
-      "1:\n" PREFETCH " (%[pf],%[k])\n" BITNET_V6P_STEP16("0") BITNET_V6P_STEP16("16")         \
-      BITNET_V6P_STEP16("32") BITNET_V6P_STEP16("48") "add $64, %[k]\n cmp %[k64], %[k]\n jl 1b\n" \
-      "4:\n cmp %[k16], %[k]\n jge 5f\n"                                                       \
-      "3:\n" BITNET_V6P_STEP16("0") "add $16, %[k]\n cmp %[k16], %[k]\n jl 3b\n"              \
-      "5:\n"                                                                                   \
-      BITNET_V6_STORE("2", "0") BITNET_V6_STORE("3", "32") BITNET_V6_STORE("5", "64")          \
-      BITNET_V6_STORE("6", "96") BITNET_V6_STORE("7", "128") BITNET_V6_STORE("8", "160")       \
-      BITNET_V6_STORE("9", "192") BITNET_V6_STORE("10", "224") BITNET_V6_STORE("11", "256")    \
-      BITNET_V6_STORE("12", "288") BITNET_V6_STORE("13", "320") BITNET_V6_STORE("14", "352")   \
-      : [k] "=&r"(k)                                                                           \
-      : [w] "r"(w), [x0] "r"(x), [x1] "r"(x + i), [x2] "r"(x + 2 * i), [x3] "r"(x + 3 * i),   \
-        [x4] "r"(x + 4 * i), [x5] "r"(x + 5 * i), [k16] "r"(k16), [k64] "r"(k64),               \
-        [acc] "r"(acc), [pf] "r"(w + pfoff), [sh01] "m"(sh01), [sh23] "m"(sh23),               \
-        [mask] "m"(mask)                                                                       \
-      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",         \
-        "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "cc", "memory")
-// clang-format on
 
 // AvxVnniGemm6RowU on the packed row w, its planes unpacked per 16 columns (for fewer tokens
 // than pay for an unpacked tile). Prefetch per 64 columns: pfoff bytes ahead of the row, to L2
@@ -119,12 +101,13 @@ BITNET_AVXVNNI inline void AvxVnniGemm6Row(const uint8_t* w, const int8_t* x, in
   const int64_t k64 = k16 & ~int64_t{63};
   int64_t k;
   if (l2) {
-    BITNET_V6P_ROW("prefetcht1");
+    BITNET_V6_PACKED("prefetcht1");
   } else {
-    BITNET_V6P_ROW("prefetcht0");
+    BITNET_V6_PACKED("prefetcht0");
   }
 }
-#undef BITNET_V6P_ROW
+#undef BITNET_V6_PACKED
+#undef BITNET_V6_ROW
 #undef BITNET_V6_STORE
 #undef BITNET_V6_ZERO
 #undef BITNET_V6P_STEP16
@@ -139,12 +122,8 @@ BITNET_AVXVNNI inline void AvxVnniGemm6x4Asm(const Problem& p, int64_t m0, int64
   const int64_t i = p.i, k16 = i & ~int64_t{15};
   alignas(32) __m256i acc[4][12];
   for (int d = 0; d < 4; ++d) {
-    if (k16 > 0) {
-      AvxVnniGemm6Row(p.w + (row + d) * i, p.x + m0 * i, i, k16, ahead ? ahead * i : kPrefetch,
-                      ahead != 0, acc[d]);
-    } else {
-      std::fill(acc[d], acc[d] + 12, _mm256_setzero_si256());
-    }
+    AvxVnniGemm6Row(p.w + (row + d) * i, p.x + m0 * i, i, k16, ahead ? ahead * i : kPrefetch,
+                    ahead != 0, acc[d]);
   }
   Avx2Gemm4x4Store(p, m0, row, acc);
 }
@@ -155,11 +134,7 @@ BITNET_AVXVNNI inline void AvxVnniGemm6x4UAsm(const UnpackedProblem& p, int64_t 
   const int64_t k16 = p.i & ~int64_t{15};
   alignas(32) __m256i acc[4][12];
   for (int d = 0; d < 4; ++d) {
-    if (k16 > 0) {
-      AvxVnniGemm6RowU(p.wu + (row + d - p.row0) * 4 * k16, p.x + m0 * p.i, p.i, k16, acc[d]);
-    } else {
-      std::fill(acc[d], acc[d] + 12, _mm256_setzero_si256());
-    }
+    AvxVnniGemm6RowU(p.wu + (row + d - p.row0) * 4 * k16, p.x + m0 * p.i, p.i, k16, acc[d]);
   }
   Avx2Gemm4x4Store(p, m0, row, acc);
 }

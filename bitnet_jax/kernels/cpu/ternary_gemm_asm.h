@@ -27,7 +27,6 @@
 #ifndef BITNET_JAX_KERNELS_CPU_TERNARY_GEMM_ASM_H_
 #define BITNET_JAX_KERNELS_CPU_TERNARY_GEMM_ASM_H_
 
-#include <algorithm>
 #include <cstdint>
 
 #include "isa.h"
@@ -40,14 +39,9 @@ namespace bitnet_ternary {
 BITNET_SIMD_WARNINGS_OFF
 
 // clang-format off
-// 16 columns at offset O of the row (see the top of the file); ymm6..13 = tokens 0..3 x planes
-// (0, 1) / (2, 3).
-#define BITNET_G4_STEP16(O)                                               \
-  "vbroadcasti128 " O "(%[w],%[k]), %%ymm1\n"                            \
-  "vpsrlvd %[sh01], %%ymm1, %%ymm0\n"                                    \
-  "vpsrlvd %[sh23], %%ymm1, %%ymm1\n"                                    \
-  "vpand %[mask], %%ymm0, %%ymm0\n"                                      \
-  "vpand %[mask], %%ymm1, %%ymm1\n"                                      \
+// Tokens 0..3 (x0..x3) over 16 columns at offset O against planes 0 / 1 in ymm0 and 2 / 3 in
+// ymm1; ymm6..13 = tokens 0..3 x planes (0, 1) / (2, 3).
+#define BITNET_G4_TOKENS(O)                                               \
   "vbroadcasti128 " O "(%[x0],%[k]), %%ymm4\n"                           \
   "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %%ymm6, %%ymm6\n"   \
   "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %%ymm7, %%ymm7\n"   \
@@ -60,16 +54,28 @@ BITNET_SIMD_WARNINGS_OFF
   "vbroadcasti128 " O "(%[x3],%[k]), %%ymm4\n"                           \
   "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %%ymm12, %%ymm12\n" \
   "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %%ymm13, %%ymm13\n"
+// 16 columns at offset O of the packed row w (see the top of the file).
+#define BITNET_G4_STEP16(O)                                               \
+  "vbroadcasti128 " O "(%[w],%[k]), %%ymm1\n"                            \
+  "vpsrlvd %[sh01], %%ymm1, %%ymm0\n"                                    \
+  "vpsrlvd %[sh23], %%ymm1, %%ymm1\n"                                    \
+  "vpand %[mask], %%ymm0, %%ymm0\n"                                      \
+  "vpand %[mask], %%ymm1, %%ymm1\n" BITNET_G4_TOKENS(O)
+// 16 columns at offset O of the unpacked row wu (Avx2UnpackTile, below): the planes loaded.
+#define BITNET_U4_STEP16(O)                                               \
+  "vmovdqu 4*" O "(%[wu],%[k],4), %%ymm0\n"                              \
+  "vmovdqu 4*" O "+32(%[wu],%[k],4), %%ymm1\n" BITNET_G4_TOKENS(O)
 // Widen int16 accumulator ymmR into the row's int32 sums at byte OFF of acc.
 #define BITNET_G4_FLUSH(R, OFF)                                   \
   "vpmaddwd %[ones], %%ymm" R ", %%ymm" R "\n"                   \
   "vpaddd " OFF "(%[acc]), %%ymm" R ", %%ymm" R "\n"             \
   "vmovdqa %%ymm" R ", " OFF "(%[acc])\n"
 #define BITNET_G4_ZERO(R) "vpxor %%xmm" R ", %%xmm" R ", %%xmm" R "\n"
-// Row w: zero its 8 int32 sums; then blocks of up to 1024 columns: zero the int16
-// accumulators, 64 columns per iteration (with one prefetch of pf + k, pf = w + pfoff), the
-// block's last k % 64 columns 16 at a time, widen.
-#define BITNET_G4_ROW(PREFETCH)                                                                \
+// A row: zero its 8 int32 sums; then blocks of up to 1024 columns: zero the int16
+// accumulators, 64 columns per iteration (each starting with HEAD: a prefetch, or nothing) in
+// STEP16 steps, the block's last k % 64 columns 16 at a time, widen. The operands the steps
+// read besides the tokens follow as the macro's last arguments.
+#define BITNET_G4_ROW(HEAD, STEP16, ...)                                                       \
   __asm__ volatile(                                                                            \
       "vpxor %%xmm2, %%xmm2, %%xmm2\n"                                                         \
       "vmovdqa %%ymm2, (%[acc])\n vmovdqa %%ymm2, 32(%[acc])\n vmovdqa %%ymm2, 64(%[acc])\n"   \
@@ -82,23 +88,26 @@ BITNET_SIMD_WARNINGS_OFF
       BITNET_G4_ZERO("6") BITNET_G4_ZERO("7") BITNET_G4_ZERO("8") BITNET_G4_ZERO("9")          \
       BITNET_G4_ZERO("10") BITNET_G4_ZERO("11") BITNET_G4_ZERO("12") BITNET_G4_ZERO("13")      \
       "cmp %[k64], %[k]\n jge 4f\n"                                                            \
-      "1:\n" PREFETCH " (%[pf],%[k])\n" BITNET_G4_STEP16("0") BITNET_G4_STEP16("16")           \
-      BITNET_G4_STEP16("32") BITNET_G4_STEP16("48") "add $64, %[k]\n cmp %[k64], %[k]\n jl 1b\n" \
+      "1:\n" HEAD STEP16("0") STEP16("16") STEP16("32") STEP16("48")                           \
+      "add $64, %[k]\n cmp %[k64], %[k]\n jl 1b\n"                                             \
       "4:\n cmp %[kb], %[k]\n jge 5f\n"                                                        \
-      "3:\n" BITNET_G4_STEP16("0") "add $16, %[k]\n cmp %[kb], %[k]\n jl 3b\n"                 \
+      "3:\n" STEP16("0") "add $16, %[k]\n cmp %[kb], %[k]\n jl 3b\n"                          \
       "5:\n" BITNET_G4_FLUSH("6", "0") BITNET_G4_FLUSH("7", "32") BITNET_G4_FLUSH("8", "64")   \
       BITNET_G4_FLUSH("9", "96") BITNET_G4_FLUSH("10", "128") BITNET_G4_FLUSH("11", "160")     \
       BITNET_G4_FLUSH("12", "192") BITNET_G4_FLUSH("13", "224")                                \
       "cmp %[k16], %[k]\n jl 2b\n"                                                             \
       : [k] "=&r"(k), [kb] "=&r"(kb), [k64] "=&r"(k64)                                         \
-      : [w] "r"(w), [x0] "r"(x), [x1] "r"(x + i), [x2] "r"(x + 2 * i), [x3] "r"(x + 3 * i),    \
-        [k16] "r"(k16), [pf] "r"(w + pfoff), [acc] "r"(acc), [mask] "x"(mask),                 \
-        [sh01] "x"(sh01), [sh23] "x"(sh23), [ones] "m"(ones)                                   \
+      : [x0] "r"(x), [x1] "r"(x + i), [x2] "r"(x + 2 * i), [x3] "r"(x + 3 * i),                \
+        [k16] "r"(k16), [acc] "r"(acc), [ones] "m"(ones), __VA_ARGS__                          \
       : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",       \
         "xmm11", "xmm12", "xmm13", "cc", "memory")
+// The packed row's steps, with one prefetch of pf + k per 64 columns (pf = w + pfoff).
+#define BITNET_G4_PACKED(PREFETCH)                                                             \
+  BITNET_G4_ROW(PREFETCH " (%[pf],%[k])\n", BITNET_G4_STEP16, [w] "r"(w), [pf] "r"(w + pfoff), \
+                [mask] "x"(mask), [sh01] "x"(sh01), [sh23] "x"(sh23))
 // clang-format on
 
-// Packed row w by the 4 tokens x, x + i, x + 2i, x + 3i over columns [0, k16), k16 > 0 a
+// Packed row w by the 4 tokens x, x + i, x + 2i, x + 3i over columns [0, k16), k16 >= 0 a
 // multiple of 16: its 8 int32 sums to acc (token t: planes (0, 1) at 2t, (2, 3) at 2t + 1; lane
 // j of a plane = 4 partial sums). Prefetch per 64 columns: pfoff bytes ahead of the row, to L2
 // (l2: the next tile) or L1.
@@ -109,12 +118,12 @@ BITNET_AVX2 inline void Avx2Gemm4Row(const uint8_t* w, const int8_t* x, int64_t 
   const __m256i sh23 = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);
   int64_t k, kb, k64;
   if (l2) {
-    BITNET_G4_ROW("prefetcht1");
+    BITNET_G4_PACKED("prefetcht1");
   } else {
-    BITNET_G4_ROW("prefetcht0");
+    BITNET_G4_PACKED("prefetcht0");
   }
 }
-#undef BITNET_G4_ROW
+#undef BITNET_G4_PACKED
 #undef BITNET_G4_STEP16
 
 // Row `row`'s outputs for token m from its sums of planes 0 / 1 (a01) and 2 / 3 (a23), the
@@ -174,13 +183,9 @@ BITNET_AVX2 inline void Avx2Gemm4Finish(const Problem& p, int64_t m0, int64_t ro
 // Its 8 int32 sums (Avx2Gemm4Row over the whole 16-column part, zeros when there is none).
 BITNET_AVX2 inline void Avx2Gemm4Sums(const Problem& p, int64_t m0, int64_t row, int64_t ahead,
                                       __m256i acc[8]) {
-  const int64_t i = p.i, k16 = i & ~int64_t{15};
-  if (k16 > 0) {
-    Avx2Gemm4Row(p.w + row * i, p.x + m0 * i, i, k16, ahead ? ahead * i : kPrefetch, ahead != 0,
-                 acc);
-  } else {
-    std::fill(acc, acc + 8, _mm256_setzero_si256());
-  }
+  const int64_t i = p.i;
+  Avx2Gemm4Row(p.w + row * i, p.x + m0 * i, i, i & ~int64_t{15}, ahead ? ahead * i : kPrefetch,
+               ahead != 0, acc);
 }
 BITNET_AVX2 inline void Avx2Gemm4Asm(const Problem& p, int64_t m0, int64_t row, int64_t ahead) {
   alignas(32) __m256i acc[8];
@@ -262,57 +267,16 @@ BITNET_AVX2 inline void Avx2UnpackTile(const uint8_t* w, int64_t i, int64_t rows
   }
 }
 
-// clang-format off
-#define BITNET_U4_STEP16(O)                                               \
-  "vmovdqu 4*" O "(%[wu],%[k],4), %%ymm0\n"                              \
-  "vmovdqu 4*" O "+32(%[wu],%[k],4), %%ymm1\n"                           \
-  "vbroadcasti128 " O "(%[x0],%[k]), %%ymm4\n"                           \
-  "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %%ymm6, %%ymm6\n"   \
-  "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %%ymm7, %%ymm7\n"   \
-  "vbroadcasti128 " O "(%[x1],%[k]), %%ymm4\n"                           \
-  "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %%ymm8, %%ymm8\n"   \
-  "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %%ymm9, %%ymm9\n"   \
-  "vbroadcasti128 " O "(%[x2],%[k]), %%ymm4\n"                           \
-  "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %%ymm10, %%ymm10\n" \
-  "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %%ymm11, %%ymm11\n" \
-  "vbroadcasti128 " O "(%[x3],%[k]), %%ymm4\n"                           \
-  "vpmaddubsw %%ymm4, %%ymm0, %%ymm2\n vpaddw %%ymm2, %%ymm12, %%ymm12\n" \
-  "vpmaddubsw %%ymm4, %%ymm1, %%ymm3\n vpaddw %%ymm3, %%ymm13, %%ymm13\n"
-// clang-format on
 
 // Avx2Gemm4Row on an unpacked row wu (Avx2UnpackTile): the same blocks, sums and layout.
 BITNET_AVX2 inline void Avx2Gemm4RowU(const uint8_t* wu, const int8_t* x, int64_t i, int64_t k16,
                                       __m256i acc[8]) {
   const __m256i ones = _mm256_set1_epi16(1);
   int64_t k, kb, k64;
-  // clang-format off
-  __asm__ volatile(
-      "vpxor %%xmm2, %%xmm2, %%xmm2\n"
-      "vmovdqa %%ymm2, (%[acc])\n vmovdqa %%ymm2, 32(%[acc])\n vmovdqa %%ymm2, 64(%[acc])\n"
-      "vmovdqa %%ymm2, 96(%[acc])\n vmovdqa %%ymm2, 128(%[acc])\n"
-      "vmovdqa %%ymm2, 160(%[acc])\n vmovdqa %%ymm2, 192(%[acc])\n"
-      "vmovdqa %%ymm2, 224(%[acc])\n"
-      "xor %[k], %[k]\n"
-      "2:\n lea 1024(%[k]), %[kb]\n cmp %[k16], %[kb]\n cmovg %[k16], %[kb]\n"
-      "mov %[kb], %[k64]\n sub %[k], %[k64]\n and $-64, %[k64]\n add %[k], %[k64]\n"
-      BITNET_G4_ZERO("6") BITNET_G4_ZERO("7") BITNET_G4_ZERO("8") BITNET_G4_ZERO("9")
-      BITNET_G4_ZERO("10") BITNET_G4_ZERO("11") BITNET_G4_ZERO("12") BITNET_G4_ZERO("13")
-      "cmp %[k64], %[k]\n jge 4f\n"
-      "1:\n" BITNET_U4_STEP16("0") BITNET_U4_STEP16("16") BITNET_U4_STEP16("32")
-      BITNET_U4_STEP16("48") "add $64, %[k]\n cmp %[k64], %[k]\n jl 1b\n"
-      "4:\n cmp %[kb], %[k]\n jge 5f\n"
-      "3:\n" BITNET_U4_STEP16("0") "add $16, %[k]\n cmp %[kb], %[k]\n jl 3b\n"
-      "5:\n" BITNET_G4_FLUSH("6", "0") BITNET_G4_FLUSH("7", "32") BITNET_G4_FLUSH("8", "64")
-      BITNET_G4_FLUSH("9", "96") BITNET_G4_FLUSH("10", "128") BITNET_G4_FLUSH("11", "160")
-      BITNET_G4_FLUSH("12", "192") BITNET_G4_FLUSH("13", "224")
-      "cmp %[k16], %[k]\n jl 2b\n"
-      : [k] "=&r"(k), [kb] "=&r"(kb), [k64] "=&r"(k64)
-      : [wu] "r"(wu), [x0] "r"(x), [x1] "r"(x + i), [x2] "r"(x + 2 * i), [x3] "r"(x + 3 * i),
-        [k16] "r"(k16), [acc] "r"(acc), [ones] "m"(ones)
-      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10",
-        "xmm11", "xmm12", "xmm13", "cc", "memory");
-  // clang-format on
+  BITNET_G4_ROW("", BITNET_U4_STEP16, [wu] "r"(wu));
 }
+#undef BITNET_G4_ROW
+#undef BITNET_G4_TOKENS
 #undef BITNET_U4_STEP16
 #undef BITNET_G4_ZERO
 #undef BITNET_G4_FLUSH
@@ -329,11 +293,7 @@ BITNET_AVX2 inline void Avx2Gemm4x4UAsm(const UnpackedProblem& p, int64_t m0, in
   const int64_t k16 = p.i & ~int64_t{15};
   alignas(32) __m256i acc[4][8];
   for (int d = 0; d < 4; ++d) {
-    if (k16 > 0) {
-      Avx2Gemm4RowU(p.wu + (row + d - p.row0) * 4 * k16, p.x + m0 * p.i, p.i, k16, acc[d]);
-    } else {
-      std::fill(acc[d], acc[d] + 8, _mm256_setzero_si256());
-    }
+    Avx2Gemm4RowU(p.wu + (row + d - p.row0) * 4 * k16, p.x + m0 * p.i, p.i, k16, acc[d]);
   }
   Avx2Gemm4x4Store(p, m0, row, acc);
 }
