@@ -291,15 +291,15 @@ inline void RunScalar(const Problem& p, int64_t r0, int64_t r1) { RunScalarRows(
 // prefetch (isa.h; past r1 as on AVX-512), the last m % 4 tokens through Avx2Row (2 + 1:
 // Avx2Gemm<1..3> measured 0.6-0.96x of them).
 constexpr int64_t kGemmMinMAvx2 = 4;
-// Rows [r0, r1) (a multiple of kStep of them) tile by tile: 4-token blocks of Block (kStep rows
-// per call), the last m % 4 tokens through Avx2Row.
-template <template <int> class Block, int64_t kStep>
-BITNET_AVX2 inline void RunAvx2GemmTiles(const Problem& p, int64_t r0, int64_t r1) {
-  const int64_t m4 = p.m & ~int64_t{3}, tile = TileRows(p.i, kStep);
+// Rows [r0, r1) (a multiple of kStep of them) tile by tile: MB-token blocks of Block (kStep
+// rows per call), the last m % MB tokens through the row kernel Rest (AVX2 and AVX-VNNI paths).
+template <int MB, template <int> class Block, int64_t kStep, template <int> class Rest>
+BITNET_AVX2 inline void RunGemmTiles(const Problem& p, int64_t r0, int64_t r1) {
+  const int64_t mb = p.m - p.m % MB, tile = TileRows(p.i, kStep);
   for (int64_t t0 = r0; t0 < r1; t0 += tile) {
     const int64_t t1 = std::min(r1, t0 + tile);
-    RunTokens<4, Block>(p, 0, m4, t0, t1, kStep, tile, p.r - p.r % kStep);
-    if (m4 < p.m) RunTokens<2, Avx2Row>(p, m4, p.m, t0, t1, 1, m4 == 0 ? tile : 0, p.r);
+    RunTokens<MB, Block>(p, 0, mb, t0, t1, kStep, tile, p.r - p.r % kStep);
+    if (mb < p.m) RunTokens<2, Rest>(p, mb, p.m, t0, t1, 1, mb == 0 ? tile : 0, p.r);
   }
 }
 #if BITNET_TERNARY_ASM
@@ -344,11 +344,11 @@ BITNET_AVX2 inline void RunAvx2Gemm(const Problem& p, int64_t r0, int64_t r1) {
   if (p.m >= kGemmUnpackMinMAvx2) {
     RunGemmUnpacked<4, Avx2Gemm4x4U, Avx2Row>(p, r0, r4);
   } else {
-    RunAvx2GemmTiles<Avx2Gemm4x4, 4>(p, r0, r4);
+    RunGemmTiles<4, Avx2Gemm4x4, 4, Avx2Row>(p, r0, r4);
   }
   r0 = r4;
 #endif
-  RunAvx2GemmTiles<Avx2GemmBlock, 1>(p, r0, r1);
+  RunGemmTiles<4, Avx2GemmBlock, 1, Avx2Row>(p, r0, r1);
 }
 BITNET_AVX2 inline void RunAvx2(const Problem& p, int64_t r0, int64_t r1) {
   if (p.m >= kGemmMinMAvx2) {
@@ -363,17 +363,12 @@ BITNET_AVX2 inline void RunAvx2(const Problem& p, int64_t r0, int64_t r1) {
 // rest (fewer tokens, the last m % 6 tokens and (r1 - r0) % 4 rows) through the row kernel.
 BITNET_AVXVNNI inline void RunAvxVnni(const Problem& p, int64_t r0, int64_t r1) {
 #if BITNET_TERNARY_ASM
-  if (p.m >= kGemmUnpackMinMAvxVnni) {
+  if (p.m >= kGemmMinMAvxVnni) {
     const int64_t r4 = r0 + ((r1 - r0) & ~int64_t{3});
-    RunGemmUnpacked<6, AvxVnniGemm6x4U, AvxVnniRow>(p, r0, r4);
-    r0 = r4;
-  } else if (p.m >= kGemmMinMAvxVnni) {
-    const int64_t r4 = r0 + ((r1 - r0) & ~int64_t{3}), lim = p.r & ~int64_t{3};
-    const int64_t m6 = p.m - p.m % 6, tile = TileRows(p.i, 4);
-    for (int64_t t0 = r0; t0 < r4; t0 += tile) {
-      const int64_t t1 = std::min(r4, t0 + tile);
-      RunTokens<6, AvxVnniGemm6x4>(p, 0, m6, t0, t1, 4, tile, lim);
-      if (m6 < p.m) RunTokens<2, AvxVnniRow>(p, m6, p.m, t0, t1, 1, 0, p.r);
+    if (p.m >= kGemmUnpackMinMAvxVnni) {
+      RunGemmUnpacked<6, AvxVnniGemm6x4U, AvxVnniRow>(p, r0, r4);
+    } else {
+      RunGemmTiles<6, AvxVnniGemm6x4, 4, AvxVnniRow>(p, r0, r4);
     }
     r0 = r4;
   }
