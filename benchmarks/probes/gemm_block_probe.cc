@@ -22,8 +22,6 @@
 // u4 159-163, v4 175-187, v6 228-239; g6 (two runs) 137-150 against c4's 120-133 in the same
 // runs, which in the GEMM (6 + 2 tokens at M = 8) came to 0.95-1.05x.
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -39,9 +37,8 @@ constexpr int64_t kCols = 1024;  // columns per call; tokens' activation rows 40
 #define MAC(P, A) "vpmaddubsw %%ymm4, %%ymm" P ", %%ymm2\n vpaddw %%ymm2, %%ymm" A ", %%ymm" A "\n"
 #define DP(P, A) "%{vex%} vpdpbusd %%ymm4, %%ymm" P ", %%ymm" A "\n"
 #define LOOP(BODY) "1:\n" BODY "add $16, %[k]\n cmp %[n], %[k]\n jl 1b\n"
-// ymm0..13 (the AVX2 loops' constants take registers of their own), and all 16 for v6.
 #define CLOBBER "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", \
-                "xmm10", "xmm11", "xmm12", "xmm13", "cc", "memory"
+                "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory"
 #define C4_BODY                                                                                \
   "vbroadcasti128 (%[w],%[k]), %%ymm1\n vpsrlvd %[s0], %%ymm1, %%ymm0\n"                      \
   "vpsrlvd %[s1], %%ymm1, %%ymm1\n vpand %[m], %%ymm0, %%ymm0\n vpand %[m], %%ymm1, %%ymm1\n" \
@@ -78,59 +75,29 @@ constexpr int64_t kCols = 1024;  // columns per call; tokens' activation rows 40
 struct Operands {
   const uint8_t* w;  // 4 * kCols bytes (unpacked planes; the packed loops read the first kCols)
   const int8_t* x;   // 6 rows of 4096 bytes
+  alignas(32) int32_t s0[8] = {0, 0, 0, 0, 2, 2, 2, 2};  // vpsrlvd counts: planes 0 / 1
+  alignas(32) int32_t s1[8] = {4, 4, 4, 4, 6, 6, 6, 6};  // planes 2 / 3
+  alignas(32) uint8_t m[32] = {3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3,
+                               3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3};  // a plane's bits
 };
 
-__attribute__((target("avx2"))) void RunC4(const Operands& o) {
-  const __m256i s0 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
-  const __m256i s1 = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);
-  const __m256i m = _mm256_set1_epi8(3);
-  int64_t k = 0;
-  asm volatile(LOOP(C4_BODY)
-               : [k] "+r"(k)
-               : [w] "r"(o.w), [x] "r"(o.x), [n] "r"(kCols), [s0] "m"(s0), [s1] "m"(s1),
-                 [m] "m"(m)
-               : CLOBBER);
-}
-
-__attribute__((target("avx2"))) void RunA8(const Operands& o) {
-  const __m256i s0 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
-  const __m256i m = _mm256_set1_epi8(3);
-  int64_t k = 0;
-  asm volatile(LOOP(A8_BODY)
-               : [k] "+r"(k)
-               : [w] "r"(o.w), [x] "r"(o.x), [n] "r"(kCols), [s0] "m"(s0), [m] "m"(m)
-               : CLOBBER);
-}
-
-__attribute__((target("avx2"))) void RunG6(const Operands& o) {
-  const __m256i s0 = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
-  const __m256i s1 = _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6);
-  const __m256i m = _mm256_set1_epi8(3);
-  int64_t k = 0;
-  asm volatile(LOOP(G6_BODY)
-               : [k] "+r"(k)
-               : [w] "r"(o.w), [x] "r"(o.x), [n] "r"(kCols), [s0] "m"(s0), [s1] "m"(s1),
-                 [m] "m"(m)
-               : CLOBBER, "xmm14", "xmm15");
-}
-
-__attribute__((target("avx2"))) void RunU4(const Operands& o) {
-  int64_t k = 0;
-  asm volatile(LOOP(U4_BODY) : [k] "+r"(k) : [w] "r"(o.w), [x] "r"(o.x), [n] "r"(kCols)
-               : CLOBBER);
-}
-
-__attribute__((target("avx2,avxvnni"))) void RunV4(const Operands& o) {
-  int64_t k = 0;
-  asm volatile(LOOP(V4_BODY) : [k] "+r"(k) : [w] "r"(o.w), [x] "r"(o.x), [n] "r"(kCols)
-               : CLOBBER);
-}
-
-__attribute__((target("avx2,avxvnni"))) void RunV6(const Operands& o) {
-  int64_t k = 0;
-  asm volatile(LOOP(V6_BODY) : [k] "+r"(k) : [w] "r"(o.w), [x] "r"(o.x), [n] "r"(kCols)
-               : CLOBBER, "xmm14", "xmm15");
-}
+// One function per loop, each given every operand (a loop reads the ones its body names).
+#define RUNNER(NAME, TARGET, BODY)                                                           \
+  __attribute__((target(TARGET))) void NAME(const Operands& o) {                             \
+    int64_t k = 0;                                                                           \
+    asm volatile(LOOP(BODY)                                                                  \
+                 : [k] "+r"(k)                                                               \
+                 : [w] "r"(o.w), [x] "r"(o.x), [n] "r"(kCols), [s0] "m"(o.s0), [s1] "m"(o.s1), \
+                   [m] "m"(o.m)                                                              \
+                 : CLOBBER);                                                                 \
+  }
+RUNNER(RunC4, "avx2", C4_BODY)
+RUNNER(RunA8, "avx2", A8_BODY)
+RUNNER(RunG6, "avx2", G6_BODY)
+RUNNER(RunU4, "avx2", U4_BODY)
+RUNNER(RunV4, "avx2,avxvnni", V4_BODY)
+RUNNER(RunV6, "avx2,avxvnni", V6_BODY)
+#undef RUNNER
 
 // Best GMAC/s of 5 rounds of `calls` calls of fn, each `macs` multiply-adds.
 double Best(void (*fn)(const Operands&), const Operands& o, double macs, int calls) {
