@@ -26,6 +26,7 @@ import pytest
 import bitnet_jax as bj
 from bitnet_jax.cli.main import main as cli_main
 from bitnet_jax.model.config import ModelConfig
+from bitnet_jax.model.params import TABLES
 from bitnet_jax.errors import GGUFError
 from bitnet_jax.formats.gguf import (
     TensorEntry, load_gguf, read_gguf, write_gguf, write_model_gguf)
@@ -98,7 +99,12 @@ _forward = jax.jit(bj.forward, static_argnums=(2,))  # one compile per config
 
 
 def _logits(model: Model) -> np.ndarray:
-    return np.asarray(_forward(model.params, TOKENS, model.config))
+    # Float tables widened to float32 first: a loaded model keeps the file's float16 ones
+    # (params.table_dtype), an exact widening, so both sides run the same program and the
+    # comparisons below say that the file holds the same numbers.
+    params = {k: v.astype(jnp.float32) if k in TABLES and not isinstance(v, dict) else v
+              for k, v in model.params.items()}
+    return np.asarray(_forward(params, TOKENS, model.config))
 
 
 def _unpack(leaf) -> np.ndarray:

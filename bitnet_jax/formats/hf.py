@@ -26,8 +26,8 @@ import numpy as np
 
 from bitnet_jax.model.config import ModelConfig, load_config
 from bitnet_jax.errors import CheckpointError
-from bitnet_jax.model.params import (BITLINEAR_PATHS, lm_head_format, linear_shapes,
-                                     param_shapes)
+from bitnet_jax.model.params import (BITLINEAR_PATHS, TABLES, lm_head_format, linear_shapes,
+                                     param_shapes, table_dtype)
 from bitnet_jax.model.policy import Policy, get_policy
 from bitnet_jax.formats.safetensors import read_safetensors, write_safetensors
 from bitnet_jax.quant import (is_packed, pack_ternary_np, row_int8_np, ternarize_np,
@@ -183,7 +183,10 @@ def load_hf(path: str | Path, policy: Policy | str | None = None, packed: bool =
         if key == head and lm_head_format(policy.lm_head, cfg) == "int8":
             params[key] = _int8_rows(top[key])
         else:
-            params[key] = jnp.asarray(np.asarray(top[key]).astype(policy.param))
+            arr = np.asarray(top[key])
+            keep = packed and key in TABLES  # inference: a 16-bit table stays so
+            params[key] = jnp.asarray(arr.astype(table_dtype(arr.dtype, policy.param) if keep
+                                                 else policy.param))
         if bar:
             bar.update(top[key].nbytes)
 

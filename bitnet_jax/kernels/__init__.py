@@ -13,13 +13,14 @@
 from bitnet_jax.kernels.dispatch import (attention_kernel, cached_attention_ffi,
                                          cached_attention_pallas, choose_kernel,
                                          decode_attention, fused_bitlinear, fused_decode,
-                                         greedy_tokens, greedy_usable, int8_linear,
+                                         greedy_tokens, greedy_usable, half_linear,
+                                         half_linear_usable, int8_linear,
                                          int8_linear_usable, int8_matmul, linear_fusable,
                                          quantize_kv, quantize_kv_usable, ternary_linear_many,
                                          ternary_matmul, ternary_matmul_many)
 
 __all__ = ["attention_kernel", "cached_attention_ffi", "cached_attention_pallas",
            "choose_kernel", "decode_attention", "fused_bitlinear", "fused_decode", "greedy_tokens",
-           "greedy_usable", "int8_linear", "int8_linear_usable", "int8_matmul", "linear_fusable",
-           "quantize_kv", "quantize_kv_usable", "ternary_linear_many", "ternary_matmul",
-           "ternary_matmul_many"]
+           "greedy_usable", "half_linear", "half_linear_usable", "int8_linear",
+           "int8_linear_usable", "int8_matmul", "linear_fusable", "quantize_kv",
+           "quantize_kv_usable", "ternary_linear_many", "ternary_matmul", "ternary_matmul_many"]

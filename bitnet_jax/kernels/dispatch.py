@@ -30,6 +30,7 @@ from bitnet_jax.kernels import sharded
 from bitnet_jax.kernels.cpu import ffi as cpu_ffi
 from bitnet_jax.kernels.cpu import fused as cpu_fused
 from bitnet_jax.kernels.cpu import greedy as cpu_greedy
+from bitnet_jax.kernels.cpu import half_head as cpu_half_head
 from bitnet_jax.kernels.cpu import kv_quantize as cpu_kv_quantize
 from bitnet_jax.kernels.gpu import fallback as gpu_fallback
 from bitnet_jax.kernels.gpu.platform import default_platform
@@ -162,6 +163,19 @@ def int8_linear(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
     """x [M, I] float -> [M, V] float32 logits through the int8 head w [V, I] with row scales
     [V]: quantisation, int8 product and dequantisation in one CPU call (cpu/ffi.py)."""
     return cpu_ffi.int8_linear_ffi(x, w, scale)
+
+
+def half_linear_usable(kernel: str, x: jax.Array, w: jax.Array) -> bool:
+    """Whether a float LM head kept in float16 / bfloat16 runs as ONE CPU call (`half_linear`):
+    "ffi" (or "auto" on a CPU), float32 x, the extension loaded, one device."""
+    return (choose_kernel(kernel) == "ffi" and cpu_half_head.half_linear_usable(x, w)
+            and sharded.mesh_of(x, w) is None)
+
+
+def half_linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [M, D] float32 by the 16-bit table w [V, D] -> [M, V] float32 logits, each weight
+    widened exactly (cpu/half_head.py)."""
+    return cpu_half_head.half_linear_ffi(x, w)
 
 
 def attention_kernel(kernel: str, q: jax.Array, cache_k: jax.Array) -> str:

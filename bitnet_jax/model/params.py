@@ -87,6 +87,31 @@ def pack_params(params: dict, cfg: ModelConfig) -> dict:
     return out
 
 
+# The [V, D] float tables: the embedding and an untied LM head.
+TABLES = ("embed_tokens", "lm_head")
+
+
+def table_dtype(stored, param_dtype) -> np.dtype:
+    """The dtype an inference model keeps an embedding / LM head table in (the loaders and the
+    placement's cast): a table stored in float16 or bfloat16 keeps it under a float32 param
+    dtype, since widening it is exact (transformer.embed widens the gathered rows,
+    transformer.unembed the table in its dot: kernels.half_linear on a CPU); otherwise the
+    param dtype. It halves the bytes held and read per decode step (BitNet-2B4T's tied table:
+    0.66 GB instead of 1.3). Training (latent params) widens every float leaf.
+    """
+    stored, param = np.dtype(stored), np.dtype(param_dtype)
+    if param == np.float32 and stored in (np.dtype(jnp.float16), np.dtype(jnp.bfloat16)):
+        return stored
+    return param
+
+
+def kept_table(path, params: dict) -> bool:
+    """Whether key path `path` of `params` is a float table of a packed (inference) model, which
+    `table_dtype` may keep in 16 bits; latent (training) params take the policy's dtype."""
+    return (len(path) == 1 and getattr(path[0], "key", None) in TABLES
+            and is_packed(params["layers"]["mlp"]["down_proj"]))
+
+
 def lm_head_format(lm_head: str, cfg: ModelConfig, platform: str | None = None) -> str:
     """The one rule for the LM head's format: "int8" (quantize_lm_head) or "float".
 

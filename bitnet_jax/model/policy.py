@@ -40,7 +40,9 @@ class Policy:
     """Dtypes for one run. Frozen and hashable, so it can be a static jit argument.
 
     Attributes:
-      param_dtype: dtype float parameters (embeddings, norms, latent weights) are stored in.
+      param_dtype: dtype float parameters (embeddings, norms, latent weights) are stored in; a
+        packed model keeps a float16 / bfloat16 embedding or LM head table as the file stores
+        it under float32 (params.table_dtype: widening is exact).
       compute_dtype: dtype of activations between layers and of the KV cache.
       output_dtype: dtype of the logits.
       kernel: ternary matmul implementation ("auto", "xla", "ffi", "pallas").

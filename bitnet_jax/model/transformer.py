@@ -152,7 +152,14 @@ def unembed(params: dict, h: jax.Array, cfg: ModelConfig, policy: Policy | str |
         acc = kernels.int8_matmul(h_q, w["q8"], kernel=policy.kernel)  # [M, V] int32
         logits = acc.astype(jnp.float32) * step * w["scale"][None, :]
         return logits.reshape(*lead, -1).astype(policy.output)
-    dtype = w.dtype if w.dtype != jnp.float16 else policy.compute
+    # float32 if the table or the compute dtype is (a 16-bit table widened exactly), else the
+    # compute dtype (bfloat16; a float16 table too).
+    dtype = jnp.float32 if jnp.float32 in (w.dtype, policy.compute) else policy.compute
+    if dtype == jnp.float32 and w.dtype != jnp.float32:
+        lead = h.shape[:-1]
+        h2 = h.reshape(-1, h.shape[-1]).astype(jnp.float32)
+        if kernels.half_linear_usable(policy.kernel, h2, w):  # widened in registers, one call
+            return kernels.half_linear(h2, w).reshape(*lead, -1).astype(policy.output)
     logits = jnp.einsum("...d,vd->...v", h.astype(dtype), w.astype(dtype),
                         preferred_element_type=jnp.float32)
     return logits.astype(policy.output)

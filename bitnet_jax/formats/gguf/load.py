@@ -41,7 +41,7 @@ from bitnet_jax.formats.gguf.reader import GGUFFile, TensorInfo, read_gguf
 from bitnet_jax.formats.gguf.tensors import (CHUNK_BYTES, DEQUANT_TYPES, FLOAT_TYPES,
                                              aligned_empty, decode_ternary,
                                              dequantize_ternary, read_float)
-from bitnet_jax.model.params import lm_head_format, linear_shapes
+from bitnet_jax.model.params import lm_head_format, linear_shapes, table_dtype
 from bitnet_jax.quant import row_int8_np
 from bitnet_jax.model.policy import Policy, get_policy
 from bitnet_jax.tokenizer import from_gguf_metadata
@@ -105,11 +105,17 @@ class _Loader:
             raise GGUFError(f"{self.g.path}: tensor {info.name!r} has type {info.type_name}, "
                             "which bitnet_jax cannot read there; re-convert it as F16 or F32.")
 
-    def float_tensor(self, name: str, shape: tuple[int, ...]) -> jax.Array:
+    def float_tensor(self, name: str, shape: tuple[int, ...], table: bool = False) -> jax.Array:
+        """A float tensor in the policy's param dtype; a `table` of a packed model read for
+        inference keeps a 16-bit float type (params.table_dtype)."""
         info = self.tensor(name, shape)
         self.check_float(info)
-        return _to_device(read_float(self.g, info, self.dtype,
-                                      aligned_empty(info.shape, self.dtype)))
+        dtype = self.dtype
+        if table and self.packed:
+            stored = {"F16": np.float16, "BF16": ml_dtypes.bfloat16}.get(info.type_name,
+                                                                          np.float32)
+            dtype = table_dtype(stored, self.dtype)
+        return _to_device(read_float(self.g, info, dtype, aligned_empty(info.shape, dtype)))
 
     def int8_tensor(self, name: str, shape: tuple[int, ...]) -> dict:
         """An int8 per-row copy {"q8", "scale"} (params.quantize_lm_head), read in row chunks."""
@@ -233,12 +239,14 @@ class _Loader:
                 layers[mod][name] = leaf
         int8_head = lm_head_format(self.policy.lm_head, cfg) == "int8"
         head = "token_embd.weight" if cfg.tie_word_embeddings else "output.weight"
-        params["embed_tokens"] = (self.int8_tensor if int8_head and head == "token_embd.weight"
-                                  else self.float_tensor)("token_embd.weight", (v, d))
+        if int8_head and head == "token_embd.weight":
+            params["embed_tokens"] = self.int8_tensor("token_embd.weight", (v, d))
+        else:
+            params["embed_tokens"] = self.float_tensor("token_embd.weight", (v, d), table=True)
         params["norm"] = self.float_tensor("output_norm.weight", (d,))
         if not cfg.tie_word_embeddings:
-            params["lm_head"] = (self.int8_tensor if int8_head else self.float_tensor)(
-                "output.weight", (v, d))
+            params["lm_head"] = (self.int8_tensor("output.weight", (v, d)) if int8_head else
+                                 self.float_tensor("output.weight", (v, d), table=True))
         self._check_unused()
         self.bar.close()
         if self.fallbacks:

@@ -13,6 +13,7 @@
 //   bitnet_greedy          greedy next tokens of penalised logits, and their finiteness
 //                          (greedy_cpu.h)
 //   bitnet_quantize_kv     keys and values as the int8 KV cache's rows (kv_quantize_cpu.h)
+//   bitnet_half_linear     the float LM head from a float16 / bfloat16 table (half_head_cpu.h)
 //
 // Built by setup.py against the FFI headers shipped in jaxlib (jax.ffi.include_dir()) into
 // bitnet_jax/kernels/cpu/_ternary_cpu*.so, loaded with ctypes and registered as CPU targets by
@@ -34,6 +35,7 @@
 #include "fused_cpu.h"
 #include "ffi_int8.h"
 #include "greedy_cpu.h"
+#include "half_head_cpu.h"
 #include "int8_gemm.h"
 #include "isa.h"
 #include "kv_quantize_cpu.h"
@@ -266,6 +268,11 @@ ffi::Future QuantizeKv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> k, ffi::Buffe
                                 bitnet_ffi::FloatSimd(g_isa.load(std::memory_order_relaxed)));
 }
 
+ffi::Future HalfLinear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                       ffi::ResultBuffer<ffi::F32> out) {
+  return bitnet_ffi::HalfLinear(pool, x, w, out, g_isa.load(std::memory_order_relaxed));
+}
+
 }  // namespace
 
 // The handlers are exported although the library is built with -fvisibility=hidden (which keeps
@@ -328,6 +335,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetQuantizeKv, QuantizeKv,
                                   .Ret<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S8>>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetHalfLinear, HalfLinear,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetInt8Matmul, Int8Matmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -340,7 +354,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BitnetInt8Matmul, Int8Matmul,
 // Plain C entry points for ctypes (library.py): kernel path introspection and selection.
 extern "C" {
 
-__attribute__((visibility("default"))) int bitnet_ternary_abi_version() { return 7; }
+__attribute__((visibility("default"))) int bitnet_ternary_abi_version() { return 8; }
 
 __attribute__((visibility("default"))) const char* bitnet_ternary_built_jaxlib() {
   return BITNET_JAXLIB_VERSION;

@@ -38,7 +38,8 @@ ATTENTION_TARGET = "bitnet_attention"
 GREEDY_TARGET = "bitnet_greedy"
 INT8_LINEAR_TARGET = "bitnet_int8_linear"
 QUANTIZE_KV_TARGET = "bitnet_quantize_kv"
-ABI_VERSION = 7
+HALF_LINEAR_TARGET = "bitnet_half_linear"
+ABI_VERSION = 8
 ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni", "amx")  # isa.h `Isa`, best last
 DISABLE_ENV = "BITNET_JAX_DISABLE_FFI"
 
@@ -104,7 +105,8 @@ def _load_library() -> ctypes.CDLL:
                                (ATTENTION_TARGET, lib.BitnetAttention),
                                (GREEDY_TARGET, lib.BitnetGreedy),
                                (INT8_LINEAR_TARGET, lib.BitnetInt8Linear),
-                               (QUANTIZE_KV_TARGET, lib.BitnetQuantizeKv)):
+                               (QUANTIZE_KV_TARGET, lib.BitnetQuantizeKv),
+                               (HALF_LINEAR_TARGET, lib.BitnetHalfLinear)):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
         _state["registered"] = True
     return lib
