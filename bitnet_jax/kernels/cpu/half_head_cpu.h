@@ -10,8 +10,12 @@
 // decode step, and XLA would widen the whole table again in every call.
 //
 // Blocks of 2-4 rows x up to 4 tokens: each widened 8 weights feed one FMA per token, with 8
-// independent accumulators; the table streams from memory once per call, in tiles that stay
-// in L2 while each block of 4 tokens runs over them (HeadRowsAvx2).
+// independent accumulators; the table streams from memory once per call (each block fetching
+// its rows 1 KiB ahead), in tiles that stay in L2 while each block of 4 tokens runs over them
+// (HeadRowsAvx2). 2B4T's table on the 2-core Xeon, 2 threads, best of 7: M = 1 / 2 / 4 / 8 /
+// 16 24.1 / 25.3 / 30 / 51 / 87 ms (25.6 / 28.6 / 36.6 / 59.8 / 97 without the prefetch;
+// XLA's dot of a float32 table M = 1 / 8 49.5 / 98 ms). Tried: the columns in L1-sized chunks
+// per token block (partial sums added to out): 1.2-1.45x slower at M = 4-16.
 
 #ifndef BITNET_JAX_KERNELS_CPU_HALF_HEAD_CPU_H_
 #define BITNET_JAX_KERNELS_CPU_HALF_HEAD_CPU_H_
@@ -51,6 +55,22 @@ BITNET_ATTN_TARGET inline float HSum(__m256 a) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+// Bytes ahead of each row that a block fetches into L1 (the table streams from memory).
+constexpr int64_t kAhead = 1024;
+
+// Columns k..k+7 of NR rows from r by NT tokens from t0 into acc.
+template <int C, int NR, int NT>
+BITNET_ATTN_TARGET __attribute__((always_inline)) inline void HeadStep(
+    const float* x, const uint16_t* w, int64_t d, int64_t r, int64_t t0, int64_t k,
+    __m256 (&acc)[NR][NT]) {
+  __m256 wv[NR];
+  for (int j = 0; j < NR; ++j) wv[j] = ba::Load8<C>(w, (r + j) * d + k);
+  for (int t = 0; t < NT; ++t) {
+    const __m256 xv = _mm256_loadu_ps(x + (t0 + t) * d + k);
+    for (int j = 0; j < NR; ++j) acc[j][t] = _mm256_fmadd_ps(xv, wv[j], acc[j][t]);
+  }
+}
+
 // NR rows from r by NT tokens from t0 (see the top of the file).
 template <int C, int NR, int NT>
 BITNET_ATTN_TARGET inline void HeadBlock(const float* x, const uint16_t* w, float* out,
@@ -58,20 +78,23 @@ BITNET_ATTN_TARGET inline void HeadBlock(const float* x, const uint16_t* w, floa
   __m256 acc[NR][NT];
   for (int j = 0; j < NR; ++j)
     for (int t = 0; t < NT; ++t) acc[j][t] = _mm256_setzero_ps();
-  const int64_t d8 = d & ~int64_t{7};
-  for (int64_t k = 0; k < d8; k += 8) {
-    __m256 wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = ba::Load8<C>(w, (r + j) * d + k);
-    for (int t = 0; t < NT; ++t) {
-      const __m256 xv = _mm256_loadu_ps(x + (t0 + t) * d + k);
-      for (int j = 0; j < NR; ++j) acc[j][t] = _mm256_fmadd_ps(xv, wv[j], acc[j][t]);
+  const int64_t d8 = d & ~int64_t{7}, d32 = d & ~int64_t{31};
+  int64_t k = 0;
+  for (; k < d32; k += 32) {  // a line of each row per 32 columns, fetched kAhead bytes ahead
+    for (int j = 0; j < NR; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + j) * d + k) + kAhead, _MM_HINT_T0);
     }
+    HeadStep<C, NR, NT>(x, w, d, r, t0, k, acc);
+    HeadStep<C, NR, NT>(x, w, d, r, t0, k + 8, acc);
+    HeadStep<C, NR, NT>(x, w, d, r, t0, k + 16, acc);
+    HeadStep<C, NR, NT>(x, w, d, r, t0, k + 24, acc);
   }
+  for (; k < d8; k += 8) HeadStep<C, NR, NT>(x, w, d, r, t0, k, acc);
   for (int j = 0; j < NR; ++j) {
     for (int t = 0; t < NT; ++t) {
       const float* xt = x + (t0 + t) * d;
       float s = HSum(acc[j][t]);
-      for (int64_t k = d8; k < d; ++k) s += xt[k] * ba::LoadOne<C>(w, (r + j) * d + k);
+      for (int64_t c = d8; c < d; ++c) s += xt[c] * ba::LoadOne<C>(w, (r + j) * d + c);
       out[(t0 + t) * v + r + j] = s;
     }
   }
