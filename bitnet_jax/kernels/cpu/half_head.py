@@ -18,7 +18,7 @@ from bitnet_jax.kernels.cpu.library import HALF_LINEAR_TARGET, available, requir
 
 HALF_DTYPES = (jnp.float16, jnp.bfloat16)
 # Most tokens per call: past that XLA's float32 GEMM on a widened copy is faster (2B4T's table,
-# 2 threads, Xeon: M = 1 / 8 / 64 24 / 51 / ~300 ms here against 49.5 / 98 / 196 ms for
+# 2 threads, Xeon: M = 1 / 8 / 32 / 64 24 / 51 / 160 / 307 ms here, 49.5 / 98 / - / 196 ms for
 # XLA's dot of a float32 table, before XLA's widening of the copy).
 MAX_TOKENS = 32
 
