@@ -178,4 +178,3 @@ def _cast_floats(params: dict, dtype) -> dict:
         return x if x.dtype == target else jnp.asarray(x, target)
 
     return jax.tree_util.tree_map_with_path(cast, params)
-
