@@ -30,9 +30,10 @@ def _ffi():
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 @pytest.mark.parametrize("m,d,v", [(1, 37, 5), (2, 8, 3), (3, 64, 9), (4, 256, 1001),
-                                   (5, 17, 7), (9, 96, 33), (32, 72, 130), (0, 8, 4)])
+                                   (5, 17, 7), (6, 40, 11), (9, 96, 33), (11, 24, 6),
+                                   (32, 72, 130), (0, 8, 4)])
 def test_half_head_kernel_matches_xla_dot_of_the_widened_table(dtype, m, d, v):
-    # Odd D (the columns past the last 8), odd V (row blocks of 4 / 2 and single rows), 1-4
+    # Odd D (the columns past the last 8), odd V (row blocks of 4 / 2 and single rows), 1-6
     # tokens per block and their remainders, on every kernel path: float32 sums of the same
     # exact products, so within float32 rounding of sum |x||w|.
     half_head = _ffi()

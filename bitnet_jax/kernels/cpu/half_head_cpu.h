@@ -9,13 +9,14 @@
 // a float32 copy of BitNet-2B4T's tied 128256 x 2560 embedding is 1.3 GB held and read once per
 // decode step, and XLA would widen the whole table again in every call.
 //
-// Blocks of 2-4 rows x up to 4 tokens: each widened 8 weights feed one FMA per token, with 8
-// independent accumulators; the table streams from memory once per call (each block fetching
-// its rows 1 KiB ahead), in tiles that stay in L2 while each block of 4 tokens runs over them
-// (HeadRowsAvx2). 2B4T's table on the 2-core Xeon, 2 threads, best of 7: M = 1 / 2 / 4 / 8 /
-// 16 24.1 / 25.3 / 30 / 51 / 87 ms (25.6 / 28.6 / 36.6 / 59.8 / 97 without the prefetch;
-// XLA's dot of a float32 table M = 1 / 8 49.5 / 98 ms). Tried: the columns in L1-sized chunks
-// per token block (partial sums added to out): 1.2-1.45x slower at M = 4-16.
+// Blocks of 2-4 rows x up to 6 tokens: each widened 8 weights feed one FMA per token, with
+// 8-12 independent accumulators; the table streams from memory once per call (each block
+// fetching its rows 1 KiB ahead), in tiles that stay in L2 while each block of tokens runs
+// over them (HeadRowsAvx2). 2B4T's table on the 2-core Xeon, 2 threads, best of 7: M = 1 / 2 /
+// 4 / 8 / 16 24.1 / 25.3 / 30 / 49-52 / 82-83 ms (25.6 / 28.6 / 36.6 / 59.8 / 97 without the
+// prefetch; blocks of 4 tokens: M = 5 / 12 / 16 41 / 69-72 / 89 ms, 6 tokens 35 / 65 / 82;
+// XLA's dot of a float32 table M = 1 / 8 49.5 / 98 ms). Tried: the columns in L1-sized
+// chunks per token block (partial sums added to out): 1.2-1.45x slower at M = 4-16.
 
 #ifndef BITNET_JAX_KERNELS_CPU_HALF_HEAD_CPU_H_
 #define BITNET_JAX_KERNELS_CPU_HALF_HEAD_CPU_H_
@@ -101,7 +102,8 @@ BITNET_ATTN_TARGET inline void HeadBlock(const float* x, const uint16_t* w, floa
 }
 
 // Rows [r0, r1) for the NT tokens from t0: 4 rows per block for 1-2 tokens (8 accumulators:
-// enough independent FMAs to stream the table at one token), 2 for 3-4.
+// enough independent FMAs to stream the table at one token), 2 for 3-6 (up to 12
+// accumulators, 2 widened rows and a token's 8 activations: 15 of the 16 ymm registers).
 template <int C, int NT>
 BITNET_ATTN_TARGET inline void HeadRowsNT(const float* x, const uint16_t* w, float* out,
                                           int64_t d, int64_t v, int64_t r0, int64_t r1,
@@ -113,7 +115,7 @@ BITNET_ATTN_TARGET inline void HeadRowsNT(const float* x, const uint16_t* w, flo
 }
 
 // Rows [r0, r1) for all m tokens: tiles of ~256 KiB of the table, each run for one block of
-// up to 4 tokens after another, so that a block's activations stay in L1 and the tile in L2
+// up to 6 tokens after another, so that a block's activations stay in L1 and the tile in L2
 // (token blocks inside the row loop re-read every token's activations per row: 0.45x XLA at
 // M = 64).
 template <int C>
@@ -123,8 +125,10 @@ BITNET_ATTN_TARGET inline void HeadRowsAvx2(const float* x, const uint16_t* w, f
   const int64_t tile = std::max<int64_t>(4, (int64_t{256} << 10) / (2 * d) & ~int64_t{3});
   for (int64_t rt = r0; rt < r1; rt += tile) {
     const int64_t re = std::min(r1, rt + tile);
-    for (int64_t t0 = 0; t0 < m; t0 += 4) {
-      switch (std::min<int64_t>(4, m - t0)) {
+    for (int64_t t0 = 0; t0 < m; t0 += 6) {
+      switch (std::min<int64_t>(6, m - t0)) {
+        case 6: HeadRowsNT<C, 6>(x, w, out, d, v, rt, re, t0); break;
+        case 5: HeadRowsNT<C, 5>(x, w, out, d, v, rt, re, t0); break;
         case 4: HeadRowsNT<C, 4>(x, w, out, d, v, rt, re, t0); break;
         case 3: HeadRowsNT<C, 3>(x, w, out, d, v, rt, re, t0); break;
         case 2: HeadRowsNT<C, 2>(x, w, out, d, v, rt, re, t0); break;
