@@ -100,6 +100,10 @@ def test_16_bit_table_gives_the_float32_tables_logits_and_tokens():
         got = np.asarray(jax.jit(lambda p, x: unembed(p, x, cfg, "cpu"))(m.params, last))
         want = np.asarray(jax.jit(lambda p, x: unembed(p, x, cfg, "cpu"))(wide.params, last))
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    # The train policy (float32 params, bfloat16 compute) keeps the head in float32 too.
+    train = jax.jit(lambda p, x: unembed(p, x, cfg, "train"))
+    np.testing.assert_allclose(np.asarray(train(m.params, h[0])),
+                               np.asarray(train(wide.params, h[0])), rtol=1e-5, atol=1e-4)
     for prompt in ("Once upon a time", "Lily wanted to"):
         a = bj.generate(m, prompt, max_new_tokens=24)[0]
         b = bj.generate(wide, prompt, max_new_tokens=24)[0]

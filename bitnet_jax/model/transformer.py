@@ -152,9 +152,10 @@ def unembed(params: dict, h: jax.Array, cfg: ModelConfig, policy: Policy | str |
         acc = kernels.int8_matmul(h_q, w["q8"], kernel=policy.kernel)  # [M, V] int32
         logits = acc.astype(jnp.float32) * step * w["scale"][None, :]
         return logits.reshape(*lead, -1).astype(policy.output)
-    # float32 if the table or the compute dtype is (a 16-bit table widened exactly), else the
-    # compute dtype (bfloat16; a float16 table too).
-    dtype = jnp.float32 if jnp.float32 in (w.dtype, policy.compute) else policy.compute
+    # float32 where the table, the compute or the param dtype is (a 16-bit table that a float32
+    # policy kept, params.table_dtype, is widened exactly), else the compute dtype (bfloat16).
+    wide = jnp.float32 in (w.dtype, policy.compute, policy.param)
+    dtype = jnp.float32 if wide else policy.compute
     if dtype == jnp.float32 and w.dtype != jnp.float32:
         lead = h.shape[:-1]
         h2 = h.reshape(-1, h.shape[-1]).astype(jnp.float32)
