@@ -128,17 +128,6 @@ BITNET_AVXVNNI inline void AvxVnniGemm6x4Asm(const Problem& p, int64_t m0, int64
   Avx2Gemm4x4Store(p, m0, row, acc);
 }
 
-// Rows row..row+3 of the unpacked tile for tokens m0..m0+5 (as Avx2Gemm4x4UAsm for 4 tokens).
-BITNET_AVXVNNI inline void AvxVnniGemm6x4UAsm(const UnpackedProblem& p, int64_t m0,
-                                              int64_t row) {
-  const int64_t k16 = p.i & ~int64_t{15};
-  alignas(32) __m256i acc[4][12];
-  for (int d = 0; d < 4; ++d) {
-    AvxVnniGemm6RowU(p.wu + (row + d - p.row0) * 4 * k16, p.x + m0 * p.i, p.i, k16, acc[d]);
-  }
-  Avx2Gemm4x4Store(p, m0, row, acc);
-}
-
 BITNET_SIMD_WARNINGS_ON
 
 #endif  // BITNET_TERNARY_X86 && BITNET_TERNARY_ASM && BITNET_TERNARY_AVXVNNI

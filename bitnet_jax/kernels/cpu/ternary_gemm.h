@@ -221,7 +221,7 @@ template <int MB>
 struct Avx2Gemm4x4U {
   BITNET_AVX2 static void Run(const UnpackedProblem& p, int64_t m0, int64_t row, int64_t) {
     if constexpr (MB == 4) {
-      Avx2Gemm4x4UAsm(p, m0, row);
+      Gemm4x4UAsm<8, Avx2Gemm4RowU>(p, m0, row);
     } else {
       Avx2Gemm4x4<MB>::Run(p, m0, row, 0);
     }
@@ -233,7 +233,7 @@ template <int MB>
 struct AvxVnniGemm6x4U {
   BITNET_AVXVNNI static void Run(const UnpackedProblem& p, int64_t m0, int64_t row, int64_t) {
     if constexpr (MB == 6) {
-      AvxVnniGemm6x4UAsm(p, m0, row);
+      Gemm4x4UAsm<12, AvxVnniGemm6RowU>(p, m0, row);
     } else {
       for (int64_t d = 0; d < 4; ++d) AvxVnniRow<MB>::Run(p, m0, row + d, 0);
     }
@@ -334,19 +334,27 @@ inline void RunGemmUnpacked(const Problem& p, int64_t r0, int64_t r1) {
     if (mb < p.m) RunTokens<2, Rest>(p, mb, p.m, t0, t1, 1, 0, p.r);
   }
 }
+// The whole 4-row blocks of rows [r0, r1) by MB-token blocks: on tiles unpacked once from
+// unpack_min tokens (BlockU), else on packed rows tile by tile (Block); returns where they end.
+template <int MB, template <int> class BlockU, template <int> class Block,
+          template <int> class Rest>
+BITNET_AVX2 inline int64_t RunGemm4Rows(const Problem& p, int64_t r0, int64_t r1,
+                                         int64_t unpack_min) {
+  const int64_t r4 = r0 + ((r1 - r0) & ~int64_t{3});
+  if (p.m >= unpack_min) {
+    RunGemmUnpacked<MB, BlockU, Rest>(p, r0, r4);
+  } else {
+    RunGemmTiles<MB, Block, 4, Rest>(p, r0, r4);
+  }
+  return r4;
+}
 #endif
 BITNET_AVX2 inline void RunAvx2Gemm(const Problem& p, int64_t r0, int64_t r1) {
 #if BITNET_TERNARY_ASM
   // Native builds: whole 4-row blocks (Avx2Gemm4x4: one reduction per 4 rows), as on AVX-512,
   // on unpacked tiles from kGemmUnpackMinMAvx2 tokens; the last (r1 - r0) % 4 rows one at a
   // time.
-  const int64_t r4 = r0 + ((r1 - r0) & ~int64_t{3});
-  if (p.m >= kGemmUnpackMinMAvx2) {
-    RunGemmUnpacked<4, Avx2Gemm4x4U, Avx2Row>(p, r0, r4);
-  } else {
-    RunGemmTiles<4, Avx2Gemm4x4, 4, Avx2Row>(p, r0, r4);
-  }
-  r0 = r4;
+  r0 = RunGemm4Rows<4, Avx2Gemm4x4U, Avx2Gemm4x4, Avx2Row>(p, r0, r1, kGemmUnpackMinMAvx2);
 #endif
   RunGemmTiles<4, Avx2GemmBlock, 1, Avx2Row>(p, r0, r1);
 }
@@ -364,13 +372,8 @@ BITNET_AVX2 inline void RunAvx2(const Problem& p, int64_t r0, int64_t r1) {
 BITNET_AVXVNNI inline void RunAvxVnni(const Problem& p, int64_t r0, int64_t r1) {
 #if BITNET_TERNARY_ASM
   if (p.m >= kGemmMinMAvxVnni) {
-    const int64_t r4 = r0 + ((r1 - r0) & ~int64_t{3});
-    if (p.m >= kGemmUnpackMinMAvxVnni) {
-      RunGemmUnpacked<6, AvxVnniGemm6x4U, AvxVnniRow>(p, r0, r4);
-    } else {
-      RunGemmTiles<6, AvxVnniGemm6x4, 4, AvxVnniRow>(p, r0, r4);
-    }
-    r0 = r4;
+    r0 = RunGemm4Rows<6, AvxVnniGemm6x4U, AvxVnniGemm6x4, AvxVnniRow>(p, r0, r1,
+                                                                     kGemmUnpackMinMAvxVnni);
   }
 #endif
   RunAvxVnniRows(p, r0, r1);

@@ -287,13 +287,22 @@ struct UnpackedProblem : Problem {
   int64_t row0;
 };
 
-// Packed rows row..row+3 of the unpacked tile for tokens m0..m0+3 (the step of RunTokens that
-// Avx2Gemm4x4U of ternary_gemm.h runs for 4-token blocks).
-BITNET_AVX2 inline void Avx2Gemm4x4UAsm(const UnpackedProblem& p, int64_t m0, int64_t row) {
+// An unpacked row's block: the row's planes wu by the block's tokens from x (i bytes apart)
+// over k16 columns, its N2 int32 sums to acc.
+using RowUFn = void (*)(const uint8_t* wu, const int8_t* x, int64_t i, int64_t k16,
+                        __m256i* acc);
+
+// Packed rows row..row+3 of the unpacked tile for the tokens from m0 (the step of RunTokens that
+// Avx2Gemm4x4U / AvxVnniGemm6x4U of ternary_gemm.h run): RowU's N2 sums per row (Avx2Gemm4RowU:
+// 4 tokens, 8; AvxVnniGemm6RowU of ternary_avxvnni_asm.h: 6 tokens, 12), then
+// Avx2Gemm4x4Store. Always inlined, so it is compiled with its caller's ISA.
+template <int N2, RowUFn RowU>
+__attribute__((always_inline)) inline void Gemm4x4UAsm(const UnpackedProblem& p, int64_t m0,
+                                                       int64_t row) {
   const int64_t k16 = p.i & ~int64_t{15};
-  alignas(32) __m256i acc[4][8];
+  alignas(32) __m256i acc[4][N2];
   for (int d = 0; d < 4; ++d) {
-    Avx2Gemm4RowU(p.wu + (row + d - p.row0) * 4 * k16, p.x + m0 * p.i, p.i, k16, acc[d]);
+    RowU(p.wu + (row + d - p.row0) * 4 * k16, p.x + m0 * p.i, p.i, k16, acc[d]);
   }
   Avx2Gemm4x4Store(p, m0, row, acc);
 }
