@@ -48,12 +48,6 @@ BITNET_ATTN_TARGET inline __m256 Exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-BITNET_ATTN_TARGET inline float Sum8(__m256 a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 // Scores sc[0, len) (max mx) -> their softmax in place, and sc[len, end) -> 0 (end >= len a
 // multiple of 8; the lanes past len are masked, whatever they held).
 BITNET_ATTN_TARGET inline void SoftmaxRow(float* sc, int64_t len, int64_t end, float mx) {

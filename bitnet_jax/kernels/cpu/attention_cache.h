@@ -110,6 +110,13 @@ inline float RowScale(const void* base, int64_t at, int64_t h) {
 #define BITNET_ATTN_TARGET512 __attribute__((target("avx512f,avx512bw,fma,f16c")))
 #endif
 
+// The sum of a's 8 floats.
+BITNET_ATTN_TARGET inline float Sum8(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
 template <int C>
 BITNET_ATTN_TARGET inline __m256 Load8(const void* base, int64_t at) {
   if constexpr (C == kF32) return _mm256_loadu_ps(static_cast<const float*>(base) + at);

@@ -58,11 +58,7 @@ BITNET_ATTN_TARGET inline float DotAvx2(const float* a, const void* b, int64_t a
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), Load8<C>(b, at + i), acc0);
     i += 8;
   }
-  const __m256 acc = _mm256_add_ps(acc0, acc1);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  float out = _mm_cvtss_f32(s);
+  float out = Sum8(_mm256_add_ps(acc0, acc1));
   for (; i < h; ++i) out += a[i] * LoadOne<C>(b, at + i);
   return out;
 }

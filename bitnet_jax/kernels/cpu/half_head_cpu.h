@@ -27,7 +27,7 @@
 #include <string>
 #include <utility>
 
-#include "attention_cache.h"  // the 16-bit element types and their widening loads
+#include "attention_cache.h"  // the 16-bit element types, their widening loads, Sum8
 #include "ffi_problems.h"
 #include "ffi_runtime.h"
 #include "xla/ffi/api/ffi.h"
@@ -50,12 +50,6 @@ inline void HeadRowsScalar(const float* x, const uint16_t* w, float* out, int64_
 }
 
 #if BITNET_ATTN_X86
-BITNET_ATTN_TARGET inline float HSum(__m256 a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 // Bytes ahead of each row that a block fetches into L1 (the table streams from memory).
 constexpr int64_t kAhead = 1024;
 
@@ -94,7 +88,7 @@ BITNET_ATTN_TARGET inline void HeadBlock(const float* x, const uint16_t* w, floa
   for (int j = 0; j < NR; ++j) {
     for (int t = 0; t < NT; ++t) {
       const float* xt = x + (t0 + t) * d;
-      float s = HSum(acc[j][t]);
+      float s = ba::Sum8(acc[j][t]);
       for (int64_t c = d8; c < d; ++c) s += xt[c] * ba::LoadOne<C>(w, (r + j) * d + c);
       out[(t0 + t) * v + r + j] = s;
     }
