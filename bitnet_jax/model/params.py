@@ -105,11 +105,18 @@ def table_dtype(stored, param_dtype) -> np.dtype:
     return param
 
 
-def kept_table(path, params: dict) -> bool:
-    """Whether key path `path` of `params` is a float table of a packed (inference) model, which
-    `table_dtype` may keep in 16 bits; latent (training) params take the policy's dtype."""
-    return (len(path) == 1 and getattr(path[0], "key", None) in TABLES
-            and is_packed(params["layers"]["mlp"]["down_proj"]))
+def placed_dtype(path, dtype, params: dict, param_dtype) -> np.dtype:
+    """The dtype leaf `path` of `params` (now `dtype`) takes placed for a policy's param dtype
+    (runtime/placement.py casts, runtime/memory.py counts): quantisation scales and integer
+    leaves stay as they are (spec §1.1: scales are always float32), a packed (inference)
+    model's float tables follow `table_dtype`, other float leaves take param_dtype."""
+    dtype = np.dtype(dtype)
+    if getattr(path[-1], "key", None) == "scale" or not jnp.issubdtype(dtype, jnp.floating):
+        return dtype
+    if (len(path) == 1 and getattr(path[0], "key", None) in TABLES
+            and is_packed(params["layers"]["mlp"]["down_proj"])):
+        return table_dtype(dtype, param_dtype)
+    return np.dtype(param_dtype)
 
 
 def lm_head_format(lm_head: str, cfg: ModelConfig, platform: str | None = None) -> str:

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from bitnet_jax.errors import DeviceError
 from bitnet_jax.model.cache import row_width
 from bitnet_jax.model.config import ModelConfig
-from bitnet_jax.model.params import BITLINEAR_PATHS, kept_table, param_shapes, table_dtype
+from bitnet_jax.model.params import BITLINEAR_PATHS, param_shapes, placed_dtype
 from bitnet_jax.model.policy import Policy
 
 ENV = "BITNET_JAX_MEMORY_LIMIT"
@@ -96,15 +96,8 @@ def placed_bytes(params, policy: Policy) -> int:
     """Bytes `params` take once placed for `policy`: float leaves in its param dtype (quantisation
     scales stay float32; a packed model's 16-bit tables may stay 16-bit: params.table_dtype),
     everything else as it is (runtime/placement.py casts the same way)."""
-    total = 0
-    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        dtype = jnp.dtype(x.dtype)
-        name = getattr(path[-1], "key", None)
-        if jnp.issubdtype(dtype, jnp.floating) and name != "scale":
-            dtype = (table_dtype(dtype, policy.param) if kept_table(path, params)
-                     else jnp.dtype(policy.param_dtype))
-        total += math.prod(x.shape) * dtype.itemsize
-    return total
+    return sum(math.prod(x.shape) * placed_dtype(path, x.dtype, params, policy.param).itemsize
+               for path, x in jax.tree_util.tree_flatten_with_path(params)[0])
 
 
 def kv_cache_bytes(cfg: ModelConfig, policy: Policy, slots: int, context: int) -> int:

@@ -24,7 +24,7 @@ import numpy as np
 
 from bitnet_jax.errors import DeviceError
 from bitnet_jax.kernels import choose_kernel
-from bitnet_jax.model.params import kept_table, lm_head_format, quantize_lm_head, table_dtype
+from bitnet_jax.model.params import lm_head_format, placed_dtype, quantize_lm_head
 from bitnet_jax.model.policy import Policy, get_policy
 from bitnet_jax.model import sharding
 from bitnet_jax.runtime import memory
@@ -170,11 +170,7 @@ def place_params(model, device: jax.Device, policy: Policy) -> dict:
 
 def _cast_floats(params: dict, dtype) -> dict:
     def cast(path, x):
-        name = getattr(path[-1], "key", None)
-        # Quantisation scales stay float32 (spec §1.1: scales are always f32).
-        if name == "scale" or not jnp.issubdtype(x.dtype, jnp.floating):
-            return x
-        target = table_dtype(x.dtype, dtype) if kept_table(path, params) else jnp.dtype(dtype)
+        target = placed_dtype(path, x.dtype, params, dtype)
         return x if x.dtype == target else jnp.asarray(x, target)
 
     return jax.tree_util.tree_map_with_path(cast, params)

@@ -112,9 +112,8 @@ class _Loader:
         self.check_float(info)
         dtype = self.dtype
         if table and self.packed:
-            stored = {"F16": np.float16, "BF16": ml_dtypes.bfloat16}.get(info.type_name,
-                                                                          np.float32)
-            dtype = table_dtype(stored, self.dtype)
+            # F64 and the block-quantised types are decoded to float32
+            dtype = table_dtype(quants.FLOAT_DTYPES.get(info.type_name, np.float32), self.dtype)
         return _to_device(read_float(self.g, info, dtype, aligned_empty(info.shape, dtype)))
 
     def int8_tensor(self, name: str, shape: tuple[int, ...]) -> dict:

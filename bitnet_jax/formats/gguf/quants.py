@@ -178,10 +178,14 @@ def encode_i2s(codes: np.ndarray, scale: float) -> np.ndarray:
 # Float types
 
 
+# The numpy dtype of each plain float tensor type.
+FLOAT_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+                "BF16": np.dtype(ml_dtypes.bfloat16)}
+
+
 def typed_view(raw: np.ndarray, type_name: str) -> np.ndarray:
     """Bytes of an F32/F16/BF16 tensor viewed as that dtype (1-D, no copy)."""
-    dtype = {"F32": "<f4", "F16": "<f2", "BF16": ml_dtypes.bfloat16}[type_name]
-    return np.asarray(raw).view(dtype)
+    return np.asarray(raw).view(FLOAT_DTYPES[type_name])
 
 
 def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...],
