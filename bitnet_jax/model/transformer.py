@@ -142,25 +142,23 @@ def unembed(params: dict, h: jax.Array, cfg: ModelConfig, policy: Policy | str |
     """LM head: h [..., D] -> float32 logits [..., V] (tied embedding or lm_head)."""
     policy = get_policy(policy)
     w = params["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
+    lead = h.shape[:-1]
+    h2 = h.reshape(-1, h.shape[-1])  # [M, D] for the CPU kernels
     if isinstance(w, dict):  # int8 row-scaled copy (params.quantize_lm_head)
-        lead = h.shape[:-1]
-        h2 = h.reshape(-1, h.shape[-1])
         if kernels.int8_linear_usable(policy.kernel, h2, w["q8"]):  # the same, in one CPU call
             logits = kernels.int8_linear(h2, w["q8"], w["scale"])
-            return logits.reshape(*lead, -1).astype(policy.output)
-        h_q, step = quantize_activations(h2)
-        acc = kernels.int8_matmul(h_q, w["q8"], kernel=policy.kernel)  # [M, V] int32
-        logits = acc.astype(jnp.float32) * step * w["scale"][None, :]
+        else:
+            h_q, step = quantize_activations(h2)
+            acc = kernels.int8_matmul(h_q, w["q8"], kernel=policy.kernel)  # [M, V] int32
+            logits = acc.astype(jnp.float32) * step * w["scale"][None, :]
         return logits.reshape(*lead, -1).astype(policy.output)
     # float32 where the table, the compute or the param dtype is (a 16-bit table that a float32
     # policy kept, params.table_dtype, is widened exactly), else the compute dtype (bfloat16).
     wide = jnp.float32 in (w.dtype, policy.compute, policy.param)
     dtype = jnp.float32 if wide else policy.compute
-    if dtype == jnp.float32 and w.dtype != jnp.float32:
-        lead = h.shape[:-1]
-        h2 = h.reshape(-1, h.shape[-1]).astype(jnp.float32)
-        if kernels.half_linear_usable(policy.kernel, h2, w):  # widened in registers, one call
-            return kernels.half_linear(h2, w).reshape(*lead, -1).astype(policy.output)
+    h2 = h2.astype(dtype)
+    if dtype != w.dtype and kernels.half_linear_usable(policy.kernel, h2, w):  # one CPU call
+        return kernels.half_linear(h2, w).reshape(*lead, -1).astype(policy.output)
     logits = jnp.einsum("...d,vd->...v", h.astype(dtype), w.astype(dtype),
                         preferred_element_type=jnp.float32)
     return logits.astype(policy.output)
